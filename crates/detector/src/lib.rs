@@ -1,2 +1,4 @@
-//! Detection ops (box coding, IoU, NMS, RoIAlign), FPN, anchors, RPN, RoI box and mask heads, post-processing,
-//! the assembled Mask R-CNN and weight import. Filled by the detector issue.
+//! Detection for vovdet: detection ops (box coding, IoU, NMS, RoIAlign), FPN, anchors, RPN, RoI box and mask
+//! heads, post-processing and the assembled Mask R-CNN.
+
+pub mod ops;

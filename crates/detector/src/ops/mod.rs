@@ -1,0 +1,1 @@
+//! Detection ops: boxes, box coding, IoU, NMS, RoIAlign and multi-level RoI pooling.
