@@ -1,0 +1,7 @@
+//! The vovdet trainer library behind the `trainer` binary: configuration, device selection, model analysis
+//! and benchmarks (training, evaluation and checkpoints join as their issues land).
+
+pub mod bench;
+pub mod config;
+pub mod device;
+pub mod info;
