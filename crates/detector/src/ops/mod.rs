@@ -1,1 +1,13 @@
-//! Detection ops: boxes, box coding, IoU, NMS, RoIAlign and multi-level RoI pooling.
+//! Detection ops: boxes, box coding, IoU, NMS, RoIAlign and multi-level RoI pooling, proposal matching and
+//! sampling, and mask rasterisation / pasting. Every op keeps tensors on their input's device; the few places
+//! that copy to the host say so in their docs.
+
+pub mod box_coder;
+pub mod boxes;
+pub mod nms;
+pub mod roi_align;
+
+pub use box_coder::BoxCoder;
+pub use boxes::{box_area, box_ioa, box_iou, clip_boxes, nonempty, xywh_to_xyxy, xyxy_to_xywh};
+pub use nms::{batched_nms, nms};
+pub use roi_align::roi_align;

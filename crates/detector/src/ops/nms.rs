@@ -1,0 +1,107 @@
+//! Non-maximum suppression with torchvision's semantics: candidates are visited by decreasing score (a stable
+//! sort, so equal scores keep their input order), and a box is suppressed when its IoU with an already kept box is
+//! strictly greater than the threshold. The sort runs on the tensor's device; the greedy keep loop then runs on
+//! the CPU over ONE host copy of the boxes in score order (the only device-to-host transfer, needed because the loop
+//! is inherently sequential), in the boxes' own precision (f32 or f64) so that IoU ties round as in torchvision.
+
+use tch::{Device, Kind, Tensor};
+
+/// Greedy suppression over boxes already sorted by decreasing score. Boxes are `[x1, y1, x2, y2]` rows in `coords`;
+/// returns positions (in sorted order) of the kept boxes. `groups`, when given, restricts suppression to boxes
+/// of the same group.
+fn greedy_keep<T>(coords: &[T], groups: Option<&[i64]>, iou_threshold: f64) -> Vec<usize>
+where
+    T: Copy + PartialOrd + std::ops::Sub<Output = T> + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
+    T: std::ops::Add<Output = T> + Default + Into<f64>,
+{
+    let max = |a: T, b: T| if b > a { b } else { a };
+    let min = |a: T, b: T| if b < a { b } else { a };
+    let count = coords.len() / 4;
+    let areas: Vec<T> =
+        (0..count).map(|i| (coords[4 * i + 2] - coords[4 * i]) * (coords[4 * i + 3] - coords[4 * i + 1])).collect();
+    let zero = T::default();
+    let mut suppressed = vec![false; count];
+    let mut keep = Vec::new();
+    for i in 0..count {
+        if suppressed[i] {
+            continue;
+        }
+        keep.push(i);
+        let (ix1, iy1, ix2, iy2) = (coords[4 * i], coords[4 * i + 1], coords[4 * i + 2], coords[4 * i + 3]);
+        for j in i + 1..count {
+            if suppressed[j] || groups.is_some_and(|g| g[i] != g[j]) {
+                continue;
+            }
+            let width = max(zero, min(ix2, coords[4 * j + 2]) - max(ix1, coords[4 * j]));
+            let height = max(zero, min(iy2, coords[4 * j + 3]) - max(iy1, coords[4 * j + 1]));
+            let intersection = width * height;
+            // Same expression as torchvision's kernel, computed in T and compared in f64 like its `double`
+            // threshold; 0/0 (two empty boxes) is NaN and never suppresses.
+            let iou = intersection / (areas[i] + areas[j] - intersection);
+            if iou.into() > iou_threshold {
+                suppressed[j] = true;
+            }
+        }
+    }
+    keep
+}
+
+/// Runs the greedy loop on a host copy of `boxes` sorted by `scores` and returns kept input indices (i64, on the
+/// boxes' device) by decreasing score.
+fn nms_impl(boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, iou_threshold: f64) -> Tensor {
+    let device = boxes.device();
+    if boxes.size()[0] == 0 {
+        return Tensor::zeros([0], (Kind::Int64, device));
+    }
+    let order = scores.sort_stable(true, 0, true).1;
+    let sorted_boxes = boxes.index_select(0, &order).to_device(Device::Cpu).contiguous();
+    let sorted_groups = groups.map(|g| {
+        Vec::<i64>::try_from(g.index_select(0, &order).to_device(Device::Cpu).to_kind(Kind::Int64).contiguous())
+            .expect("int64 host copy of the NMS groups")
+    });
+    let kept_positions = if sorted_boxes.kind() == Kind::Double {
+        let coords = Vec::<f64>::try_from(sorted_boxes.flatten(0, -1)).expect("f64 host copy of the NMS boxes");
+        greedy_keep(&coords, sorted_groups.as_deref(), iou_threshold)
+    } else {
+        let coords = Vec::<f32>::try_from(sorted_boxes.to_kind(Kind::Float).flatten(0, -1))
+            .expect("f32 host copy of the NMS boxes");
+        greedy_keep(&coords, sorted_groups.as_deref(), iou_threshold)
+    };
+    let kept_positions: Vec<i64> = kept_positions.into_iter().map(|p| p as i64).collect();
+    let kept_positions = Tensor::from_slice(&kept_positions).to_device(order.device());
+    order.index_select(0, &kept_positions)
+}
+
+/// Non-maximum suppression of `boxes` `[N, 4]` (xyxy) with `scores` `[N]`: returns the kept indices (i64, on the
+/// input's device) by decreasing score, exactly as `torchvision.ops.nms`. See the module docs for where the
+/// host copy happens.
+pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
+    nms_impl(boxes, scores, None, iou_threshold)
+}
+
+/// Largest `boxes.numel()` for which torchvision's `batched_nms` uses its coordinate-offset trick (CPU / CUDA).
+const OFFSET_TRICK_MAX_NUMEL_CPU: i64 = 4000;
+const OFFSET_TRICK_MAX_NUMEL_CUDA: i64 = 100_000;
+
+/// Per-group NMS (boxes of different `groups` never suppress each other), exactly as
+/// `torchvision.ops.batched_nms`: up to 4000 box coordinates on CPU (100000 on CUDA) it offsets each group's boxes
+/// by `group * (max_coordinate + 1)` and runs one NMS (stable order for equal scores); for larger inputs it
+/// compares group ids inside the greedy loop on the original coordinates (torchvision's per-class loop, same kept
+/// set) and orders the kept boxes like torchvision, with libtorch's default sort by decreasing score, whose order
+/// among equal scores is not guaranteed stable. Returns kept indices (i64) by decreasing score.
+pub fn batched_nms(boxes: &Tensor, scores: &Tensor, groups: &Tensor, iou_threshold: f64) -> Tensor {
+    if boxes.numel() == 0 {
+        return Tensor::zeros([0], (Kind::Int64, boxes.device()));
+    }
+    let limit = if boxes.device().is_cuda() { OFFSET_TRICK_MAX_NUMEL_CUDA } else { OFFSET_TRICK_MAX_NUMEL_CPU };
+    if boxes.numel() as i64 > limit {
+        // torchvision's per-class path: the kept set, in index order, re-sorted by its (unstable) score sort.
+        let kept = nms_impl(boxes, scores, Some(groups), iou_threshold).sort(0, false).0;
+        let order = scores.index_select(0, &kept).sort(0, true).1;
+        return kept.index_select(0, &order);
+    }
+    let max_coordinate = boxes.max();
+    let offsets = groups.to_kind(boxes.kind()) * (max_coordinate + 1.0);
+    let shifted = boxes + offsets.unsqueeze(1);
+    nms_impl(&shifted, scores, None, iou_threshold)
+}

@@ -1,0 +1,164 @@
+//! RoIAlign (torchvision's `roi_align`, both `aligned` modes, fixed or adaptive sampling) built on libtorch's
+//! `grid_sampler_2d`, which gives the backward pass for free; and detectron2's multi-level `ROIPooler`.
+//!
+//! Construction: the images of the batch are stacked vertically into one tall map, each image padded by one
+//! replicated row above and below so that bilinear taps never mix two images. Every sample point of every RoI
+//! becomes one grid point: coordinates follow torchvision's kernel (same formula, computed in the input's
+//! precision), points outside `[-1, H] x [-1, W]` are masked to zero, the rest are clamped to the map as
+//! torchvision does, and the `gh x gw` samples of each bin are averaged with `avg_pool2d`. The grid itself is
+//! normalised in f64. With a fixed sampling ratio there is no device-to-host transfer; the adaptive ratio (`0`)
+//! copies the per-RoI grid sizes to the host once to bucket RoIs by sample count.
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor};
+
+/// Bilinear interpolation (`0`) and border padding (`1`) in libtorch's `grid_sampler_2d` enumerations.
+const BILINEAR: i64 = 0;
+const BORDER_PADDING: i64 = 1;
+
+/// One image batch prepared for sampling: `[1, C, N * (H + 2), W]`.
+struct StackedInput {
+    map: Tensor,
+    height: i64,
+    width: i64,
+    channels: i64,
+}
+
+impl StackedInput {
+    fn new(input: &Tensor) -> Self {
+        let [batch, channels, height, width] = input.size()[..] else {
+            panic!("roi_align expects an input of shape [N, C, H, W], got {:?}", input.size())
+        };
+        let padded = input.pad([0, 0, 1, 1], "replicate", None);
+        let map = padded.permute([1, 0, 2, 3]).reshape([1, channels, batch * (height + 2), width]);
+        StackedInput { map, height, width, channels }
+    }
+}
+
+/// RoI geometry in the input's precision, following torchvision's kernel step by step.
+struct RoiGeometry {
+    batch_index: Tensor,
+    start_x: Tensor,
+    start_y: Tensor,
+    bin_w: Tensor,
+    bin_h: Tensor,
+}
+
+impl RoiGeometry {
+    fn new(rois: &Tensor, kind: Kind, output_size: (i64, i64), spatial_scale: f64, aligned: bool) -> Self {
+        let rois = rois.detach().to_kind(kind);
+        let offset = if aligned { 0.5 } else { 0.0 };
+        let start_x = rois.select(1, 1) * spatial_scale - offset;
+        let start_y = rois.select(1, 2) * spatial_scale - offset;
+        let end_x = rois.select(1, 3) * spatial_scale - offset;
+        let end_y = rois.select(1, 4) * spatial_scale - offset;
+        let mut roi_w = end_x - &start_x;
+        let mut roi_h = end_y - &start_y;
+        if !aligned {
+            // Legacy (aligned=False) RoIAlign forces malformed RoIs to be at least 1x1.
+            roi_w = roi_w.clamp_min(1.0);
+            roi_h = roi_h.clamp_min(1.0);
+        }
+        RoiGeometry {
+            batch_index: rois.select(1, 0),
+            start_x,
+            start_y,
+            bin_w: roi_w / output_size.1 as f64,
+            bin_h: roi_h / output_size.0 as f64,
+        }
+    }
+
+    fn select(&self, index: &Tensor) -> Self {
+        RoiGeometry {
+            batch_index: self.batch_index.index_select(0, index),
+            start_x: self.start_x.index_select(0, index),
+            start_y: self.start_y.index_select(0, index),
+            bin_w: self.bin_w.index_select(0, index),
+            bin_h: self.bin_h.index_select(0, index),
+        }
+    }
+}
+
+/// Sample coordinates `[K, bins * grid]` along one axis: `start + bin * size + (i + 0.5) * size / grid`.
+fn sample_positions(start: &Tensor, bin_size: &Tensor, bins: i64, grid: i64) -> Tensor {
+    let options = (start.kind(), start.device());
+    let bin_index = Tensor::arange(bins, options).repeat_interleave_self_int(grid, 0, None);
+    let in_bin = (Tensor::arange(grid, options) + 0.5).repeat([bins]);
+    let bin_size = bin_size.unsqueeze(1);
+    start.unsqueeze(1) + bin_index.unsqueeze(0) * &bin_size + in_bin.unsqueeze(0) * &bin_size / grid as f64
+}
+
+/// Pools RoIs that share one sampling grid `gh x gw`: `[K, C, oh, ow]`.
+fn align_bucket(stacked: &StackedInput, geometry: &RoiGeometry, output_size: (i64, i64), grid: (i64, i64)) -> Tensor {
+    let (oh, ow) = output_size;
+    let (gh, gw) = grid;
+    let count = geometry.start_x.size()[0];
+    let (height, width) = (stacked.height, stacked.width);
+    let y = sample_positions(&geometry.start_y, &geometry.bin_h, oh, gh);
+    let x = sample_positions(&geometry.start_x, &geometry.bin_w, ow, gw);
+    let valid_y = y.ge(-1.0).logical_and(&y.le(height as f64));
+    let valid_x = x.ge(-1.0).logical_and(&x.le(width as f64));
+    let valid = valid_y.unsqueeze(2).logical_and(&valid_x.unsqueeze(1)).unsqueeze(1);
+    // Clamped pixel coordinates, then rows shifted to the RoI's image in the stacked map (plus its padding row).
+    let row = y.clamp(0.0, (height - 1) as f64).to_kind(Kind::Double)
+        + (geometry.batch_index.to_kind(Kind::Double) * (height + 2) as f64 + 1.0).unsqueeze(1);
+    let column = x.clamp(0.0, (width - 1) as f64).to_kind(Kind::Double);
+    let stacked_rows = stacked.map.size()[2];
+    let norm_y = row * (2.0 / (stacked_rows - 1).max(1) as f64) - 1.0;
+    let norm_x = column * (2.0 / (width - 1).max(1) as f64) - 1.0;
+    let grid_shape = [count, oh * gh, ow * gw];
+    let grid_x = norm_x.unsqueeze(1).expand(grid_shape, false);
+    let grid_y = norm_y.unsqueeze(2).expand(grid_shape, false);
+    let sample_grid =
+        Tensor::stack(&[grid_x, grid_y], 3).reshape([1, count * oh * gh, ow * gw, 2]).to_kind(stacked.map.kind());
+    let samples = stacked.map.grid_sampler_2d(&sample_grid, BILINEAR, BORDER_PADDING, true);
+    let samples = samples.reshape([stacked.channels, count, oh * gh, ow * gw]).permute([1, 0, 2, 3]);
+    let valid = valid.to_kind(samples.kind());
+    let samples = samples * valid;
+    samples.avg_pool2d([gh, gw], [gh, gw], [0, 0], false, true, None)
+}
+
+/// RoIAlign with torchvision's semantics: `input` `[N, C, H, W]`, `rois` `[K, 5]` rows of
+/// `(batch_index, x1, y1, x2, y2)` in image pixels (multiplied by `spatial_scale` to reach the map), output
+/// `[K, C, oh, ow]`. `aligned = true` shifts by half a pixel (detectron2's ROIAlignV2); `sampling_ratio = 0`
+/// uses `ceil(roi_size / output_size)` samples per bin. Differentiable with respect to `input` (not `rois`).
+pub fn roi_align(
+    input: &Tensor,
+    rois: &Tensor,
+    output_size: (i64, i64),
+    spatial_scale: f64,
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Tensor {
+    let (oh, ow) = output_size;
+    let num_rois = rois.size()[0];
+    let stacked = StackedInput::new(input);
+    if num_rois == 0 {
+        // An empty slice of the input keeps the autograd graph connected.
+        return stacked.map.flatten(0, -1).narrow(0, 0, 0).reshape([0, stacked.channels, oh, ow]);
+    }
+    let geometry = RoiGeometry::new(rois, input.kind(), output_size, spatial_scale, aligned);
+    if sampling_ratio > 0 {
+        return align_bucket(&stacked, &geometry, output_size, (sampling_ratio, sampling_ratio));
+    }
+    // Adaptive sampling: ceil(roi_size / output_size) samples per bin, computed like torchvision (bin sizes are
+    // exactly roi_size / output_size). RoIs with a non-positive grid (empty boxes with aligned=true) stay zero.
+    let grid_h = geometry.bin_h.ceil().to_kind(Kind::Int64);
+    let grid_w = geometry.bin_w.ceil().to_kind(Kind::Int64);
+    let grids = Tensor::stack(&[grid_h, grid_w], 1).to_device(Device::Cpu);
+    let grids = Vec::<i64>::try_from(grids.flatten(0, -1)).expect("int64 host copy of the RoI sampling grids");
+    let mut buckets: BTreeMap<(i64, i64), Vec<i64>> = BTreeMap::new();
+    for (roi, grid) in grids.chunks_exact(2).enumerate() {
+        if grid[0] > 0 && grid[1] > 0 {
+            buckets.entry((grid[0], grid[1])).or_default().push(roi as i64);
+        }
+    }
+    let mut output = Tensor::zeros([num_rois, stacked.channels, oh, ow], (input.kind(), input.device()));
+    for (grid, members) in buckets {
+        let index = Tensor::from_slice(&members).to_device(input.device());
+        let pooled = align_bucket(&stacked, &geometry.select(&index), output_size, grid);
+        output = output.index_copy(0, &index, &pooled);
+    }
+    output
+}

@@ -1,0 +1,142 @@
+"""Reference outputs for the detection-ops parity test (crates/detector/tests/ops_parity.rs).
+
+Usage: python ops_parity.py OUT_DIR
+Writes one .npy file per tensor and OUT_DIR/manifest.json, a list of cases
+{"name", "op", "params", "inputs": {name: file}, "expected": {name: file}}. Everything is seeded.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.ops import batched_nms, box_area, box_iou, nms, roi_align
+
+OUT = sys.argv[1]
+os.makedirs(OUT, exist_ok=True)
+CASES = []
+
+
+def save(case_name, key, tensor):
+    file = f"{case_name}.{key}.npy"
+    array = tensor.detach().cpu().numpy() if isinstance(tensor, torch.Tensor) else np.asarray(tensor)
+    np.save(os.path.join(OUT, file), np.ascontiguousarray(array))
+    return file
+
+
+def add_case(name, op, params, inputs, expected):
+    CASES.append(
+        {
+            "name": name,
+            "op": op,
+            "params": params,
+            "inputs": {k: save(name, "in_" + k, v) for k, v in inputs.items()},
+            "expected": {k: save(name, "out_" + k, v) for k, v in expected.items()},
+        }
+    )
+
+
+def random_boxes(generator, count, extent=100.0, max_size=40.0, dtype=torch.float32):
+    xy = torch.rand(count, 2, generator=generator, dtype=torch.float64) * extent
+    wh = torch.rand(count, 2, generator=generator, dtype=torch.float64) * max_size
+    return torch.cat([xy, xy + wh], 1).to(dtype)
+
+
+g = torch.Generator().manual_seed(20261128)
+
+# ---- box_iou / box_area: random boxes plus degenerate ones (zero width, zero area, identical, disjoint).
+a = random_boxes(g, 37)
+b = random_boxes(g, 23)
+a[0] = torch.tensor([10.0, 10.0, 10.0, 20.0])  # zero width
+a[1] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # a point
+b[0] = torch.tensor([5.0, 5.0, 5.0, 5.0])  # the same point: 0/0 in torchvision
+b[1] = a[2].clone()  # identical box: IoU 1
+b[2] = torch.tensor([1000.0, 1000.0, 1010.0, 1010.0])  # disjoint from everything
+iou = box_iou(a, b)
+add_case("box_iou_random", "box_iou", {}, {"a": a, "b": b}, {"iou": iou, "area_a": box_area(a)})
+add_case("box_iou_empty", "box_iou", {}, {"a": torch.zeros(0, 4), "b": b}, {"iou": torch.zeros(0, 23), "area_a": torch.zeros(0)})
+
+# ---- nms: random, heavy ties, duplicates, float64, empty, several thresholds.
+for threshold in (0.3, 0.5, 0.7):
+    boxes = random_boxes(g, 500)
+    scores = torch.rand(500, generator=g)
+    add_case(f"nms_random_{threshold}", "nms", {"iou_threshold": threshold}, {"boxes": boxes, "scores": scores},
+             {"keep": nms(boxes, scores, threshold)})
+boxes = random_boxes(g, 300, extent=50.0)
+scores = torch.randint(0, 4, (300,), generator=g).float() / 4  # only four distinct scores: ties everywhere
+boxes[10:20] = boxes[9]  # exact duplicates with tied scores
+scores[10:20] = scores[9]
+add_case("nms_ties", "nms", {"iou_threshold": 0.5}, {"boxes": boxes, "scores": scores},
+         {"keep": nms(boxes, scores, 0.5)})
+boxes = random_boxes(g, 200, dtype=torch.float64)
+scores = torch.rand(200, generator=g, dtype=torch.float64)
+add_case("nms_float64", "nms", {"iou_threshold": 0.6}, {"boxes": boxes, "scores": scores},
+         {"keep": nms(boxes, scores, 0.6)})
+degenerate = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 2.0, 2.0], [0.0, 0.0, 2.0, 2.0]])
+add_case("nms_degenerate", "nms", {"iou_threshold": 0.5},
+         {"boxes": degenerate, "scores": torch.tensor([0.9, 0.8, 0.7, 0.6])},
+         {"keep": nms(degenerate, torch.tensor([0.9, 0.8, 0.7, 0.6]), 0.5)})
+add_case("nms_empty", "nms", {"iou_threshold": 0.5}, {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0)},
+         {"keep": nms(torch.zeros(0, 4), torch.zeros(0), 0.5)})
+
+# ---- batched_nms: the coordinate-offset path (<= 4000 numbers) and the per-class path (> 4000).
+for count in (400, 1500):
+    boxes = random_boxes(g, count)
+    scores = torch.rand(count, generator=g)
+    scores[:50] = 0.5  # ties across and within classes
+    groups = torch.randint(0, 7, (count,), generator=g)
+    add_case(f"batched_nms_{count}", "batched_nms", {"iou_threshold": 0.5},
+             {"boxes": boxes, "scores": scores, "groups": groups},
+             {"keep": batched_nms(boxes, scores, groups, 0.5)})
+add_case("batched_nms_empty", "batched_nms", {"iou_threshold": 0.5},
+         {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "groups": torch.zeros(0, dtype=torch.int64)},
+         {"keep": torch.zeros(0, dtype=torch.int64)})
+
+
+# ---- roi_align: forward and input gradient of sum(output * weight).
+def roi_case(name, features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    features = features.clone().requires_grad_(True)
+    out = roi_align(features, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    weight = torch.randn(out.shape, generator=g, dtype=features.dtype)
+    (out * weight).sum().backward()
+    add_case(name, "roi_align",
+             {"output_size": list(output_size), "spatial_scale": spatial_scale, "sampling_ratio": sampling_ratio,
+              "aligned": aligned},
+             {"features": features.detach(), "rois": rois, "weight": weight},
+             {"output": out, "grad": features.grad})
+
+
+def mixed_rois(count, height, width, scale, dtype):
+    """RoIs in image pixels for a map of height x width at `scale`: inside, partly outside, fully outside,
+    sub-pixel, zero-size and reversed boxes, spread over two images."""
+    img_h, img_w = height / scale, width / scale
+    inside = random_boxes(g, count, extent=min(img_h, img_w) * 0.6, max_size=min(img_h, img_w) * 0.4, dtype=torch.float64)
+    partly = random_boxes(g, count // 2, extent=img_w * 1.4, max_size=img_w * 0.6, dtype=torch.float64) - img_w * 0.2
+    fully = torch.tensor([[img_w + 3 / scale, 2.0, img_w + 9 / scale, 8.0], [-20 / scale, -20 / scale, -5 / scale, -2 / scale],
+                          [2.0, img_h + 4 / scale, 9.0, img_h + 30 / scale]], dtype=torch.float64)
+    sub = torch.rand(count // 2, 2, generator=g, dtype=torch.float64) * min(img_h, img_w) * 0.9
+    sub_pixel = torch.cat([sub, sub + torch.rand(count // 2, 2, generator=g, dtype=torch.float64) * 0.6 / scale], 1)
+    special = torch.tensor([[4.0, 4.0, 4.0, 4.0], [6.0, 3.0, 2.0, 9.0], [1.0, 1.0, 1.0 + 1 / scale, 1.0 + 1 / scale]],
+                           dtype=torch.float64)
+    boxes = torch.cat([inside, partly, fully, sub_pixel, special])
+    batch = torch.randint(0, 2, (len(boxes), 1), generator=g).double()
+    return torch.cat([batch, boxes], 1).to(dtype)
+
+
+for dtype, tag in ((torch.float32, "f32"), (torch.float64, "f64")):
+    features = torch.randn(2, 3, 13, 17, generator=g, dtype=dtype)
+    for aligned in (False, True):
+        for sampling_ratio in (2, 0):
+            for output_size, scale in (((7, 7), 0.5), ((3, 5), 0.25)):
+                rois = mixed_rois(12, 13, 17, scale, dtype)
+                roi_case(f"roi_align_{tag}_a{int(aligned)}_s{sampling_ratio}_{output_size[0]}x{output_size[1]}",
+                         features, rois, output_size, scale, sampling_ratio, aligned)
+features = torch.randn(2, 4, 9, 11, generator=g)
+roi_case("roi_align_empty", features, torch.zeros(0, 5), (7, 7), 1.0, 2, True)
+features = torch.randn(3, 2, 1, 1, generator=g)  # 1x1 maps: degenerate normalisation
+roi_case("roi_align_1x1_map", features, mixed_rois(4, 1, 1, 1.0, torch.float32), (2, 2), 1.0, 2, False)
+
+with open(os.path.join(OUT, "manifest.json"), "w") as f:
+    json.dump({"torchvision": torchvision.__version__, "cases": CASES}, f)
