@@ -1,8 +1,8 @@
 //! Parity of the detection ops with torchvision 0.26 (and pycocotools / detectron2 re-implementations), using
 //! reference outputs written by `tests/python/ops_parity.py` in the project's `.venv`.
 //!
-//! Tolerances (absolute, on values of order 1): box IoU/area 1e-6 (f32); NMS and batched NMS indices identical;
-//! RoIAlign forward 2e-5 (f32) / 1e-12 (f64), input gradient 5e-5 (f32) / 1e-12 (f64); pooler as RoIAlign;
+//! Tolerances: box IoU/area 1e-6 absolute (f32); NMS and batched NMS indices identical; RoIAlign and the pooler,
+//! forward and input gradient, max |difference| <= 1e-5 (f32) / 1e-12 (f64) times max(1, max |reference|);
 //! polygon masks identical to pycocotools; bitmask crop-and-resize identical; pasted masks identical.
 
 use std::path::{Path, PathBuf};
@@ -92,6 +92,15 @@ fn assert_close(name: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) 
     diff
 }
 
+/// Like [`assert_close`] with the tolerance scaled by `max(1, max |expected|)` (gradients sum many terms), and
+/// returns the scaled difference.
+fn assert_close_scaled(name: &str, actual: &Tensor, expected: &Tensor, tolerance: f64) -> f64 {
+    let scale = if expected.numel() == 0 { 1.0 } else { expected.abs().max().double_value(&[]).max(1.0) };
+    let diff = max_abs_diff(name, actual, expected) / scale;
+    assert!(diff <= tolerance, "{name}: max abs diff / scale {diff:e} > {tolerance:e} (scale {scale})");
+    diff
+}
+
 fn assert_same_indices(name: &str, actual: &Tensor, expected: &Tensor) {
     assert_eq!(actual.kind(), Kind::Int64, "{name}: index kind");
     let actual = Vec::<i64>::try_from(actual).expect("indices");
@@ -138,9 +147,9 @@ fn check_roi_align(case: &Case) -> (f64, f64) {
     );
     (&output * case.input("weight")).sum(Kind::Double).backward();
     let double = features.kind() == Kind::Double;
-    let forward = assert_close(&case.name, &output, &case.expected("output"), if double { 1e-12 } else { 2e-5 });
-    let gradient =
-        assert_close(&case.name, &features.grad(), &case.expected("grad"), if double { 1e-12 } else { 5e-5 });
+    let tolerance = if double { 1e-12 } else { 1e-5 };
+    let forward = assert_close_scaled(&case.name, &output, &case.expected("output"), tolerance);
+    let gradient = assert_close_scaled(&case.name, &features.grad(), &case.expected("grad"), tolerance);
     (forward, gradient)
 }
 
@@ -164,9 +173,48 @@ fn ops_match_torchvision() {
                     *entry = entry.max(diff);
                 }
             }
+            "pooler" => {
+                let (forward, gradient) = check_pooler(case);
+                for (key, diff) in [("pooler forward".to_string(), forward), ("pooler grad".to_string(), gradient)] {
+                    let entry = worst.entry(key).or_insert(0.0);
+                    *entry = entry.max(diff);
+                }
+            }
             other => panic!("{}: unknown op {other}", case.name),
         }
     }
     println!("worst differences: {worst:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Returns (forward diff, worst gradient diff over levels).
+fn check_pooler(case: &Case) -> (f64, f64) {
+    let levels = case.params["levels"].as_i64().expect("levels");
+    let images = case.params["images"].as_i64().expect("images");
+    let features: Vec<Tensor> =
+        (0..levels).map(|l| case.input(&format!("features_{l}")).set_requires_grad(true)).collect();
+    let boxes: Vec<Tensor> = (0..images).map(|i| case.input(&format!("boxes_{i}"))).collect();
+    let size = &case.params["output_size"];
+    let scales: Vec<f64> =
+        case.params["scales"].as_array().expect("scales").iter().map(|s| s.as_f64().expect("scale")).collect();
+    let mapping = match case.params["mapping"].as_str() {
+        Some("torchvision") => ops::LevelMapping::Torchvision,
+        _ => ops::LevelMapping::Detectron2,
+    };
+    let pooler = ops::RoiPooler::new(
+        (size[0].as_i64().expect("oh"), size[1].as_i64().expect("ow")),
+        scales,
+        case.params["sampling_ratio"].as_i64().expect("sampling_ratio"),
+        case.params["aligned"].as_bool().expect("aligned"),
+        224.0,
+        4,
+    )
+    .with_level_mapping(mapping);
+    let output = pooler.forward(&features, &boxes);
+    (&output * case.input("weight")).sum(Kind::Double).backward();
+    let forward = assert_close_scaled(&case.name, &output, &case.expected("output"), 1e-5);
+    let gradient = (0..levels as usize)
+        .map(|l| assert_close_scaled(&case.name, &features[l].grad(), &case.expected(&format!("grad_{l}")), 1e-5))
+        .fold(0.0, f64::max);
+    (forward, gradient)
 }

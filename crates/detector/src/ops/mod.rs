@@ -10,4 +10,4 @@ pub mod roi_align;
 pub use box_coder::BoxCoder;
 pub use boxes::{box_area, box_ioa, box_iou, clip_boxes, nonempty, xywh_to_xyxy, xyxy_to_xywh};
 pub use nms::{batched_nms, nms};
-pub use roi_align::roi_align;
+pub use roi_align::{roi_align, LevelMapping, RoiPooler};

@@ -6,13 +6,15 @@ Writes one .npy file per tensor and OUT_DIR/manifest.json, a list of cases
 """
 
 import json
+import math
 import os
 import sys
+from collections import OrderedDict
 
 import numpy as np
 import torch
 import torchvision
-from torchvision.ops import batched_nms, box_area, box_iou, nms, roi_align
+from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_area, box_iou, nms, roi_align
 
 OUT = sys.argv[1]
 os.makedirs(OUT, exist_ok=True)
@@ -137,6 +139,72 @@ features = torch.randn(2, 4, 9, 11, generator=g)
 roi_case("roi_align_empty", features, torch.zeros(0, 5), (7, 7), 1.0, 2, True)
 features = torch.randn(3, 2, 1, 1, generator=g)  # 1x1 maps: degenerate normalisation
 roi_case("roi_align_1x1_map", features, mixed_rois(4, 1, 1, 1.0, torch.float32), (2, 2), 1.0, 2, False)
+
+
+
+# ---- multi-level pooling: detectron2's ROIPooler (re-implemented from detectron2/modeling/poolers.py) and
+# torchvision's MultiScaleRoIAlign, forward and gradients of every level.
+def detectron2_pooler(features, box_lists, output_size, scales, sampling_ratio, aligned, canonical_size=224.0,
+                      canonical_level=4):
+    min_level, max_level = int(-math.log2(scales[0])), int(-math.log2(scales[-1]))
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i), dtype=b.dtype), b], 1)
+                      for i, b in enumerate(box_lists)])
+    sizes = torch.sqrt(torch.cat([box_area(b) for b in box_lists]))
+    levels = torch.floor(canonical_level + torch.log2(sizes / canonical_size + sys.float_info.epsilon))
+    levels = torch.clamp(levels, min=min_level, max=max_level).to(torch.int64) - min_level
+    output = torch.zeros(len(rois), features[0].shape[1], *output_size, dtype=features[0].dtype)
+    for level, (feature, scale) in enumerate(zip(features, scales)):
+        inds = torch.nonzero(levels == level).squeeze(1)
+        output[inds] = roi_align(feature, rois[inds], output_size, scale, sampling_ratio, aligned)
+    return output
+
+
+def pooler_boxes(count, img_h, img_w):
+    sizes = 8.0 * torch.exp(torch.rand(count, 1, generator=g, dtype=torch.float64) * math.log(80.0))
+    aspect = torch.exp((torch.rand(count, 1, generator=g, dtype=torch.float64) - 0.5) * 2.0)
+    wh = torch.cat([sizes * aspect, sizes / aspect], 1)
+    xy = torch.rand(count, 2, generator=g, dtype=torch.float64) * torch.tensor([img_w, img_h]) - wh / 3
+    boxes = torch.cat([xy, xy + wh], 1)
+    # Exact canonical sizes (level boundaries): 56, 112, 224, 448 pixel squares.
+    exact = torch.tensor([[0.0, 0.0, 56.0, 56.0], [10.0, 5.0, 122.0, 117.0], [0.0, 0.0, 224.0, 224.0],
+                          [3.0, 3.0, 451.0, 451.0]], dtype=torch.float64)
+    return torch.cat([boxes, exact]).float()
+
+
+scales = [1 / 4, 1 / 8, 1 / 16, 1 / 32]
+img_h, img_w = 128, 160
+for mapping, aligned, sampling_ratio, output_size in (("detectron2", True, 0, (7, 7)), ("detectron2", False, 2, (14, 14)),
+                                                      ("torchvision", False, 2, (7, 7))):
+    features = [torch.randn(2, 3, img_h // 2 ** (l + 2), img_w // 2 ** (l + 2), generator=g).requires_grad_(True)
+                for l in range(4)]
+    box_lists = [pooler_boxes(40, img_h, img_w), pooler_boxes(25, img_h, img_w)]
+    if mapping == "detectron2":
+        out = detectron2_pooler(features, box_lists, output_size, scales, sampling_ratio, aligned)
+    else:
+        pooler = MultiScaleRoIAlign(["p2", "p3", "p4", "p5"], output_size, sampling_ratio)
+        out = pooler(OrderedDict(zip(["p2", "p3", "p4", "p5"], features)), box_lists, [(img_h, img_w)] * 2)
+    weight = torch.randn(out.shape, generator=g)
+    (out * weight).sum().backward()
+    inputs = {f"features_{l}": f.detach() for l, f in enumerate(features)}
+    inputs.update({f"boxes_{i}": b for i, b in enumerate(box_lists)})
+    inputs["weight"] = weight
+    expected = {"output": out}
+    expected.update({f"grad_{l}": f.grad for l, f in enumerate(features)})
+    add_case(f"pooler_{mapping}_a{int(aligned)}_s{sampling_ratio}", "pooler",
+             {"output_size": list(output_size), "scales": scales, "sampling_ratio": sampling_ratio, "aligned": aligned,
+              "mapping": mapping, "levels": 4, "images": 2},
+             inputs, expected)
+# Single level and images without boxes.
+features = torch.randn(2, 3, 16, 20, generator=g).requires_grad_(True)
+box_lists = [torch.zeros(0, 4), pooler_boxes(6, 64, 80)]
+out = detectron2_pooler([features], box_lists, (5, 5), [1 / 4], 2, True)
+weight = torch.randn(out.shape, generator=g)
+(out * weight).sum().backward()
+add_case("pooler_single_level", "pooler",
+         {"output_size": [5, 5], "scales": [1 / 4], "sampling_ratio": 2, "aligned": True, "mapping": "detectron2",
+          "levels": 1, "images": 2},
+         {"features_0": features.detach(), "boxes_0": box_lists[0], "boxes_1": box_lists[1], "weight": weight},
+         {"output": out, "grad_0": features.grad})
 
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump({"torchvision": torchvision.__version__, "cases": CASES}, f)
