@@ -180,6 +180,7 @@ fn ops_match_torchvision() {
                     *entry = entry.max(diff);
                 }
             }
+            "polygon_masks" | "bitmask_masks" | "paste_masks" => check_masks(case),
             other => panic!("{}: unknown op {other}", case.name),
         }
     }
@@ -217,4 +218,44 @@ fn check_pooler(case: &Case) -> (f64, f64) {
         .map(|l| assert_close_scaled(&case.name, &features[l].grad(), &case.expected(&format!("grad_{l}")), 1e-5))
         .fold(0.0, f64::max);
     (forward, gradient)
+}
+
+fn check_masks(case: &Case) {
+    let expected = case.expected("masks");
+    let actual = match case.op.as_str() {
+        "polygon_masks" => {
+            let polygons: Vec<Vec<Vec<f64>>> =
+                serde_json::from_value(case.params["polygons"].clone()).expect("polygons");
+            let rois = case.input("rois");
+            let size = case.params["size"].as_i64().expect("size");
+            let batched = ops::polygons_to_roi_masks(&polygons, &rois, size);
+            let roi: Vec<f64> = Vec::<f64>::try_from(rois.get(3)).expect("roi");
+            let single = ops::polygons_to_roi_mask(&polygons[3], [roi[0], roi[1], roi[2], roi[3]], size);
+            assert_eq!(max_abs_diff(&case.name, &single, &batched.get(3)), 0.0, "{}: single vs batched", case.name);
+            batched
+        }
+        "bitmask_masks" => {
+            let (masks, rois) = (case.input("masks"), case.input("rois"));
+            let size = case.params["size"].as_i64().expect("size");
+            let roi = Vec::<f64>::try_from(rois.get(0).to_kind(Kind::Double)).expect("roi");
+            let single = ops::bitmask_to_roi_mask(&masks.get(0), [roi[0], roi[1], roi[2], roi[3]], size);
+            let batched = ops::bitmasks_to_roi_masks(&masks, &rois, size);
+            assert_eq!(max_abs_diff(&case.name, &single, &batched.get(0)), 0.0, "{}: single vs batched", case.name);
+            batched
+        }
+        _ => {
+            let pasted = ops::paste_masks(
+                &case.input("masks"),
+                &case.input("boxes"),
+                case.params["height"].as_i64().expect("height"),
+                case.params["width"].as_i64().expect("width"),
+                case.param_f64("threshold"),
+            );
+            assert_eq!(pasted.kind(), Kind::Bool, "{}: pasted masks are boolean", case.name);
+            pasted
+        }
+    };
+    let differing = actual.to_kind(Kind::Float).ne_tensor(&expected.to_kind(Kind::Float)).sum(Kind::Int64);
+    assert_eq!(differing.int64_value(&[]), 0, "{}: {} pixels differ", case.name, differing.int64_value(&[]));
+    assert!(expected.to_kind(Kind::Float).sum(Kind::Double).double_value(&[]) > 0.0, "{}: trivial case", case.name);
 }

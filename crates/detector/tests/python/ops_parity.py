@@ -206,5 +206,94 @@ add_case("pooler_single_level", "pooler",
          {"features_0": features.detach(), "boxes_0": box_lists[0], "boxes_1": box_lists[1], "weight": weight},
          {"output": out, "grad_0": features.grad})
 
+
+# ---- masks: polygons cropped to RoIs (detectron2 rasterize_polygons_within_box + pycocotools), bitmask
+# crop-and-resize (detectron2 BitMasks.crop_and_resize) and pasting (detectron2 paste_masks_in_image, CPU path).
+import pycocotools.mask as mask_util  # noqa: E402
+
+
+def random_polygon(cx, cy, radius, points):
+    angles = np.sort(torch.rand(points, generator=g, dtype=torch.float64).numpy() * 2 * np.pi)
+    radii = radius * (0.4 + 0.6 * torch.rand(points, generator=g, dtype=torch.float64).numpy())
+    return np.stack([cx + radii * np.cos(angles), cy + radii * np.sin(angles)], 1).reshape(-1)
+
+
+def detectron2_rasterize(polygons, box, mask_size):
+    w, h = box[2] - box[0], box[3] - box[1]
+    polygons = [p.copy() for p in polygons]
+    for p in polygons:
+        p[0::2] = p[0::2] - box[0]
+        p[1::2] = p[1::2] - box[1]
+    ratio_h = mask_size / max(h, 0.1)
+    ratio_w = mask_size / max(w, 0.1)
+    for p in polygons:
+        p[0::2] *= ratio_w
+        p[1::2] *= ratio_h
+    if len(polygons) == 0:
+        return np.zeros((mask_size, mask_size), dtype=np.float32)
+    rle = mask_util.merge(mask_util.frPyObjects([list(p) for p in polygons], mask_size, mask_size))
+    return mask_util.decode(rle).astype(np.float32)
+
+
+instances, rois, expected_masks = [], [], []
+for index in range(40):
+    cx, cy, radius = (torch.rand(3, generator=g, dtype=torch.float64) * torch.tensor([200.0, 150.0, 60.0])).tolist()
+    polygons = [random_polygon(cx, cy, radius + 2, 5 + index % 9) for _ in range(1 + index % 3)]
+    if index == 0:
+        polygons = []
+    x0, y0 = cx - radius * 1.2 + 20 * (torch.rand(2, generator=g, dtype=torch.float64) - 0.5).numpy()
+    side_w, side_h = (radius * 2 * (0.3 + torch.rand(2, generator=g, dtype=torch.float64))).tolist()
+    box = np.array([x0, y0, x0 + side_w, y0 + side_h], dtype=np.float64)
+    if index == 1:
+        box = np.array([cx, cy, cx + 0.05, cy + 0.05])  # sub-0.1 px RoI
+    if index == 2:
+        box = np.array([cx + 3 * radius + 10, cy, cx + 3 * radius + 40, cy + 30])  # RoI away from the object
+    instances.append([p.tolist() for p in polygons])
+    rois.append(box)
+    expected_masks.append(detectron2_rasterize(polygons, box, 28))
+add_case("polygon_roi_masks", "polygon_masks", {"polygons": instances, "size": 28},
+         {"rois": torch.tensor(np.stack(rois))}, {"masks": torch.tensor(np.stack(expected_masks))})
+
+full = torch.tensor(np.stack([mask_util.decode(mask_util.merge(mask_util.frPyObjects(
+    inst if inst else [[0.0, 0.0, 1.0, 0.0, 1.0, 1.0]], 180, 230))) for inst in instances[:12]])).float()
+bit_rois = torch.tensor(np.stack(rois[:12])).float()
+bit_rois[1] = torch.tensor([-20.0, -10.0, 300.0, 200.0])  # beyond the image
+batch = torch.arange(12, dtype=torch.float32)[:, None]
+cropped = roi_align(full[:, None], torch.cat([batch, bit_rois], 1), (28, 28), 1.0, 0, aligned=True).squeeze(1) >= 0.5
+add_case("bitmask_roi_masks", "bitmask_masks", {"size": 28}, {"masks": full, "rois": bit_rois},
+         {"masks": cropped.float()})
+
+
+def detectron2_paste(masks, boxes, img_h, img_w, threshold=0.5):
+    out = torch.zeros(len(masks), img_h, img_w, dtype=torch.bool)
+    for i in range(len(masks)):
+        box = boxes[i : i + 1]
+        x0_int, y0_int = torch.clamp(box.min(dim=0).values.floor()[:2] - 1, min=0).to(dtype=torch.int32)
+        x1_int = torch.clamp(box[:, 2].max().ceil() + 1, max=img_w).to(dtype=torch.int32)
+        y1_int = torch.clamp(box[:, 3].max().ceil() + 1, max=img_h).to(dtype=torch.int32)
+        if y1_int <= y0_int or x1_int <= x0_int:  # box beyond the image: detectron2 would fail, we paste nothing
+            continue
+        x0, y0, x1, y1 = torch.split(box, 1, dim=1)
+        img_y = torch.arange(y0_int, y1_int, dtype=torch.float32) + 0.5
+        img_x = torch.arange(x0_int, x1_int, dtype=torch.float32) + 0.5
+        img_y = (img_y - y0) / (y1 - y0) * 2 - 1
+        img_x = (img_x - x0) / (x1 - x0) * 2 - 1
+        gx = img_x[:, None, :].expand(1, img_y.size(1), img_x.size(1))
+        gy = img_y[:, :, None].expand(1, img_y.size(1), img_x.size(1))
+        grid = torch.stack([gx, gy], dim=3)
+        sampled = torch.nn.functional.grid_sample(masks[i : i + 1, None], grid, align_corners=False)
+        out[i, y0_int:y1_int, x0_int:x1_int] = sampled[0, 0] >= threshold
+    return out
+
+
+paste_masks_in = torch.sigmoid(torch.randn(15, 28, 28, generator=g) * 3)
+paste_boxes = random_boxes(g, 15, extent=150.0, max_size=120.0)
+paste_boxes[0] = torch.tensor([-30.0, -20.0, 40.0, 50.0])  # partly outside
+paste_boxes[1] = torch.tensor([10.3, 12.7, 10.9, 13.1])  # sub-pixel
+paste_boxes[2] = torch.tensor([5.5, 3.25, 170.0, 118.0])  # large: clipped to the image on the right
+add_case("paste_masks", "paste_masks", {"height": 120, "width": 160, "threshold": 0.5},
+         {"masks": paste_masks_in, "boxes": paste_boxes},
+         {"masks": detectron2_paste(paste_masks_in, paste_boxes, 120, 160)})
+
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump({"torchvision": torchvision.__version__, "cases": CASES}, f)

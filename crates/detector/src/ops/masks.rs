@@ -1,0 +1,114 @@
+//! Mask targets and mask pasting with detectron2's semantics: polygons cropped to a RoI and rasterised with the
+//! pycocotools algorithm (`hotcoco`), bitmasks cropped and resized with RoIAlign, and predicted RoI masks pasted
+//! back into the image with bilinear sampling and a threshold.
+
+use tch::{Device, Kind, Tensor};
+
+use super::roi_align::roi_align;
+
+/// Polygons with fewer than three points cannot be rasterised (pycocotools would read four numbers as a box);
+/// they are skipped, as detectron2's dataset loader drops them.
+const MIN_POLYGON_COORDS: usize = 6;
+
+/// detectron2 `rasterize_polygons_within_box`: shifts the instance's polygons (flat `[x0, y0, x1, y1, ..]` image
+/// coordinates) to the RoI `[x1, y1, x2, y2]`, rescales them to `size x size` (RoI sides below 0.1 px count as
+/// 0.1), rasterises them with pycocotools' algorithm and merges them. Returns a float `[size, size]` mask of 0/1
+/// on the CPU; `size` must be at most 65535.
+pub fn polygons_to_roi_mask(polygons: &[Vec<f64>], roi: [f64; 4], size: i64) -> Tensor {
+    let [x0, y0, x1, y1] = roi;
+    let ratio_w = size as f64 / (x1 - x0).max(0.1);
+    let ratio_h = size as f64 / (y1 - y0).max(0.1);
+    let transformed: Vec<Vec<f64>> = polygons
+        .iter()
+        .filter(|polygon| polygon.len() >= MIN_POLYGON_COORDS)
+        .map(|polygon| {
+            polygon.chunks_exact(2).flat_map(|point| [(point[0] - x0) * ratio_w, (point[1] - y0) * ratio_h]).collect()
+        })
+        .collect();
+    rasterize(&transformed, size)
+}
+
+/// Rasterises polygons already in mask coordinates into a float `[size, size]` 0/1 mask (pycocotools
+/// `frPyObjects` + `merge` + `decode`).
+fn rasterize(polygons: &[Vec<f64>], size: i64) -> Tensor {
+    let side = u32::try_from(size).expect("mask size fits in u32");
+    let rle = hotcoco::mask::fr_polys(polygons, side, side).expect("mask size of at most 65535 pixels");
+    let column_major = hotcoco::mask::decode(&rle);
+    Tensor::from_slice(&column_major).reshape([size, size]).transpose(0, 1).to_kind(Kind::Float).contiguous()
+}
+
+/// [`polygons_to_roi_mask`] for many instances at once: `polygons[i]` are the polygons of instance `i`, `rois`
+/// is `[N, 4]`. Returns float `[N, size, size]` on `rois`' device (one host copy of the RoIs).
+pub fn polygons_to_roi_masks(polygons: &[Vec<Vec<f64>>], rois: &Tensor, size: i64) -> Tensor {
+    let device = rois.device();
+    if polygons.is_empty() {
+        return Tensor::zeros([0, size, size], (Kind::Float, device));
+    }
+    let host = Vec::<f64>::try_from(rois.to_device(Device::Cpu).to_kind(Kind::Double).contiguous().flatten(0, -1))
+        .expect("f64 host copy of the RoIs");
+    let masks: Vec<Tensor> = polygons
+        .iter()
+        .zip(host.chunks_exact(4))
+        .map(|(instance, roi)| polygons_to_roi_mask(instance, [roi[0], roi[1], roi[2], roi[3]], size))
+        .collect();
+    Tensor::stack(&masks, 0).to_device(device)
+}
+
+/// detectron2 `BitMasks.crop_and_resize` for one mask: RoIAlign (aligned, adaptive sampling, scale 1) of the full
+/// image bitmask `[H, W]` over `roi`, thresholded at 0.5. Float `[size, size]` of 0/1 on the mask's device.
+pub fn bitmask_to_roi_mask(mask: &Tensor, roi: [f64; 4], size: i64) -> Tensor {
+    let rois = Tensor::from_slice(&roi).reshape([1, 4]).to_device(mask.device());
+    bitmasks_to_roi_masks(&mask.unsqueeze(0), &rois, size).squeeze_dim(0)
+}
+
+/// [`bitmask_to_roi_mask`] for `masks` `[N, H, W]` and `rois` `[N, 4]` in one RoIAlign call: float
+/// `[N, size, size]`.
+pub fn bitmasks_to_roi_masks(masks: &Tensor, rois: &Tensor, size: i64) -> Tensor {
+    let device = masks.device();
+    let count = masks.size()[0];
+    let batch_index = Tensor::arange(count, (Kind::Float, device)).unsqueeze(1);
+    let rois = Tensor::cat(&[batch_index, rois.to_device(device).to_kind(Kind::Float)], 1);
+    let pooled = roi_align(&masks.to_kind(Kind::Float).unsqueeze(1), &rois, (size, size), 1.0, 0, true);
+    pooled.squeeze_dim(1).ge(0.5).to_kind(Kind::Float)
+}
+
+/// detectron2 `paste_masks_in_image`: pastes predicted RoI masks `[N, M, M]` or `[N, 1, M, M]` (probabilities) into `[N, height,
+/// width]` boolean image masks, sampling each mask bilinearly (`grid_sample`, `align_corners = false`, zero
+/// padding) at the image pixel centres and keeping values `>= threshold`. Like detectron2 on the CPU, each mask
+/// is only evaluated over its box grown by one pixel (`floor(x1) - 1 .. ceil(x2) + 1`); that semantics is used on
+/// every device. The boxes are copied to the host once to find those regions; the sampling stays on the device.
+pub fn paste_masks(masks: &Tensor, boxes: &Tensor, height: i64, width: i64, threshold: f64) -> Tensor {
+    let device = masks.device();
+    let count = masks.size()[0];
+    let pasted = Tensor::zeros([count, height, width], (Kind::Bool, device));
+    if count == 0 {
+        return pasted;
+    }
+    let masks = if masks.dim() == 4 { masks.squeeze_dim(1) } else { masks.shallow_clone() }.to_kind(Kind::Float);
+    let host = Vec::<f32>::try_from(boxes.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1))
+        .expect("f32 host copy of the boxes");
+    for (index, b) in host.chunks_exact(4).enumerate() {
+        let (x0, y0, x1, y1) = (b[0], b[1], b[2], b[3]);
+        let left = ((x0.floor() - 1.0).max(0.0)) as i64;
+        let top = ((y0.floor() - 1.0).max(0.0)) as i64;
+        let right = ((x1.ceil() + 1.0).min(width as f32)) as i64;
+        let bottom = ((y1.ceil() + 1.0).min(height as f32)) as i64;
+        if right <= left || bottom <= top {
+            continue;
+        }
+        let options = (Kind::Float, device);
+        let image_y =
+            ((Tensor::arange_start(top, bottom, options) + 0.5) - f64::from(y0)) / f64::from(y1 - y0) * 2.0 - 1.0;
+        let image_x =
+            ((Tensor::arange_start(left, right, options) + 0.5) - f64::from(x0)) / f64::from(x1 - x0) * 2.0 - 1.0;
+        let (rows, columns) = (bottom - top, right - left);
+        let grid_x = image_x.unsqueeze(0).expand([rows, columns], false);
+        let grid_y = image_y.unsqueeze(1).expand([rows, columns], false);
+        let grid = Tensor::stack(&[grid_x, grid_y], 2).unsqueeze(0);
+        let mask = masks.get(index as i64).unsqueeze(0).unsqueeze(0);
+        let sampled = mask.grid_sampler_2d(&grid, 0, 0, false).squeeze_dim(0).squeeze_dim(0);
+        let region = sampled.ge(threshold);
+        pasted.get(index as i64).narrow(0, top, rows).narrow(1, left, columns).copy_(&region);
+    }
+    pasted
+}
