@@ -1,0 +1,155 @@
+//! Unit tests of the detection ops that have no torchvision counterpart: box coder, matcher, sampler, box helpers.
+
+use detector::ops::{self, BoxCoder, Matcher, MatcherError};
+use tch::{Kind, Tensor};
+
+fn tensor2(rows: &[[f64; 4]]) -> Tensor {
+    let flat: Vec<f32> = rows.iter().flatten().map(|&v| v as f32).collect();
+    Tensor::from_slice(&flat).reshape([rows.len() as i64, 4])
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
+
+fn to_vec_i64(t: &Tensor) -> Vec<i64> {
+    Vec::<i64>::try_from(t.to_kind(Kind::Int64)).expect("i64 values")
+}
+
+#[test]
+fn box_coder_round_trip_and_known_deltas() {
+    let coder = BoxCoder::new([10.0, 10.0, 5.0, 5.0]);
+    let src = tensor2(&[[0.0, 0.0, 10.0, 20.0], [5.0, 5.0, 45.0, 25.0], [100.0, 50.0, 103.0, 90.0]]);
+    let target = tensor2(&[[2.0, 4.0, 14.0, 20.0], [0.0, 0.0, 80.0, 40.0], [101.0, 49.0, 104.0, 95.0]]);
+    let deltas = coder.encode(&src, &target);
+    // First pair by hand: centres (5, 10) -> (8, 12), sizes (10, 20) -> (12, 16).
+    let expected = [10.0 * 3.0 / 10.0, 10.0 * 2.0 / 20.0, 5.0 * (12.0f64 / 10.0).ln(), 5.0 * (16.0f64 / 20.0).ln()];
+    let first = Vec::<f32>::try_from(deltas.get(0)).expect("deltas");
+    for (got, want) in first.iter().zip(expected) {
+        assert!((f64::from(*got) - want).abs() < 1e-5, "{got} vs {want}");
+    }
+    let decoded = coder.decode(&deltas, &src);
+    assert!(max_diff(&decoded, &target) < 1e-4, "round trip error {}", max_diff(&decoded, &target));
+}
+
+#[test]
+fn box_coder_decodes_class_specific_deltas_and_clamps_scale() {
+    let coder = BoxCoder::new([1.0, 1.0, 1.0, 1.0]);
+    let boxes = tensor2(&[[0.0, 0.0, 16.0, 16.0], [10.0, 10.0, 20.0, 30.0]]);
+    // Three classes: zero deltas, a shift, and a huge dw/dh that must be clamped to ln(1000/16).
+    let deltas = Tensor::from_slice(&[
+        0.0f32, 0.0, 0.0, 0.0, 0.5, -0.25, 0.0, 0.0, 0.0, 0.0, 50.0, 50.0, //
+        0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 20.0, -1.0,
+    ])
+    .reshape([2, 12]);
+    let decoded = coder.decode(&deltas, &boxes);
+    assert_eq!(decoded.size(), vec![2, 12]);
+    assert!(max_diff(&decoded.narrow(1, 0, 4), &boxes) < 1e-5, "zero deltas keep the box");
+    let shifted = tensor2(&[[8.0, -4.0, 24.0, 12.0], [20.0, 10.0, 30.0, 30.0]]);
+    assert!(max_diff(&decoded.narrow(1, 4, 4), &shifted) < 1e-5);
+    // Box 0, class 2: width 16 * 1000/16 = 1000 around centre 8.
+    let clamped = Vec::<f32>::try_from(decoded.get(0).narrow(0, 8, 4)).expect("clamped box");
+    let expected = [8.0 - 500.0, 8.0 - 500.0, 8.0 + 500.0, 8.0 + 500.0];
+    for (got, want) in clamped.iter().zip(expected) {
+        assert!((f64::from(*got) - want).abs() < 1e-2, "{got} vs {want}");
+    }
+    assert!(decoded.isfinite().all().int64_value(&[]) == 1);
+}
+
+#[test]
+fn matcher_thresholds_and_low_quality_matches() {
+    // RPN-style matcher: [0, 0.3) background, [0.3, 0.7) ignored, >= 0.7 foreground.
+    let iou = Tensor::from_slice(&[
+        0.9f32, 0.1, 0.4, 0.0, 0.2, //
+        0.1, 0.65, 0.3, 0.0, 0.2, //
+    ])
+    .reshape([2, 5]);
+    let plain = Matcher::new(vec![0.3, 0.7], vec![0, -1, 1], false).expect("valid matcher");
+    let (matched, labels) = plain.match_quality(&iou);
+    assert_eq!(to_vec_i64(&matched), vec![0, 1, 0, 0, 0]);
+    assert_eq!(to_vec_i64(&labels), vec![1, -1, -1, 0, 0]);
+    let low_quality = Matcher::new(vec![0.3, 0.7], vec![0, -1, 1], true).expect("valid matcher");
+    let (_, labels) = low_quality.match_quality(&iou);
+    // Prediction 1 is ground truth 1's best match (0.65): promoted to foreground.
+    assert_eq!(to_vec_i64(&labels), vec![1, 1, -1, 0, 0]);
+    // Ties for a ground truth's best IoU are all promoted.
+    let tied = Tensor::from_slice(&[0.5f32, 0.5, 0.1]).reshape([1, 3]);
+    let (_, labels) = low_quality.match_quality(&tied);
+    assert_eq!(to_vec_i64(&labels), vec![1, 1, 0]);
+}
+
+#[test]
+fn matcher_without_ground_truth_is_all_background() {
+    let matcher = Matcher::new(vec![0.5], vec![0, 1], false).expect("valid matcher");
+    let (matched, labels) = matcher.match_quality(&Tensor::zeros([0, 7], (Kind::Float, tch::Device::Cpu)));
+    assert_eq!(to_vec_i64(&matched), vec![0; 7]);
+    assert_eq!(to_vec_i64(&labels), vec![0; 7]);
+    let (matched, labels) = matcher.match_quality(&Tensor::zeros([3, 0], (Kind::Float, tch::Device::Cpu)));
+    assert_eq!((matched.size(), labels.size()), (vec![0], vec![0]));
+}
+
+#[test]
+fn matcher_rejects_bad_configurations() {
+    assert_eq!(
+        Matcher::new(vec![0.7, 0.3], vec![0, -1, 1], false),
+        Err(MatcherError::UnsortedThresholds(vec![0.7, 0.3]))
+    );
+    assert_eq!(
+        Matcher::new(vec![0.5], vec![0, -1, 1], false),
+        Err(MatcherError::LabelCount { thresholds: 1, expected: 2, got: 3 })
+    );
+    assert_eq!(Matcher::new(vec![0.5], vec![0, 2], false), Err(MatcherError::InvalidLabel(2)));
+}
+
+#[test]
+fn subsample_counts_and_membership() {
+    tch::manual_seed(7);
+    // 30 positives (class labels 1..3), 100 negatives (background 0), 20 ignored.
+    let mut values = vec![1i64; 10];
+    values.extend([2; 10]);
+    values.extend([3; 10]);
+    values.extend([0; 100]);
+    values.extend([-1; 20]);
+    let labels = Tensor::from_slice(&values);
+    let (pos, neg) = ops::subsample_labels(&labels, 64, 0.25, 0);
+    assert_eq!((pos.size()[0], neg.size()[0]), (16, 48));
+    assert!(to_vec_i64(&labels.index_select(0, &pos)).iter().all(|&l| l > 0));
+    assert!(to_vec_i64(&labels.index_select(0, &neg)).iter().all(|&l| l == 0));
+    let mut unique = to_vec_i64(&pos);
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), 16, "positives are sampled without replacement");
+    // Few positives: all of them, negatives fill up to num_samples.
+    let (pos, neg) = ops::subsample_labels(&labels, 256, 0.5, 0);
+    assert_eq!((pos.size()[0], neg.size()[0]), (30, 100));
+    // Reproducible under the torch seed, different across draws.
+    tch::manual_seed(11);
+    let first = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0).1);
+    tch::manual_seed(11);
+    let again = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0).1);
+    assert_eq!(first, again);
+    let other = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0).1);
+    assert_ne!(first, other);
+}
+
+#[test]
+fn box_helpers() {
+    let boxes = tensor2(&[[-5.0, 2.0, 30.0, 50.0], [10.0, 10.0, 10.5, 40.0], [3.0, 4.0, 8.0, 10.0]]);
+    let clipped = ops::clip_boxes(&boxes, 40, 20);
+    assert!(
+        max_diff(&clipped, &tensor2(&[[0.0, 2.0, 20.0, 40.0], [10.0, 10.0, 10.5, 40.0], [3.0, 4.0, 8.0, 10.0]])) == 0.0
+    );
+    let keep = Vec::<bool>::try_from(ops::nonempty(&boxes, 1.0)).expect("mask");
+    assert_eq!(keep, vec![true, false, true]);
+    let xywh = ops::xyxy_to_xywh(&boxes);
+    assert!(max_diff(&xywh.get(2), &Tensor::from_slice(&[3.0f32, 4.0, 5.0, 6.0])) == 0.0);
+    assert!(max_diff(&ops::xywh_to_xyxy(&xywh), &boxes) == 0.0);
+    // Intersection over the area of the first box: box 2 lies fully inside the crowd region.
+    let crowd = tensor2(&[[0.0, 0.0, 10.0, 10.0]]);
+    let ioa = Vec::<f32>::try_from(
+        ops::box_ioa(&tensor2(&[[3.0, 4.0, 8.0, 10.0], [5.0, 5.0, 15.0, 15.0], [1.0, 1.0, 1.0, 1.0]]), &crowd)
+            .flatten(0, -1),
+    )
+    .expect("ioa");
+    assert_eq!(ioa, vec![1.0, 0.25, 0.0]);
+}
