@@ -1,0 +1,64 @@
+//! Compiles the C++ shim over c10d (src/shim.cpp) and links the test and binary targets to libtorch.
+
+use std::path::{Path, PathBuf};
+
+/// Gloo's headers are not in the torch wheel; Debian's libgloo-dev (installed by scripts/setup) provides them.
+const GLOO_INCLUDE: &str = "/usr/include";
+
+fn main() {
+    torch_link::emit();
+    println!("cargo:rerun-if-changed=src/shim.cpp");
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let libtorch = PathBuf::from(std::env::var_os("LIBTORCH").expect("LIBTORCH is not set; run scripts/setup"));
+    if !Path::new(GLOO_INCLUDE).join("gloo/config.h").exists() {
+        panic!("gloo headers not found under {GLOO_INCLUDE}/gloo; run scripts/setup (it installs libgloo-dev)");
+    }
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .file("src/shim.cpp")
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None)
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .include(GLOO_INCLUDE)
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false);
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        for include in nccl_includes(&libtorch) {
+            build.include(include);
+        }
+        build.define("VOVDET_NCCL", None).define("USE_C10D_NCCL", None).define("USE_CUDA", None);
+    }
+    build.compile("vovdet_dist_shim");
+    let lib = libtorch.join("lib");
+    println!("cargo:rustc-link-search=native={}", lib.display());
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    println!("cargo:rustc-link-lib=dylib=c10");
+    if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
+        println!("cargo:rustc-link-lib=dylib=torch_cuda");
+        println!("cargo:rustc-link-lib=dylib=c10_cuda");
+    }
+}
+
+/// CUDA and NCCL header folders of the torch wheel's nvidia packages, next to `torch/` in site-packages.
+fn nccl_includes(libtorch: &Path) -> Vec<PathBuf> {
+    let torch =
+        libtorch.canonicalize().unwrap_or_else(|e| panic!("cannot resolve LIBTORCH {}: {e}", libtorch.display()));
+    let nvidia = torch.parent().map(|site| site.join("nvidia")).unwrap_or_default();
+    let includes = vec![nvidia.join("cu13/include"), nvidia.join("nccl/include")];
+    let required =
+        [includes[0].join("crt/host_defines.h"), includes[0].join("cuda/std/cstdint"), includes[1].join("nccl.h")];
+    for header in &required {
+        if !header.exists() {
+            panic!(
+                "feature `nccl` needs {}; install the CUDA header wheels into .venv: \
+                 .venv/bin/pip install --no-deps nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85",
+                header.display()
+            );
+        }
+    }
+    includes
+}

@@ -1,0 +1,327 @@
+//! One rank of a self-check of crates/dist over Gloo on 127.0.0.1, or of the all-reduce benchmark.
+//!
+//! `dist-check SCENARIO [--rank R --world-size W --port P] [--timeout-secs S] [--megabytes M]`; without
+//! `--rank` the rank, world size and rendezvous come from the launcher environment (`RANK`, `WORLD_SIZE`,
+//! `MASTER_ADDR`, `MASTER_PORT`). Each scenario computes what every rank must see and exits non-zero with a
+//! message on any mismatch or error. The integration tests (tests/two_ranks.rs) start two of these.
+//!
+//! Scenarios: `collectives`, `grads`, `syncbn`, `die` (rank 1 waits to be killed while rank 0 keeps
+//! all-reducing), `hang` (rank 1 stops taking part), `bench` (all-reduce of M megabytes, timed on rank 0).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backbone::norm::{Norm, NormKind, NormSpec};
+use dist::{all_reduce_grads_bucketed, broadcast_parameters, Backend, InitOptions, LaunchEnv, ProcessGroup, ReduceOp};
+use tch::{nn, Device, Kind, Tensor};
+
+type Check = Result<(), String>;
+
+struct Args {
+    scenario: String,
+    rank: Option<usize>,
+    world_size: usize,
+    port: u16,
+    timeout: Duration,
+    megabytes: usize,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let scenario = args.next().ok_or("usage: dist-check SCENARIO [--rank R --world-size W --port P] ...")?;
+    let mut parsed =
+        Args { scenario, rank: None, world_size: 2, port: 0, timeout: Duration::from_secs(60), megabytes: 100 };
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or(format!("{flag} needs a value"))?;
+        let number = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"));
+        match flag.as_str() {
+            "--rank" => parsed.rank = Some(number(&value)? as usize),
+            "--world-size" => parsed.world_size = number(&value)? as usize,
+            "--port" => parsed.port = number(&value)? as u16,
+            "--timeout-secs" => parsed.timeout = Duration::from_secs(number(&value)?),
+            "--megabytes" => parsed.megabytes = number(&value)? as usize,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(parsed)
+}
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("dist-check: {message}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn run() -> Check {
+    let args = parse_args()?;
+    let opts = match args.rank {
+        Some(rank) => InitOptions {
+            backend: Backend::Gloo,
+            master_addr: "127.0.0.1".into(),
+            master_port: args.port,
+            rank,
+            world_size: args.world_size,
+            local_rank: rank,
+            timeout: args.timeout,
+        },
+        None => {
+            let env = LaunchEnv::from_env()
+                .map_err(|e| e.to_string())?
+                .ok_or("no --rank and no RANK/WORLD_SIZE in the environment")?;
+            InitOptions::from_launch_env(&env, Backend::Gloo, args.timeout)
+        }
+    };
+    let pg = Arc::new(ProcessGroup::init(opts).map_err(|e| e.to_string())?);
+    match args.scenario.as_str() {
+        "collectives" => collectives(&pg)?,
+        "grads" => grads(&pg)?,
+        "syncbn" => syncbn(&pg)?,
+        "die" => die(&pg)?,
+        "hang" => hang(&pg)?,
+        "bench" => bench(&pg, args.megabytes)?,
+        other => return Err(format!("unknown scenario {other}")),
+    }
+    println!("rank {}: {} ok", pg.rank(), args.scenario);
+    Ok(())
+}
+
+fn ensure(condition: bool, what: impl FnOnce() -> String) -> Check {
+    if condition {
+        Ok(())
+    } else {
+        Err(what())
+    }
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max().double_value(&[])
+}
+
+fn ensure_close(what: &str, got: &Tensor, expected: &Tensor, tolerance: f64) -> Check {
+    ensure(got.size() == expected.size(), || format!("{what}: shape {:?} != {:?}", got.size(), expected.size()))?;
+    let diff = max_abs_diff(got, expected);
+    ensure(diff <= tolerance, || format!("{what}: max abs difference {diff:e} > {tolerance:e}"))
+}
+
+/// A deterministic tensor that differs per `seed`: sin of a scaled range.
+fn pattern(shape: &[i64], seed: f64, kind: Kind) -> Tensor {
+    let numel: i64 = shape.iter().product();
+    (Tensor::arange(numel, (Kind::Double, Device::Cpu)) * 0.37 + seed).sin().reshape(shape).to_kind(kind)
+}
+
+fn collectives(pg: &ProcessGroup) -> Check {
+    let err = |e: dist::DistError| e.to_string();
+    let (rank, world) = (pg.rank() as f64, pg.world_size() as f64);
+    let rank_sum = world * (world - 1.0) / 2.0;
+
+    // Sum over a list of mixed kinds, including a non-contiguous view that must be written back.
+    let floats = Tensor::full([3, 2], rank + 1.0, (Kind::Float, Device::Cpu));
+    let longs = Tensor::full([4], pg.rank() as i64 * 10, (Kind::Int64, Device::Cpu));
+    let base = Tensor::zeros([4, 3], (Kind::Double, Device::Cpu)) + rank;
+    let transposed = base.tr();
+    pg.all_reduce(&[floats.shallow_clone(), longs.shallow_clone(), transposed.shallow_clone()], ReduceOp::Sum)
+        .map_err(err)?;
+    ensure_close("all_reduce sum f32", &floats, &floats.full_like(rank_sum + world), 0.0)?;
+    ensure_close("all_reduce sum i64", &longs, &longs.full_like(rank_sum * 10.0), 0.0)?;
+    ensure_close("all_reduce sum of a transposed view", &base, &base.full_like(rank_sum), 0.0)?;
+
+    let averaged = pattern(&[5], rank, Kind::Float);
+    let expected = (0..pg.world_size()).map(|r| pattern(&[5], r as f64, Kind::Float)).sum::<Tensor>() / world;
+    pg.all_reduce(std::slice::from_ref(&averaged), ReduceOp::Avg).map_err(err)?;
+    ensure_close("all_reduce avg", &averaged, &expected, 1e-6)?;
+    let avg_of_ints = pg.all_reduce(&[Tensor::zeros([1], (Kind::Int64, Device::Cpu))], ReduceOp::Avg);
+    ensure(avg_of_ints.as_ref().is_err_and(|e| e.to_string().contains("Avg needs floating point")), || {
+        format!("Avg of an integer tensor should be refused: {avg_of_ints:?}")
+    })?;
+
+    let broadcast = [pattern(&[2, 3], rank, Kind::Float), Tensor::full([2], rank, (Kind::Double, Device::Cpu))];
+    pg.broadcast(&broadcast, 1).map_err(err)?;
+    ensure_close("broadcast from rank 1", &broadcast[0], &pattern(&[2, 3], 1.0, Kind::Float), 0.0)?;
+    ensure_close("broadcast from rank 1 (second tensor)", &broadcast[1], &broadcast[1].full_like(1.0), 0.0)?;
+
+    let gathered = pg.all_gather(&pattern(&[3, 1, 2], rank, Kind::Float)).map_err(err)?;
+    ensure(gathered.len() == pg.world_size(), || format!("all_gather returned {} tensors", gathered.len()))?;
+    for (r, tensor) in gathered.iter().enumerate() {
+        ensure_close(&format!("all_gather of rank {r}"), tensor, &pattern(&[3, 1, 2], r as f64, Kind::Float), 0.0)?;
+    }
+    let mismatched = pg.all_gather(&Tensor::zeros([pg.rank() as i64 + 1], (Kind::Float, Device::Cpu)));
+    ensure(mismatched.as_ref().is_err_and(|e| e.to_string().contains("but rank")), || {
+        format!("all_gather of different shapes should be an error: {mismatched:?}")
+    })?;
+
+    let blob = |r: usize| (0..r * 7).map(|i| (i * 13 + r) as u8).collect::<Vec<u8>>();
+    let blobs = pg.all_gather_bytes(&blob(pg.rank())).map_err(err)?;
+    let expected: Vec<Vec<u8>> = (0..pg.world_size()).map(blob).collect();
+    ensure(blobs == expected, || format!("all_gather_bytes gave {blobs:?}, expected {expected:?}"))?;
+
+    // Rank 0 arrives late at the barrier; the others must wait for it.
+    if pg.rank() == 0 {
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let start = Instant::now();
+    pg.barrier().map_err(err)?;
+    let waited = start.elapsed();
+    ensure(pg.rank() == 0 || waited >= Duration::from_millis(250), || format!("barrier returned after {waited:?}"))
+}
+
+/// Parameters identical on every rank (as after `broadcast_parameters`): two f32 matrices, a parameter the loss
+/// does not use, an f64 vector and a frozen tensor.
+fn grad_params() -> Vec<Tensor> {
+    vec![
+        pattern(&[4, 3], 0.5, Kind::Float).set_requires_grad(true),
+        pattern(&[5], 1.5, Kind::Float).set_requires_grad(true),
+        pattern(&[2], 2.5, Kind::Float).set_requires_grad(true),
+        pattern(&[3], 3.5, Kind::Double).set_requires_grad(true),
+        pattern(&[2], 4.5, Kind::Float),
+    ]
+}
+
+fn grad_loss(params: &[Tensor], rank: usize) -> Tensor {
+    let x = pattern(&[3], 10.0 + rank as f64, Kind::Float);
+    let y = pattern(&[5], 20.0 + rank as f64, Kind::Float);
+    let z = pattern(&[3], 30.0 + rank as f64, Kind::Double);
+    let first = params[0].matmul(&x).pow_tensor_scalar(2).sum(Kind::Float);
+    let second = (&params[1] * &y).tanh().sum(Kind::Float) * (rank as f64 + 1.0);
+    let third = (&params[3] * &z).exp().sum(Kind::Double).to_kind(Kind::Float) * &params[4].sum(Kind::Float);
+    first + second + third
+}
+
+fn grads(pg: &ProcessGroup) -> Check {
+    let params = grad_params();
+    // Rank 0's parameters start different; the broadcast must replace them by rank 1's.
+    if pg.rank() == 0 {
+        tch::no_grad(|| {
+            let _ = params[0].shallow_clone().fill_(7.0);
+        });
+    }
+    broadcast_parameters(pg, &params, 1).map_err(|e| e.to_string())?;
+    ensure_close("broadcast parameter", &params[0], &grad_params()[0], 0.0)?;
+
+    grad_loss(&params, pg.rank()).backward();
+    // 32 bytes hold 8 floats: the 12-float matrix and the 5-float vector go to separate buckets, the f64 to a third.
+    let buckets = all_reduce_grads_bucketed(pg, &params, 32).map_err(|e| e.to_string())?;
+    ensure(buckets == 3, || format!("expected 3 buckets, got {buckets}"))?;
+
+    let world = pg.world_size();
+    let mut expected: Vec<Tensor> = Vec::new();
+    for r in 0..world {
+        let reference = grad_params();
+        grad_loss(&reference, r).backward();
+        for (i, p) in reference.iter().enumerate() {
+            let g = if p.grad().defined() { p.grad() / world as f64 } else { p.zeros_like() };
+            if r == 0 {
+                expected.push(g);
+            } else {
+                expected[i] += g;
+            }
+        }
+    }
+    for i in [0, 1, 3] {
+        ensure_close(&format!("averaged gradient of parameter {i}"), &params[i].grad(), &expected[i], 1e-5)?;
+    }
+    ensure(!params[2].grad().defined() && !params[4].grad().defined(), || {
+        "parameters without gradients must stay without".to_string()
+    })?;
+
+    // A parameter used on one rank only must be reported, not hang.
+    let extra = grad_params();
+    let used = if pg.rank() == 0 { &extra[0] } else { &extra[1] };
+    used.sum(Kind::Float).backward();
+    let mismatch = all_reduce_grads_bucketed(pg, &extra, 1 << 20);
+    ensure(mismatch.as_ref().is_err_and(|e| e.to_string().contains("every rank's loss must use")), || {
+        format!("different gradient sets should be an error: {mismatch:?}")
+    })
+}
+
+fn syncbn(pg: &Arc<ProcessGroup>) -> Check {
+    const CHANNELS: i64 = 3;
+    let world = pg.world_size();
+    let input = |r: usize| pattern(&[2, CHANNELS, 3, 4], r as f64 * 3.0, Kind::Float) * (r as f64 + 1.0) + r as f64;
+    let loss_weight = |r: usize| pattern(&[2, CHANNELS, 3, 4], 50.0 + r as f64, Kind::Float);
+
+    let vs = nn::VarStore::new(Device::Cpu);
+    let spec = NormSpec { kind: NormKind::SyncBN, gn_groups: 1, reducer: Some(pg.clone()) };
+    let norm = Norm::new(&vs.root(), CHANNELS, &spec).map_err(|e| e.to_string())?;
+    let x = input(pg.rank()).set_requires_grad(true);
+    let out = norm.forward_t(&x, true);
+    (&out * loss_weight(pg.rank())).sum(Kind::Float).backward();
+
+    // Reference: plain BatchNorm over every rank's batch in one process; the loss is the sum of the ranks' losses.
+    let reference_vs = nn::VarStore::new(Device::Cpu);
+    let reference =
+        Norm::new(&reference_vs.root(), CHANNELS, &NormSpec::new(NormKind::BN, 1)).map_err(|e| e.to_string())?;
+    let all_x = Tensor::cat(&(0..world).map(input).collect::<Vec<_>>(), 0).set_requires_grad(true);
+    let all_out = reference.forward_t(&all_x, true);
+    let all_weights = Tensor::cat(&(0..world).map(loss_weight).collect::<Vec<_>>(), 0);
+    (&all_out * all_weights).sum(Kind::Float).backward();
+
+    let mine = |t: &Tensor| t.narrow(0, 2 * pg.rank() as i64, 2);
+    ensure_close("SyncBN output", &out, &mine(&all_out), 1e-5)?;
+    ensure_close("SyncBN input gradient", &x.grad(), &mine(&all_x.grad()), 1e-4)?;
+    // Averaging the affine gradients over ranks (as data-parallel training does) gives the reference's over world.
+    let variables = vs.variables();
+    let reference_variables = reference_vs.variables();
+    for name in ["weight", "bias"] {
+        let grad = variables[name].grad();
+        pg.all_reduce(std::slice::from_ref(&grad), ReduceOp::Avg).map_err(|e| e.to_string())?;
+        ensure_close(
+            &format!("SyncBN {name} gradient"),
+            &grad,
+            &(reference_variables[name].grad() / world as f64),
+            1e-4,
+        )?;
+    }
+    ensure_close("SyncBN running mean", &variables["running_mean"], &reference_variables["running_mean"], 1e-5)
+}
+
+fn die(pg: &ProcessGroup) -> Check {
+    let tensor = Tensor::ones([1000], (Kind::Float, Device::Cpu));
+    for iteration in 0.. {
+        if let Err(e) = pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Avg) {
+            return Err(format!("iteration {iteration}: {e}"));
+        }
+        if pg.rank() == 1 && iteration == 3 {
+            println!("rank 1: ready to be killed");
+            std::thread::sleep(Duration::from_secs(600));
+        }
+    }
+    Ok(())
+}
+
+fn hang(pg: &ProcessGroup) -> Check {
+    let tensor = Tensor::ones([10], (Kind::Float, Device::Cpu));
+    pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum).map_err(|e| e.to_string())?;
+    if pg.rank() == 1 {
+        println!("rank 1: hanging");
+        std::thread::sleep(Duration::from_secs(600));
+    }
+    let start = Instant::now();
+    pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum)
+        .map_err(|e| format!("after {:.1}s: {e}", start.elapsed().as_secs_f64()))
+}
+
+fn bench(pg: &ProcessGroup, megabytes: usize) -> Check {
+    const REPEATS: u32 = 10;
+    let numel = (megabytes * 1_000_000 / 4) as i64;
+    let tensor = Tensor::ones([numel], (Kind::Float, Device::Cpu));
+    pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum).map_err(|e| e.to_string())?;
+    pg.barrier().map_err(|e| e.to_string())?;
+    let start = Instant::now();
+    for _ in 0..REPEATS {
+        pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Avg).map_err(|e| e.to_string())?;
+    }
+    let seconds = start.elapsed().as_secs_f64() / REPEATS as f64;
+    if pg.rank() == 0 {
+        println!(
+            "all_reduce of {megabytes} MB (f32) over {} ranks: {seconds:.3} s per call, {:.0} MB/s (mean of {REPEATS})",
+            pg.world_size(),
+            megabytes as f64 / seconds
+        );
+    }
+    Ok(())
+}
