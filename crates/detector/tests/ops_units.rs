@@ -153,3 +153,30 @@ fn box_helpers() {
     .expect("ioa");
     assert_eq!(ioa, vec![1.0, 0.25, 0.0]);
 }
+
+/// NMS timing (not a correctness test): 2000 RPN-like candidates, 1000 runs, for the report. Run with
+/// `cargo test -p detector --test ops_units -- --ignored --nocapture nms_timing`.
+#[test]
+#[ignore]
+fn nms_timing() {
+    tch::manual_seed(0);
+    let count = 2000;
+    let centres = Tensor::rand([count, 2], (Kind::Float, tch::Device::Cpu)) * Tensor::from_slice(&[1333.0f32, 800.0]);
+    let sizes = (Tensor::rand([count, 2], (Kind::Float, tch::Device::Cpu)) * 4.0 + 2.5).exp();
+    let realistic = Tensor::cat(&[&centres - &sizes / 2.0, &centres + &sizes / 2.0], 1);
+    // Worst case for the greedy loop: disjoint boxes, nothing is suppressed, all n(n-1)/2 pairs are visited.
+    let column = Tensor::arange(count, (Kind::Float, tch::Device::Cpu)).unsqueeze(1) * 3.0;
+    let corner = &column + 1.0;
+    let disjoint = Tensor::cat(&[&column, &column, &corner, &corner], 1);
+    let scores = Tensor::rand([count], (Kind::Float, tch::Device::Cpu));
+    for (name, boxes) in [("realistic", &realistic), ("disjoint", &disjoint)] {
+        let kept = ops::nms(boxes, &scores, 0.7).size()[0];
+        let start = std::time::Instant::now();
+        let iterations = 1000;
+        for _ in 0..iterations {
+            ops::nms(boxes, &scores, 0.7);
+        }
+        let per_call = start.elapsed().as_secs_f64() / iterations as f64;
+        println!("nms {name}: {count} boxes, {kept} kept, {:.3} ms per call", per_call * 1e3);
+    }
+}
