@@ -46,8 +46,8 @@ struct RoiGeometry {
 }
 
 impl RoiGeometry {
-    fn new(rois: &Tensor, kind: Kind, output_size: (i64, i64), spatial_scale: f64, aligned: bool) -> Self {
-        let rois = rois.detach().to_kind(kind);
+    fn new(rois: &Tensor, like: &Tensor, output_size: (i64, i64), spatial_scale: f64, aligned: bool) -> Self {
+        let rois = rois.detach().to_device(like.device()).to_kind(like.kind());
         let offset = if aligned { 0.5 } else { 0.0 };
         let start_x = rois.select(1, 1) * spatial_scale - offset;
         let start_y = rois.select(1, 2) * spatial_scale - offset;
@@ -138,7 +138,7 @@ pub fn roi_align(
         // An empty slice of the input keeps the autograd graph connected.
         return stacked.map.flatten(0, -1).narrow(0, 0, 0).reshape([0, stacked.channels, oh, ow]);
     }
-    let geometry = RoiGeometry::new(rois, input.kind(), output_size, spatial_scale, aligned);
+    let geometry = RoiGeometry::new(rois, input, output_size, spatial_scale, aligned);
     if sampling_ratio > 0 {
         return align_bucket(&stacked, &geometry, output_size, (sampling_ratio, sampling_ratio));
     }
