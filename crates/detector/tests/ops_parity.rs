@@ -3,7 +3,8 @@
 //!
 //! Tolerances: box IoU/area 1e-6 absolute (f32); NMS and batched NMS indices identical; RoIAlign and the pooler,
 //! forward and input gradient, max |difference| <= 1e-5 (f32) / 1e-12 (f64) times max(1, max |reference|);
-//! polygon masks identical to pycocotools; bitmask crop-and-resize identical; pasted masks identical.
+//! polygon masks identical to pycocotools; bitmask crop-and-resize identical; pasted masks identical (detectron2)
+//! and within 1e-6 (torchvision's probabilities).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -196,6 +197,17 @@ fn check_all_cases(dir: &Path, device: Device) {
                 }
             }
             "polygon_masks" | "bitmask_masks" | "paste_masks" => check_masks(case),
+            "paste_masks_torchvision" => {
+                let pasted = ops::paste_masks_torchvision(
+                    &case.input("masks"),
+                    &case.input("boxes"),
+                    case.params["height"].as_i64().expect("height"),
+                    case.params["width"].as_i64().expect("width"),
+                );
+                let expected = case.expected("masks");
+                assert!(expected.gt(0.5).any().int64_value(&[]) == 1, "{}: trivial case", case.name);
+                assert_close(&case.name, &pasted, &expected, 1e-6);
+            }
             other => panic!("{}: unknown op {other}", case.name),
         }
     }

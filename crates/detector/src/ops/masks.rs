@@ -112,3 +112,45 @@ pub fn paste_masks(masks: &Tensor, boxes: &Tensor, height: i64, width: i64, thre
     }
     pasted
 }
+
+/// torchvision `paste_masks_in_image` (its Mask R-CNN post-processing), for the torchvision parity preset: each
+/// mask `[M, M]` (or `[1, M, M]`) is padded by one zero pixel, its box grown by `(M + 2) / M` and truncated to
+/// integers, the padded mask resized bilinearly (`align_corners = false`) to `(x2 - x1 + 1) x (y2 - y1 + 1)` and
+/// copied into the image. Returns the probabilities, float `[N, height, width]` (threshold at 0.5 as
+/// torchvision's users do). Boxes are expected inside the image (torchvision clips them first); a box that ends
+/// up entirely outside pastes nothing. One host copy of the grown boxes gives the integer geometry.
+pub fn paste_masks_torchvision(masks: &Tensor, boxes: &Tensor, height: i64, width: i64) -> Tensor {
+    let device = masks.device();
+    let count = masks.size()[0];
+    let pasted = Tensor::zeros([count, height, width], (Kind::Float, device));
+    if count == 0 {
+        return pasted;
+    }
+    let masks = if masks.dim() == 4 { masks.squeeze_dim(1) } else { masks.shallow_clone() }.to_kind(Kind::Float);
+    let side = masks.size()[2];
+    let padded = masks.pad([1, 1, 1, 1], "constant", 0.0);
+    let scale = (side + 2) as f64 / side as f64;
+    let boxes = boxes.to_device(device).to_kind(Kind::Float);
+    let half_w = (boxes.select(1, 2) - boxes.select(1, 0)) * 0.5 * scale;
+    let half_h = (boxes.select(1, 3) - boxes.select(1, 1)) * 0.5 * scale;
+    let centre_x = (boxes.select(1, 2) + boxes.select(1, 0)) * 0.5;
+    let centre_y = (boxes.select(1, 3) + boxes.select(1, 1)) * 0.5;
+    let grown = Tensor::stack(&[&centre_x - &half_w, &centre_y - &half_h, centre_x + half_w, centre_y + half_h], 1);
+    let grown = Vec::<i64>::try_from(grown.to_kind(Kind::Int64).to_device(Device::Cpu).flatten(0, -1))
+        .expect("int64 host copy of the grown boxes");
+    for (index, b) in grown.chunks_exact(4).enumerate() {
+        let index = index as i64;
+        let resized_w = (b[2] - b[0] + 1).max(1);
+        let resized_h = (b[3] - b[1] + 1).max(1);
+        let (left, right) = (b[0].max(0), (b[2] + 1).min(width));
+        let (top, bottom) = (b[1].max(0), (b[3] + 1).min(height));
+        if right <= left || bottom <= top {
+            continue;
+        }
+        let resized =
+            padded.get(index).unsqueeze(0).unsqueeze(0).upsample_bilinear2d([resized_h, resized_w], false, None, None);
+        let visible = resized.get(0).get(0).narrow(0, top - b[1], bottom - top).narrow(1, left - b[0], right - left);
+        pasted.get(index).narrow(0, top, bottom - top).narrow(1, left, right - left).copy_(&visible);
+    }
+    pasted
+}

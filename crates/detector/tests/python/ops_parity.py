@@ -295,5 +295,13 @@ add_case("paste_masks", "paste_masks", {"height": 120, "width": 160, "threshold"
          {"masks": paste_masks_in, "boxes": paste_boxes},
          {"masks": detectron2_paste(paste_masks_in, paste_boxes, 120, 160)})
 
+# torchvision's own paste (its Mask R-CNN post-processing), on boxes clipped to the image as torchvision does.
+from torchvision.models.detection.roi_heads import paste_masks_in_image as torchvision_paste  # noqa: E402
+
+tv_boxes = torchvision.ops.clip_boxes_to_image(paste_boxes, (120, 160))
+tv_pasted = torchvision_paste(paste_masks_in[:, None], tv_boxes, (120, 160))[:, 0]
+add_case("paste_masks_torchvision", "paste_masks_torchvision", {"height": 120, "width": 160},
+         {"masks": paste_masks_in, "boxes": tv_boxes}, {"masks": tv_pasted})
+
 with open(os.path.join(OUT, "manifest.json"), "w") as f:
     json.dump({"torchvision": torchvision.__version__, "cases": CASES}, f)
