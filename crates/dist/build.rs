@@ -48,9 +48,9 @@ fn nccl_includes(libtorch: &Path) -> Vec<PathBuf> {
     let torch =
         libtorch.canonicalize().unwrap_or_else(|e| panic!("cannot resolve LIBTORCH {}: {e}", libtorch.display()));
     let nvidia = torch.parent().map(|site| site.join("nvidia")).unwrap_or_default();
-    let includes = vec![nvidia.join("cu13/include"), nvidia.join("nccl/include")];
-    let required =
-        [includes[0].join("crt/host_defines.h"), includes[0].join("cuda/std/cstdint"), includes[1].join("nccl.h")];
+    let cuda = nvidia.join("cu13/include");
+    let includes = vec![cuda.clone(), cuda.join("cccl"), nvidia.join("nccl/include")];
+    let required = [cuda.join("crt/host_defines.h"), cuda.join("cccl/cuda/std/cstdint"), includes[2].join("nccl.h")];
     for header in &required {
         if !header.exists() {
             panic!(

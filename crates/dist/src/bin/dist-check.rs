@@ -1,12 +1,13 @@
-//! One rank of a self-check of crates/dist over Gloo on 127.0.0.1, or of the all-reduce benchmark.
+//! One rank of a self-check of crates/dist (Gloo on 127.0.0.1 by default), or of the all-reduce benchmark.
 //!
-//! `dist-check SCENARIO [--rank R --world-size W --port P] [--timeout-secs S] [--megabytes M]`; without
-//! `--rank` the rank, world size and rendezvous come from the launcher environment (`RANK`, `WORLD_SIZE`,
-//! `MASTER_ADDR`, `MASTER_PORT`). Each scenario computes what every rank must see and exits non-zero with a
+//! `dist-check SCENARIO [--rank R --world-size W --port P] [--backend gloo|nccl] [--timeout-secs S]
+//! [--megabytes M]`; without `--rank` the rank, world size and rendezvous come from the launcher environment
+//! (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). Each scenario computes what every rank must see and exits non-zero with a
 //! message on any mismatch or error. The integration tests (tests/two_ranks.rs) start two of these.
 //!
-//! Scenarios: `collectives`, `grads`, `syncbn`, `die` (rank 1 waits to be killed while rank 0 keeps
-//! all-reducing), `hang` (rank 1 stops taking part), `bench` (all-reduce of M megabytes, timed on rank 0).
+//! Scenarios: `collectives` (on the backend's device, so a CUDA check under `--backend nccl`), `grads`,
+//! `syncbn`, `die` (rank 1 waits to be killed while rank 0 keeps all-reducing), `hang` (rank 1 stops taking
+//! part), `bench` (all-reduce of M megabytes on the backend's device, timed on rank 0).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,13 +26,21 @@ struct Args {
     port: u16,
     timeout: Duration,
     megabytes: usize,
+    backend: Backend,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().ok_or("usage: dist-check SCENARIO [--rank R --world-size W --port P] ...")?;
-    let mut parsed =
-        Args { scenario, rank: None, world_size: 2, port: 0, timeout: Duration::from_secs(60), megabytes: 100 };
+    let mut parsed = Args {
+        scenario,
+        rank: None,
+        world_size: 2,
+        port: 0,
+        timeout: Duration::from_secs(60),
+        megabytes: 100,
+        backend: Backend::Gloo,
+    };
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         let number = |v: &str| v.parse::<u64>().map_err(|e| format!("{flag} {v}: {e}"));
@@ -41,6 +50,13 @@ fn parse_args() -> Result<Args, String> {
             "--port" => parsed.port = number(&value)? as u16,
             "--timeout-secs" => parsed.timeout = Duration::from_secs(number(&value)?),
             "--megabytes" => parsed.megabytes = number(&value)? as usize,
+            "--backend" => {
+                parsed.backend = match value.as_str() {
+                    "gloo" => Backend::Gloo,
+                    "nccl" => Backend::Nccl,
+                    other => return Err(format!("--backend {other}: expected gloo or nccl")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -61,7 +77,7 @@ fn run() -> Check {
     let args = parse_args()?;
     let opts = match args.rank {
         Some(rank) => InitOptions {
-            backend: Backend::Gloo,
+            backend: args.backend,
             master_addr: "127.0.0.1".into(),
             master_port: args.port,
             rank,
@@ -73,7 +89,7 @@ fn run() -> Check {
             let env = LaunchEnv::from_env()
                 .map_err(|e| e.to_string())?
                 .ok_or("no --rank and no RANK/WORLD_SIZE in the environment")?;
-            InitOptions::from_launch_env(&env, Backend::Gloo, args.timeout)
+            InitOptions::from_launch_env(&env, args.backend, args.timeout)
         }
     };
     let pg = Arc::new(ProcessGroup::init(opts).map_err(|e| e.to_string())?);
@@ -116,13 +132,15 @@ fn pattern(shape: &[i64], seed: f64, kind: Kind) -> Tensor {
 
 fn collectives(pg: &ProcessGroup) -> Check {
     let err = |e: dist::DistError| e.to_string();
+    let dev = pg.device();
+    let root = pg.world_size() - 1;
     let (rank, world) = (pg.rank() as f64, pg.world_size() as f64);
     let rank_sum = world * (world - 1.0) / 2.0;
 
     // Sum over a list of mixed kinds, including a non-contiguous view that must be written back.
-    let floats = Tensor::full([3, 2], rank + 1.0, (Kind::Float, Device::Cpu));
-    let longs = Tensor::full([4], pg.rank() as i64 * 10, (Kind::Int64, Device::Cpu));
-    let base = Tensor::zeros([4, 3], (Kind::Double, Device::Cpu)) + rank;
+    let floats = Tensor::full([3, 2], rank + 1.0, (Kind::Float, dev));
+    let longs = Tensor::full([4], pg.rank() as i64 * 10, (Kind::Int64, dev));
+    let base = Tensor::zeros([4, 3], (Kind::Double, dev)) + rank;
     let transposed = base.tr();
     pg.all_reduce(&[floats.shallow_clone(), longs.shallow_clone(), transposed.shallow_clone()], ReduceOp::Sum)
         .map_err(err)?;
@@ -130,27 +148,43 @@ fn collectives(pg: &ProcessGroup) -> Check {
     ensure_close("all_reduce sum i64", &longs, &longs.full_like(rank_sum * 10.0), 0.0)?;
     ensure_close("all_reduce sum of a transposed view", &base, &base.full_like(rank_sum), 0.0)?;
 
-    let averaged = pattern(&[5], rank, Kind::Float);
-    let expected = (0..pg.world_size()).map(|r| pattern(&[5], r as f64, Kind::Float)).sum::<Tensor>() / world;
+    let averaged = pattern(&[5], rank, Kind::Float).to_device(dev);
+    let expected =
+        (0..pg.world_size()).map(|r| pattern(&[5], r as f64, Kind::Float).to_device(dev)).sum::<Tensor>() / world;
     pg.all_reduce(std::slice::from_ref(&averaged), ReduceOp::Avg).map_err(err)?;
     ensure_close("all_reduce avg", &averaged, &expected, 1e-6)?;
-    let avg_of_ints = pg.all_reduce(&[Tensor::zeros([1], (Kind::Int64, Device::Cpu))], ReduceOp::Avg);
+    let avg_of_ints = pg.all_reduce(&[Tensor::zeros([1], (Kind::Int64, dev))], ReduceOp::Avg);
     ensure(avg_of_ints.as_ref().is_err_and(|e| e.to_string().contains("Avg needs floating point")), || {
         format!("Avg of an integer tensor should be refused: {avg_of_ints:?}")
     })?;
 
-    let broadcast = [pattern(&[2, 3], rank, Kind::Float), Tensor::full([2], rank, (Kind::Double, Device::Cpu))];
-    pg.broadcast(&broadcast, 1).map_err(err)?;
-    ensure_close("broadcast from rank 1", &broadcast[0], &pattern(&[2, 3], 1.0, Kind::Float), 0.0)?;
-    ensure_close("broadcast from rank 1 (second tensor)", &broadcast[1], &broadcast[1].full_like(1.0), 0.0)?;
+    let broadcast = [pattern(&[2, 3], rank, Kind::Float).to_device(dev), Tensor::full([2], rank, (Kind::Double, dev))];
+    pg.broadcast(&broadcast, root).map_err(err)?;
+    ensure_close(
+        "broadcast from the last rank",
+        &broadcast[0],
+        &pattern(&[2, 3], root as f64, Kind::Float).to_device(dev),
+        0.0,
+    )?;
+    ensure_close(
+        "broadcast from the last rank (second tensor)",
+        &broadcast[1],
+        &broadcast[1].full_like(root as f64),
+        0.0,
+    )?;
 
-    let gathered = pg.all_gather(&pattern(&[3, 1, 2], rank, Kind::Float)).map_err(err)?;
+    let gathered = pg.all_gather(&pattern(&[3, 1, 2], rank, Kind::Float).to_device(dev)).map_err(err)?;
     ensure(gathered.len() == pg.world_size(), || format!("all_gather returned {} tensors", gathered.len()))?;
     for (r, tensor) in gathered.iter().enumerate() {
-        ensure_close(&format!("all_gather of rank {r}"), tensor, &pattern(&[3, 1, 2], r as f64, Kind::Float), 0.0)?;
+        ensure_close(
+            &format!("all_gather of rank {r}"),
+            tensor,
+            &pattern(&[3, 1, 2], r as f64, Kind::Float).to_device(dev),
+            0.0,
+        )?;
     }
-    let mismatched = pg.all_gather(&Tensor::zeros([pg.rank() as i64 + 1], (Kind::Float, Device::Cpu)));
-    ensure(mismatched.as_ref().is_err_and(|e| e.to_string().contains("but rank")), || {
+    let mismatched = pg.all_gather(&Tensor::zeros([pg.rank() as i64 + 1], (Kind::Float, dev)));
+    ensure(pg.world_size() == 1 || mismatched.as_ref().is_err_and(|e| e.to_string().contains("but rank")), || {
         format!("all_gather of different shapes should be an error: {mismatched:?}")
     })?;
 
@@ -308,18 +342,22 @@ fn hang(pg: &ProcessGroup) -> Check {
 fn bench(pg: &ProcessGroup, megabytes: usize) -> Check {
     const REPEATS: u32 = 10;
     let numel = (megabytes * 1_000_000 / 4) as i64;
-    let tensor = Tensor::ones([numel], (Kind::Float, Device::Cpu));
+    let tensor = Tensor::ones([numel], (Kind::Float, pg.device()));
     pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum).map_err(|e| e.to_string())?;
     pg.barrier().map_err(|e| e.to_string())?;
+    // The all-reduce waits for its completion; a CUDA tensor read back here also waits for the device.
+    let _ = tensor.double_value(&[0]);
     let start = Instant::now();
     for _ in 0..REPEATS {
         pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Avg).map_err(|e| e.to_string())?;
     }
+    let _ = tensor.double_value(&[0]);
     let seconds = start.elapsed().as_secs_f64() / REPEATS as f64;
     if pg.rank() == 0 {
         println!(
-            "all_reduce of {megabytes} MB (f32) over {} ranks: {seconds:.3} s per call, {:.0} MB/s (mean of {REPEATS})",
+            "all_reduce of {megabytes} MB (f32) over {} ranks ({}): {seconds:.3} s per call, {:.0} MB/s (mean of {REPEATS})",
             pg.world_size(),
+            pg.backend(),
             megabytes as f64 / seconds
         );
     }
