@@ -174,7 +174,7 @@ fn nms_timing() {
         let start = std::time::Instant::now();
         let iterations = 1000;
         for _ in 0..iterations {
-            ops::nms(boxes, &scores, 0.7);
+            let _ = ops::nms(boxes, &scores, 0.7);
         }
         let per_call = start.elapsed().as_secs_f64() / iterations as f64;
         println!("nms {name}: {count} boxes, {kept} kept, {:.3} ms per call", per_call * 1e3);
