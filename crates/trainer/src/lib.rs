@@ -5,3 +5,4 @@ pub mod bench;
 pub mod config;
 pub mod device;
 pub mod info;
+pub mod solver;
