@@ -6,3 +6,5 @@ pub mod config;
 pub mod device;
 pub mod info;
 pub mod solver;
+pub mod solver;
+pub mod checkpoint;

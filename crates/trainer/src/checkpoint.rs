@@ -1,0 +1,630 @@
+//! Crash-safe checkpoints for exact resume.
+//!
+//! Layout: one folder per checkpoint in the output folder, named by completed optimizer steps,
+//! `output_dir/model_{iteration:07}/` holding
+//! - `model.safetensors`: the model weights;
+//! - `solver.safetensors`: the momentum buffers;
+//! - `state.json`: iteration, solver scalars (scheduler position = iteration, fp16 loss scale), the sampler
+//!   position and the RNG state (both opaque JSON from the caller);
+//! - `config.toml`: the resolved config;
+//! - `manifest.json`, written last: vovdet version, git commit, libtorch version, device, dataset fingerprint, and
+//!   the size and CRC32 of every other file, so truncation or corruption is detected on load.
+//!
+//! A checkpoint is assembled in `output_dir/.tmp-model_{iteration:07}` (each file fsynced), then the folder is
+//! renamed into place and the parent directory fsynced; the `last_checkpoint` pointer file (holding the folder
+//! name) is replaced the same way. A crash at any point leaves at most a stale `.tmp-*` folder (removed by the next
+//! save), never a half-written checkpoint under a real name. `model_best/` is a copy of the best checkpoint by
+//! `checkpoint.best_metric`, with `best.json` inside.
+//!
+//! RNG: tch 0.24 can seed libtorch's generators (`tch::manual_seed`) but cannot read their state, so the training
+//! loop must reseed libtorch at the start of every iteration with [`torch_seed`]`(seed, iteration)`; libtorch's
+//! random stream is then a function of the iteration alone, and the RNGs the trainer owns (sampler, augmentation)
+//! are stored in `state.json` by the caller.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{nn::VarStore, Tensor};
+
+use crate::solver::{Solver, SolverScalars, SolverState};
+
+/// The libtorch version tch 0.24.0 is built against (its build script rejects any other).
+pub const LIBTORCH_VERSION: &str = "2.11.0";
+/// Version of the checkpoint layout described in the module documentation.
+pub const FORMAT_VERSION: u32 = 1;
+
+const MODEL_FILE: &str = "model.safetensors";
+const SOLVER_FILE: &str = "solver.safetensors";
+const STATE_FILE: &str = "state.json";
+const CONFIG_FILE: &str = "config.toml";
+const MANIFEST_FILE: &str = "manifest.json";
+const LAST_POINTER: &str = "last_checkpoint";
+const BEST_FOLDER: &str = "model_best";
+const BEST_FILE: &str = "best.json";
+const TEMP_PREFIX: &str = ".tmp-";
+
+/// Errors in writing or reading checkpoints; each names the file concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// A file system operation failed.
+    #[error("{path}: {source}")]
+    Io { path: String, source: std::io::Error },
+    /// A checkpoint file that is missing, truncated, corrupt or unreadable.
+    #[error("checkpoint file {path} is unusable: {message}")]
+    Corrupt { path: String, message: String },
+    /// A valid checkpoint that does not fit the current model or solver.
+    #[error("checkpoint {path} does not fit this run: {message}")]
+    Mismatch { path: String, message: String },
+    /// `--resume` found no usable checkpoint.
+    #[error("no usable checkpoint in {dir}{details}")]
+    NothingToResume { dir: String, details: String },
+    /// An error from libtorch while writing tensors.
+    #[error("{path}: {source}")]
+    Torch { path: String, source: tch::TchError },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.display().to_string(), source }
+}
+
+fn corrupt(path: &Path, message: impl Into<String>) -> CheckpointError {
+    CheckpointError::Corrupt { path: path.display().to_string(), message: message.into() }
+}
+
+fn default_period() -> u64 {
+    5000
+}
+fn default_keep_last() -> usize {
+    3
+}
+fn default_best_mode() -> BestMode {
+    BestMode::Max
+}
+
+/// Whether a larger or a smaller `best_metric` is better.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BestMode {
+    /// Larger is better (AP).
+    Max,
+    /// Smaller is better (a loss).
+    Min,
+}
+
+/// The `[checkpoint]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every this many iterations (and at the end of training).
+    #[serde(default = "default_period")]
+    pub period: u64,
+    /// Periodic checkpoints kept on disk (older ones are deleted; `model_best` is separate). At least 1.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Evaluation metric that selects `model_best`, e.g. `segm/AP`; none disables the best copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub best_metric: Option<String>,
+    /// `max` or `min`.
+    #[serde(default = "default_best_mode")]
+    pub best_mode: BestMode,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            period: default_period(),
+            keep_last: default_keep_last(),
+            best_metric: None,
+            best_mode: default_best_mode(),
+        }
+    }
+}
+
+/// The provenance of a checkpoint, and the size and CRC32 of each of its files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Layout version ([`FORMAT_VERSION`]).
+    pub format: u32,
+    /// vovdet (trainer crate) version.
+    pub vovdet_version: String,
+    /// `git rev-parse HEAD` of the working directory, when it is a git checkout.
+    pub git_commit: Option<String>,
+    /// libtorch version.
+    pub libtorch_version: String,
+    /// Device the run trained on, e.g. `cpu` or `cuda:0`.
+    pub device: String,
+    /// Fingerprint of the training data, supplied by the data loader.
+    pub dataset_fingerprint: String,
+    /// Seconds since the Unix epoch when the checkpoint was written.
+    pub created_unix: u64,
+    /// File name -> size and checksum.
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+/// Size and CRC32 (IEEE) of one checkpoint file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileDigest {
+    /// Length in bytes.
+    pub bytes: u64,
+    /// CRC32 of the contents.
+    pub crc32: u32,
+}
+
+/// The `state.json` of a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingState {
+    /// Completed optimizer steps.
+    pub iteration: u64,
+    /// Solver scalars (iteration, loss scaler).
+    pub solver: SolverScalars,
+    /// Sampler position, opaque to the checkpointer.
+    pub sampler: serde_json::Value,
+    /// RNG states the trainer owns, opaque to the checkpointer.
+    pub rng: serde_json::Value,
+}
+
+/// Everything a checkpoint stores, borrowed from the training loop.
+pub struct CheckpointContents<'a> {
+    /// Model weights by name (e.g. from [`named_variables`]).
+    pub model: &'a [(String, Tensor)],
+    /// Solver state ([`Solver::state_dict`]).
+    pub solver: &'a SolverState,
+    /// Sampler position.
+    pub sampler: serde_json::Value,
+    /// RNG states the trainer owns.
+    pub rng: serde_json::Value,
+    /// The resolved config as TOML.
+    pub config_toml: &'a str,
+    /// Device the run trains on.
+    pub device: String,
+    /// Fingerprint of the training data.
+    pub dataset_fingerprint: String,
+}
+
+/// A checkpoint read back and verified.
+#[derive(Debug)]
+pub struct LoadedCheckpoint {
+    /// Its folder.
+    pub path: PathBuf,
+    /// `state.json`.
+    pub state: TrainingState,
+    /// Model weights.
+    pub model: Vec<(String, Tensor)>,
+    /// Solver tensors and scalars.
+    pub solver: SolverState,
+    /// The resolved config it was trained with.
+    pub config_toml: String,
+    /// Its manifest.
+    pub manifest: Manifest,
+}
+
+/// A successful `--resume`: the checkpoint used and the warnings about newer ones that could not be used.
+#[derive(Debug)]
+pub struct Resumed {
+    /// The checkpoint whose weights and solver state were restored.
+    pub checkpoint: LoadedCheckpoint,
+    /// One line per skipped checkpoint, naming the file and the reason.
+    pub warnings: Vec<String>,
+}
+
+/// The model's variables by name, in name order, as the checkpoint stores them.
+pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    variables
+}
+
+/// libtorch seed for `iteration` of a run seeded with `seed` (SplitMix64 of both): reseeding libtorch with it at
+/// the start of every iteration makes libtorch's random stream resumable without reading its generator state.
+pub fn torch_seed(seed: u64, iteration: u64) -> i64 {
+    let mut z = seed ^ iteration.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x632B_E59B_D9B4_E019);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    ((z ^ (z >> 31)) >> 1) as i64
+}
+
+/// The folder name of the checkpoint after `iteration` steps.
+pub fn checkpoint_name(iteration: u64) -> String {
+    format!("model_{iteration:07}")
+}
+
+fn parse_checkpoint_name(name: &str) -> Option<u64> {
+    let digits = name.strip_prefix("model_")?;
+    (digits.len() >= 7 && digits.chars().all(|c| c.is_ascii_digit())).then(|| digits.parse().ok())?
+}
+
+fn git_commit() -> Option<String> {
+    let output = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
+    let commit = String::from_utf8(output.stdout).ok()?.trim().to_string();
+    (output.status.success() && !commit.is_empty()).then_some(commit)
+}
+
+fn digest_file(path: &Path) -> Result<FileDigest, CheckpointError> {
+    let bytes = fs::read(path).map_err(io_error(path))?;
+    Ok(FileDigest { bytes: bytes.len() as u64, crc32: crc32fast::hash(&bytes) })
+}
+
+fn sync_file(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(io_error(path))
+}
+
+fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
+    File::open(path).and_then(|f| f.sync_all()).map_err(io_error(path))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut file = File::create(path).map_err(io_error(path))?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(io_error(path))
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
+    let on_cpu: Vec<(String, Tensor)> =
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu))).collect();
+    Tensor::write_safetensors(&on_cpu, path)
+        .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
+    sync_file(path)
+}
+
+/// Replaces `target` by the folder `staged` (removing an older `target` first), then fsyncs the parent.
+fn install_folder(staged: &Path, target: &Path) -> Result<(), CheckpointError> {
+    if target.exists() {
+        let parent = target.parent().unwrap_or(Path::new("."));
+        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let trash = parent.join(format!("{TEMP_PREFIX}old-{name}"));
+        if trash.exists() {
+            fs::remove_dir_all(&trash).map_err(io_error(&trash))?;
+        }
+        fs::rename(target, &trash).map_err(io_error(target))?;
+        fs::rename(staged, target).map_err(io_error(target))?;
+        fs::remove_dir_all(&trash).map_err(io_error(&trash))?;
+    } else {
+        fs::rename(staged, target).map_err(io_error(target))?;
+    }
+    sync_dir(target.parent().unwrap_or(Path::new(".")))
+}
+
+/// Writes `text` to `path` through a synced temporary file and a rename.
+fn replace_file(path: &Path, text: &str) -> Result<(), CheckpointError> {
+    let parent = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let staged = parent.join(format!("{TEMP_PREFIX}{name}"));
+    write_synced(&staged, text.as_bytes())?;
+    fs::rename(&staged, path).map_err(io_error(path))?;
+    sync_dir(parent)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
+    let text = fs::read_to_string(path).map_err(|e| corrupt(path, e.to_string()))?;
+    serde_json::from_str(&text).map_err(|e| corrupt(path, e.to_string()))
+}
+
+fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
+    Tensor::read_safetensors(path).map_err(|e| corrupt(path, e.to_string()))
+}
+
+/// Reads and verifies a checkpoint folder: every file listed in the manifest must exist with its recorded size
+/// and CRC32, and every file must parse.
+pub fn load_checkpoint(folder: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
+    let manifest_path = folder.join(MANIFEST_FILE);
+    if !folder.is_dir() {
+        return Err(corrupt(folder, "not a checkpoint folder"));
+    }
+    let manifest: Manifest = read_json(&manifest_path)?;
+    if manifest.format != FORMAT_VERSION {
+        return Err(corrupt(&manifest_path, format!("format {} (this build reads {FORMAT_VERSION})", manifest.format)));
+    }
+    for required in [MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE] {
+        if !manifest.files.contains_key(required) {
+            return Err(corrupt(&manifest_path, format!("does not list {required}")));
+        }
+    }
+    for (name, expected) in &manifest.files {
+        let path = folder.join(name);
+        let actual = digest_file(&path).map_err(|e| corrupt(&path, e.to_string()))?;
+        if actual.bytes != expected.bytes {
+            return Err(corrupt(
+                &path,
+                format!("{} bytes, the manifest says {} (truncated?)", actual.bytes, expected.bytes),
+            ));
+        }
+        if actual.crc32 != expected.crc32 {
+            return Err(corrupt(
+                &path,
+                format!("CRC32 {:08x}, the manifest says {:08x}", actual.crc32, expected.crc32),
+            ));
+        }
+    }
+    let state: TrainingState = read_json(&folder.join(STATE_FILE))?;
+    let model = read_tensors(&folder.join(MODEL_FILE))?;
+    let solver_tensors = read_tensors(&folder.join(SOLVER_FILE))?;
+    let config_path = folder.join(CONFIG_FILE);
+    let config_toml = fs::read_to_string(&config_path).map_err(|e| corrupt(&config_path, e.to_string()))?;
+    Ok(LoadedCheckpoint {
+        path: folder.to_path_buf(),
+        solver: SolverState { tensors: solver_tensors, scalars: state.solver.clone() },
+        state,
+        model,
+        config_toml,
+        manifest,
+    })
+}
+
+/// Checks `weights` against the variables of `vs` (see [`load_weights_into`]) and returns the missing names.
+fn check_weights(
+    vs: &VarStore,
+    weights: &[(String, Tensor)],
+    source: &Path,
+    strict: bool,
+) -> Result<Vec<String>, CheckpointError> {
+    let mismatch = |message: String| CheckpointError::Mismatch { path: source.display().to_string(), message };
+    let by_name: BTreeMap<&str, &Tensor> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let variables = named_variables(vs);
+    let mut missing = Vec::new();
+    for (name, variable) in &variables {
+        match by_name.get(name.as_str()) {
+            None => missing.push(name.clone()),
+            Some(tensor) if tensor.size() != variable.size() => {
+                return Err(mismatch(format!(
+                    "tensor `{name}` has shape {:?}, the model {:?}",
+                    tensor.size(),
+                    variable.size()
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    if strict {
+        if let Some(name) = missing.first() {
+            return Err(mismatch(format!("the model has `{name}` (and {} more) that it lacks", missing.len() - 1)));
+        }
+        if let Some(extra) = by_name.keys().find(|n| !variables.iter().any(|(v, _)| v == *n)) {
+            return Err(mismatch(format!("it has `{extra}`, which the model lacks")));
+        }
+    }
+    Ok(missing)
+}
+
+/// Copies `weights` into the variables of `vs`. With `strict`, the names and shapes must match exactly (resume);
+/// otherwise variables missing from `weights` are left as they are and their names returned (`--init-weights`),
+/// while a shape mismatch is still an error. Nothing is copied when an error is returned.
+pub fn load_weights_into(
+    vs: &VarStore,
+    weights: &[(String, Tensor)],
+    source: &Path,
+    strict: bool,
+) -> Result<Vec<String>, CheckpointError> {
+    let missing = check_weights(vs, weights, source, strict)?;
+    let by_name: BTreeMap<&str, &Tensor> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    let _no_grad = tch::no_grad_guard();
+    for (name, variable) in named_variables(vs) {
+        if let Some(tensor) = by_name.get(name.as_str()) {
+            variable.shallow_clone().copy_(tensor);
+        }
+    }
+    Ok(missing)
+}
+
+/// `--init-weights FILE`: loads weights only, from a checkpoint folder or a `.safetensors` file; returns the
+/// model variables the file did not have.
+pub fn init_weights(vs: &VarStore, path: &Path) -> Result<Vec<String>, CheckpointError> {
+    let file = if path.is_dir() { path.join(MODEL_FILE) } else { path.to_path_buf() };
+    let weights = read_tensors(&file)?;
+    load_weights_into(vs, &weights, &file, false)
+}
+
+/// Writes, lists, prunes and resumes the checkpoints of one output folder.
+#[derive(Debug, Clone)]
+pub struct Checkpointer {
+    dir: PathBuf,
+    config: CheckpointConfig,
+}
+
+impl Checkpointer {
+    /// A checkpointer for `output_dir`.
+    pub fn new(output_dir: &Path, config: &CheckpointConfig) -> Self {
+        Checkpointer { dir: output_dir.to_path_buf(), config: config.clone() }
+    }
+
+    /// Whether a periodic checkpoint is due after `iteration` completed steps of `max_iter`.
+    pub fn is_due(&self, iteration: u64, max_iter: u64) -> bool {
+        iteration == max_iter || (self.config.period > 0 && iteration.is_multiple_of(self.config.period))
+    }
+
+    /// Checkpoint folders present, oldest first.
+    pub fn list(&self) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+        if !self.dir.exists() {
+            return Ok(Vec::new());
+        }
+        let mut found = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
+            let entry = entry.map_err(io_error(&self.dir))?;
+            if let Some(iteration) = parse_checkpoint_name(&entry.file_name().to_string_lossy()) {
+                found.push((iteration, entry.path()));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Saves a checkpoint after `iteration` steps (see the module documentation for the layout and the write
+    /// protocol), points `last_checkpoint` at it and deletes periodic checkpoints beyond `keep_last`.
+    pub fn save(&self, iteration: u64, contents: &CheckpointContents<'_>) -> Result<PathBuf, CheckpointError> {
+        fs::create_dir_all(&self.dir).map_err(io_error(&self.dir))?;
+        self.remove_stale_temporaries()?;
+        let name = checkpoint_name(iteration);
+        let staged = self.dir.join(format!("{TEMP_PREFIX}{name}"));
+        fs::create_dir_all(&staged).map_err(io_error(&staged))?;
+
+        write_tensors(&staged.join(MODEL_FILE), contents.model)?;
+        write_tensors(&staged.join(SOLVER_FILE), &contents.solver.tensors)?;
+        let state = TrainingState {
+            iteration,
+            solver: contents.solver.scalars.clone(),
+            sampler: contents.sampler.clone(),
+            rng: contents.rng.clone(),
+        };
+        let state_text = serde_json::to_string_pretty(&state).expect("training state serialises to JSON");
+        write_synced(&staged.join(STATE_FILE), state_text.as_bytes())?;
+        write_synced(&staged.join(CONFIG_FILE), contents.config_toml.as_bytes())?;
+        let mut files = BTreeMap::new();
+        for file in [MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE] {
+            files.insert(file.to_string(), digest_file(&staged.join(file))?);
+        }
+        let manifest = Manifest {
+            format: FORMAT_VERSION,
+            vovdet_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_commit: git_commit(),
+            libtorch_version: LIBTORCH_VERSION.to_string(),
+            device: contents.device.clone(),
+            dataset_fingerprint: contents.dataset_fingerprint.clone(),
+            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            files,
+        };
+        let manifest_text = serde_json::to_string_pretty(&manifest).expect("manifest serialises to JSON");
+        write_synced(&staged.join(MANIFEST_FILE), manifest_text.as_bytes())?;
+        sync_dir(&staged)?;
+
+        let target = self.dir.join(&name);
+        install_folder(&staged, &target)?;
+        replace_file(&self.dir.join(LAST_POINTER), &name)?;
+        self.prune()?;
+        Ok(target)
+    }
+
+    /// Removes `.tmp-*` leftovers of an interrupted save.
+    fn remove_stale_temporaries(&self) -> Result<(), CheckpointError> {
+        for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
+            let entry = entry.map_err(io_error(&self.dir))?;
+            if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+                let path = entry.path();
+                let removed = if path.is_dir() { fs::remove_dir_all(&path) } else { fs::remove_file(&path) };
+                removed.map_err(io_error(&path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes the oldest periodic checkpoints beyond `keep_last` (never the one `last_checkpoint` names).
+    fn prune(&self) -> Result<(), CheckpointError> {
+        let keep = self.config.keep_last.max(1);
+        let last = self.last_pointer();
+        let checkpoints = self.list()?;
+        let excess = checkpoints.len().saturating_sub(keep);
+        for (_, path) in checkpoints.into_iter().take(excess) {
+            if Some(&path) != last.as_ref() {
+                // Renamed first, so a crash mid-delete never leaves a partial folder under a checkpoint name.
+                let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                let doomed = self.dir.join(format!("{TEMP_PREFIX}del-{name}"));
+                fs::rename(&path, &doomed).map_err(io_error(&path))?;
+                fs::remove_dir_all(&doomed).map_err(io_error(&doomed))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn last_pointer(&self) -> Option<PathBuf> {
+        let text = fs::read_to_string(self.dir.join(LAST_POINTER)).ok()?;
+        let name = text.trim();
+        parse_checkpoint_name(name).map(|_| self.dir.join(name))
+    }
+
+    /// Records evaluation `metrics` of the checkpoint at `checkpoint`: when `best_metric` is set, present in
+    /// `metrics` and better than the best so far, copies the checkpoint to `model_best/` (atomically, with
+    /// `best.json`). Returns the new best value when it changed.
+    pub fn update_best(
+        &self,
+        checkpoint: &Path,
+        metrics: &BTreeMap<String, f64>,
+    ) -> Result<Option<f64>, CheckpointError> {
+        let Some(metric) = &self.config.best_metric else { return Ok(None) };
+        let Some(&value) = metrics.get(metric) else { return Ok(None) };
+        if !value.is_finite() {
+            return Ok(None);
+        }
+        let best_dir = self.dir.join(BEST_FOLDER);
+        if let Ok(previous) = read_json::<BestRecord>(&best_dir.join(BEST_FILE)) {
+            let better = match self.config.best_mode {
+                BestMode::Max => value > previous.value,
+                BestMode::Min => value < previous.value,
+            };
+            if previous.metric == *metric && !better {
+                return Ok(None);
+            }
+        }
+        let staged = self.dir.join(format!("{TEMP_PREFIX}{BEST_FOLDER}"));
+        if staged.exists() {
+            fs::remove_dir_all(&staged).map_err(io_error(&staged))?;
+        }
+        fs::create_dir_all(&staged).map_err(io_error(&staged))?;
+        for entry in fs::read_dir(checkpoint).map_err(io_error(checkpoint))? {
+            let entry = entry.map_err(io_error(checkpoint))?;
+            let target = staged.join(entry.file_name());
+            fs::copy(entry.path(), &target).map_err(io_error(&entry.path()))?;
+            sync_file(&target)?;
+        }
+        let record = BestRecord {
+            metric: metric.clone(),
+            value,
+            checkpoint: checkpoint.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        };
+        let text = serde_json::to_string_pretty(&record).expect("best record serialises to JSON");
+        write_synced(&staged.join(BEST_FILE), text.as_bytes())?;
+        sync_dir(&staged)?;
+        install_folder(&staged, &best_dir)?;
+        Ok(Some(value))
+    }
+
+    /// `--resume` without a path: restores the newest usable checkpoint (the one `last_checkpoint` names, else
+    /// older ones, newest first) into `vs` and `solver`. Each unusable newer checkpoint adds a warning naming the
+    /// file and the problem. `Ok(None)` when the folder holds no checkpoint at all.
+    pub fn resume(&self, vs: &VarStore, solver: &mut Solver) -> Result<Option<Resumed>, CheckpointError> {
+        let mut candidates: Vec<PathBuf> = self.list()?.into_iter().rev().map(|(_, path)| path).collect();
+        let mut warnings = Vec::new();
+        if let Some(last) = self.last_pointer() {
+            candidates.retain(|path| *path != last);
+            candidates.insert(0, last);
+        } else if self.dir.join(LAST_POINTER).exists() {
+            warnings.push(format!("{} does not name a checkpoint; ignoring it", self.dir.join(LAST_POINTER).display()));
+        }
+        if candidates.is_empty() {
+            return Ok(None);
+        }
+        for candidate in candidates {
+            match resume_from(&candidate, vs, solver) {
+                Ok(checkpoint) => return Ok(Some(Resumed { checkpoint, warnings })),
+                Err(err) => warnings.push(format!("skipping checkpoint {}: {err}", candidate.display())),
+            }
+        }
+        Err(CheckpointError::NothingToResume {
+            dir: self.dir.display().to_string(),
+            details: warnings.iter().map(|w| format!("\n  {w}")).collect(),
+        })
+    }
+}
+
+/// What `model_best/best.json` records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct BestRecord {
+    metric: String,
+    value: f64,
+    checkpoint: String,
+}
+
+/// `--resume PATH`: restores exactly the checkpoint folder at `path` into `vs` and `solver` (no fallback). Nothing
+/// is changed when it fails.
+pub fn resume_from(path: &Path, vs: &VarStore, solver: &mut Solver) -> Result<LoadedCheckpoint, CheckpointError> {
+    let checkpoint = load_checkpoint(path)?;
+    let model_path = path.join(MODEL_FILE);
+    // Check the weights before the solver so that a mismatch leaves everything untouched.
+    check_weights(vs, &checkpoint.model, &model_path, true)?;
+    solver.load_state_dict(&checkpoint.solver).map_err(|e| CheckpointError::Mismatch {
+        path: path.join(SOLVER_FILE).display().to_string(),
+        message: e.to_string(),
+    })?;
+    load_weights_into(vs, &checkpoint.model, &model_path, true)?;
+    Ok(checkpoint)
+}
