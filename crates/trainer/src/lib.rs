@@ -8,3 +8,6 @@ pub mod info;
 pub mod solver;
 pub mod solver;
 pub mod checkpoint;
+pub mod solver;
+pub mod checkpoint;
+pub mod events;
