@@ -11,3 +11,7 @@ pub mod checkpoint;
 pub mod solver;
 pub mod checkpoint;
 pub mod events;
+pub mod solver;
+pub mod checkpoint;
+pub mod events;
+pub mod coco_eval;

@@ -1,0 +1,101 @@
+//! COCO evaluation parity with pycocotools (bbox and segm, crowd regions, tied scores, more than 100 detections
+//! per image) on coco-tiny's val annotations with seeded random detections, and bad-input errors.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use trainer::coco_eval::{coco_eval_files, evaluate, load_detections, CocoEvalError, GroundTruth, IouType};
+
+fn python() -> PathBuf {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.venv/bin/python");
+    assert!(python.exists(), "{} is missing: run scripts/setup first", python.display());
+    python
+}
+
+fn ground_truth() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/datasets/coco-tiny/annotations/instances_val2017.json");
+    assert!(path.exists(), "{} is missing (the shared coco-tiny dataset)", path.display());
+    path
+}
+
+#[test]
+fn stats_and_printout_equal_pycocotools_on_random_detections() {
+    for seed in [0, 1] {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/coco_reference.py"))
+            .arg(ground_truth())
+            .arg(dir.path())
+            .arg(seed.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "coco_reference.py failed");
+        let expected: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("expected.json")).unwrap()).unwrap();
+        for iou_type in [IouType::Bbox, IouType::Segm] {
+            let name = iou_type.name();
+            let summary =
+                coco_eval_files(&ground_truth(), &dir.path().join(format!("dt_{name}.json")), iou_type).unwrap();
+            let want: Vec<f64> =
+                expected[name]["stats"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+            let worst = summary.stats.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+            println!(
+                "seed {seed} {name}: {} detections, AP {:.4}, max |hotcoco - pycocotools| = {worst:e}",
+                expected[name]["detections"], summary.stats[0]
+            );
+            assert!(worst <= 1e-12, "seed {seed} {name}: {:?} vs pycocotools {:?}", summary.stats, want);
+            let lines: Vec<&str> =
+                expected[name]["lines"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+            assert_eq!(summary.summary_lines(), lines, "seed {seed} {name}: printout differs");
+            assert_eq!(summary.per_class.len(), 80);
+            assert!(summary.per_class.iter().any(|c| c.ap > 0.0));
+            let json = serde_json::to_value(summary.to_json()).unwrap();
+            assert_eq!(json["iou_type"], name);
+            assert_eq!(json["stats"].as_array().unwrap().len(), 12);
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_name_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.json");
+    let message = coco_eval_files(&missing, &missing, IouType::Bbox).unwrap_err().to_string();
+    assert!(message.contains("missing.json"), "{message}");
+    let message = coco_eval_files(&ground_truth(), &missing, IouType::Bbox).unwrap_err().to_string();
+    assert!(message.contains("cannot read") && message.contains("missing.json"), "{message}");
+
+    let malformed = dir.path().join("malformed.json");
+    std::fs::write(
+        &malformed,
+        "[\n  {\"image_id\": 139, \"category_id\": 1,, \"bbox\": [0, 0, 1, 1], \"score\": 0.5}\n]",
+    )
+    .unwrap();
+    let message = load_detections(&malformed).unwrap_err().to_string();
+    assert!(message.contains("malformed.json") && message.contains("line 2 column"), "{message}");
+    let message = coco_eval_files(&malformed, &malformed, IouType::Bbox).unwrap_err().to_string();
+    assert!(message.contains("malformed.json"), "{message}");
+
+    let gt = GroundTruth::load(&ground_truth()).unwrap();
+    let image_id = gt.image_ids()[0];
+    let unknown = dir.path().join("unknown.json");
+    std::fs::write(
+        &unknown,
+        format!(
+            r#"[{{"image_id": {image_id}, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.9}},
+                {{"image_id": 123456789, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.8}}]"#
+        ),
+    )
+    .unwrap();
+    let err = coco_eval_files(&ground_truth(), &unknown, IouType::Bbox).unwrap_err();
+    assert!(matches!(err, CocoEvalError::UnknownImage { index: 1, image_id: 123456789, .. }), "{err}");
+    assert!(err.to_string().contains("unknown.json"), "{err}");
+
+    let detections = load_detections(&unknown).unwrap();
+    let err = evaluate(&gt, &detections[..1], IouType::Segm, "predictions").unwrap_err().to_string();
+    assert!(err.contains("predictions: detection 0") && err.contains("no segmentation"), "{err}");
+    let summary = evaluate(&gt, &detections[..1], IouType::Bbox, "predictions").unwrap();
+    assert_eq!(summary.stats[0], 0.0);
+    assert!(summary.per_class_table().contains("person"));
+}
