@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 /// Errors in loading ground truth or detections, or in evaluating; each names the file or the offending id.
 #[derive(Debug, thiserror::Error)]
 pub enum CocoEvalError {
-    /// A file that cannot be read.
-    #[error("cannot read {path}: {source}")]
+    /// A file that cannot be read or written.
+    #[error("cannot access {path}: {source}")]
     Read { path: String, source: std::io::Error },
     /// A ground-truth or results file that is not valid JSON of the expected shape.
     #[error("{path}: {message}")]
@@ -24,6 +24,9 @@ pub enum CocoEvalError {
     /// A segm evaluation with a detection that has no mask.
     #[error("{source_name}: detection {index} (image_id {image_id}) has no segmentation, needed for segm evaluation")]
     MissingSegmentation { source_name: String, index: usize, image_id: u64 },
+    /// A mask that cannot be encoded.
+    #[error("mask: {0}")]
+    Mask(String),
     /// An evaluation failure reported by hotcoco.
     #[error("COCO evaluation failed: {0}")]
     Eval(String),
@@ -67,6 +70,44 @@ pub struct CompressedRle {
     pub size: [u32; 2],
     /// LEB128-like COCO string of run lengths (column-major).
     pub counts: String,
+}
+
+impl CompressedRle {
+    /// Encodes a binary mask given row-major (`height` rows of `width` bytes, nonzero = foreground) exactly as
+    /// pycocotools' `mask.encode` encodes the same array.
+    pub fn from_mask(mask: &[u8], height: u32, width: u32) -> Result<Self, CocoEvalError> {
+        let (h, w) = (height as usize, width as usize);
+        if mask.len() != h * w {
+            return Err(CocoEvalError::Mask(format!(
+                "{height}x{width} mask needs {} bytes, got {}",
+                h * w,
+                mask.len()
+            )));
+        }
+        let mut column_major = vec![0u8; h * w];
+        for (y, row) in mask.chunks_exact(w.max(1)).enumerate() {
+            for (x, &value) in row.iter().enumerate() {
+                column_major[y + h * x] = value;
+            }
+        }
+        Self::from_column_major(&column_major, height, width)
+    }
+
+    /// Encodes a `[height, width]` mask tensor (bool or integer; nonzero = foreground) on any device.
+    pub fn from_tensor(mask: &tch::Tensor) -> Result<Self, CocoEvalError> {
+        let size = mask.size();
+        let [height, width] = size[..] else {
+            return Err(CocoEvalError::Mask(format!("expected a [height, width] mask, got shape {size:?}")));
+        };
+        let column_major = mask.ne(0).to_kind(tch::Kind::Uint8).to_device(tch::Device::Cpu).t_().contiguous();
+        let bytes = Vec::<u8>::try_from(column_major.flatten(0, -1)).map_err(|e| CocoEvalError::Mask(e.to_string()))?;
+        Self::from_column_major(&bytes, height as u32, width as u32)
+    }
+
+    fn from_column_major(mask: &[u8], height: u32, width: u32) -> Result<Self, CocoEvalError> {
+        let rle = hotcoco::mask::encode(mask, height, width).map_err(|e| CocoEvalError::Mask(e.to_string()))?;
+        Ok(CompressedRle { size: [height, width], counts: hotcoco::mask::rle_to_string(&rle) })
+    }
 }
 
 /// One detection in COCO results format.
@@ -282,6 +323,12 @@ pub fn evaluate(
         })
         .collect();
     Ok(CocoSummary { iou_type, stats, per_class })
+}
+
+/// Writes detections as a COCO results JSON (what `trainer coco-eval --dt` and pycocotools' `loadRes` read).
+pub fn write_detections(path: &Path, detections: &[Detection]) -> Result<(), CocoEvalError> {
+    let text = serde_json::to_string(detections).expect("detections serialise to JSON");
+    std::fs::write(path, text).map_err(|source| CocoEvalError::Read { path: path.display().to_string(), source })
 }
 
 /// The backend of `trainer coco-eval --gt GT --dt DT --iou-type T`.

@@ -3,7 +3,8 @@
 Usage: coco_reference.py GT.json OUTDIR SEED. Writes OUTDIR/dt_bbox.json and OUTDIR/dt_segm.json (COCO results:
 jittered copies of every ground-truth object including crowd regions, wrong classes, scores rounded to one decimal
 so many tie, and on some images 130 extra detections of one class, more than maxDets=100) and OUTDIR/expected.json
-({"bbox"|"segm": {"stats": [12], "lines": [the 12 lines summarize() prints]}}).
+({"bbox"|"segm": {"stats": [12], "lines": [the 12 lines summarize() prints]}, "mask_sample": a random 13x17
+mask, row-major, with its pycocotools RLE counts}).
 """
 import contextlib
 import io
@@ -82,4 +83,6 @@ for iou_type in ["bbox", "segm"]:
         evaluator.summarize()
     expected[iou_type] = {"stats": [float(v) for v in evaluator.stats], "lines": printed.getvalue().splitlines(),
                           "detections": len(detections)}
+sample = (rng.rand(13, 17) < 0.4).astype(np.uint8)
+expected["mask_sample"] = {"height": 13, "width": 17, "mask": sample.reshape(-1).tolist(), "counts": rle_of(sample)["counts"]}
 json.dump(expected, open(f"{out_dir}/expected.json", "w"))
