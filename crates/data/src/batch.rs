@@ -1,0 +1,152 @@
+//! Collation: samples become one normalised, zero-padded image tensor plus per-image targets.
+
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{InputConfig, PixelFormat};
+use crate::error::DataError;
+use crate::transform::{InstanceMask, Sample};
+
+/// A mask target of one instance.
+#[derive(Debug)]
+pub enum TargetMask {
+    /// Polygon parts (flat `x, y` lists) in resized pixels.
+    Polygons(Vec<Vec<f64>>),
+    /// `[H, W]` u8 bitmap (0/1) of the whole resized image, for RLE annotations.
+    Bitmap(Tensor),
+}
+
+/// Targets of one image.
+#[derive(Debug)]
+pub struct Target {
+    /// `[K, 4]` f32 boxes `x0, y0, x1, y1` in resized pixels.
+    pub boxes: Tensor,
+    /// `[K]` i64 contiguous labels.
+    pub labels: Tensor,
+    /// One mask per instance (empty when the dataset has no masks).
+    pub masks: Vec<TargetMask>,
+    /// COCO annotation ids, one per instance.
+    pub annotation_ids: Vec<u64>,
+}
+
+/// A batch ready for the detector.
+#[derive(Debug)]
+pub struct Batch {
+    /// `[N, 3, H, W]` f32, normalised with the configured mean/std in the configured channel order, zero-padded to
+    /// a multiple of `size_divisibility`.
+    pub images: Tensor,
+    /// Per image (height, width) after resize (and crop), before padding.
+    pub image_sizes: Vec<(i64, i64)>,
+    /// Per image original (height, width).
+    pub original_sizes: Vec<(i64, i64)>,
+    /// Per image COCO id.
+    pub image_ids: Vec<u64>,
+    /// Per image resize factors (height, width): resized over original.
+    pub scales: Vec<(f64, f64)>,
+    /// Per image: whether it was flipped horizontally.
+    pub flipped: Vec<bool>,
+    /// Per image targets.
+    pub targets: Vec<Target>,
+}
+
+impl Batch {
+    /// Moves the image and target tensors to `device`; on CUDA the images go through pinned memory with a
+    /// non-blocking copy.
+    pub fn to_device(self, device: Device) -> Batch {
+        let images = if device.is_cuda() {
+            self.images.pin_memory(device).to_device_(device, Kind::Float, true, false)
+        } else {
+            self.images.to_device(device)
+        };
+        let targets = self
+            .targets
+            .into_iter()
+            .map(|t| Target {
+                boxes: t.boxes.to_device(device),
+                labels: t.labels.to_device(device),
+                masks: t
+                    .masks
+                    .into_iter()
+                    .map(|m| match m {
+                        TargetMask::Bitmap(b) => TargetMask::Bitmap(b.to_device(device)),
+                        polygons => polygons,
+                    })
+                    .collect(),
+                annotation_ids: t.annotation_ids,
+            })
+            .collect();
+        Batch { images, targets, ..self }
+    }
+}
+
+fn round_up(v: u32, multiple: u32) -> u32 {
+    v.div_ceil(multiple) * multiple
+}
+
+/// Builds a batch: normalises each image into a zero-padded `[N, 3, H, W]` buffer and converts targets to tensors.
+pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataError> {
+    if samples.is_empty() {
+        return Err(DataError::Loader("cannot collate an empty batch".into()));
+    }
+    let div = input.size_divisibility;
+    let pad_h = round_up(samples.iter().map(|s| s.image.height).max().unwrap_or(0), div) as usize;
+    let pad_w = round_up(samples.iter().map(|s| s.image.width).max().unwrap_or(0), div) as usize;
+    let plane = pad_h * pad_w;
+    let mut buffer = vec![0f32; samples.len() * 3 * plane];
+    let channel_source: [usize; 3] = match input.format {
+        PixelFormat::Rgb => [0, 1, 2],
+        PixelFormat::Bgr => [2, 1, 0],
+    };
+    let scale: [f32; 3] = input.pixel_std.map(|s| 1.0 / s);
+    let mut batch = Batch {
+        images: Tensor::new(),
+        image_sizes: Vec::with_capacity(samples.len()),
+        original_sizes: Vec::with_capacity(samples.len()),
+        image_ids: Vec::with_capacity(samples.len()),
+        scales: Vec::with_capacity(samples.len()),
+        flipped: Vec::with_capacity(samples.len()),
+        targets: Vec::with_capacity(samples.len()),
+    };
+    for (n, sample) in samples.into_iter().enumerate() {
+        let (h, w) = (sample.image.height as usize, sample.image.width as usize);
+        let image_buffer = &mut buffer[n * 3 * plane..(n + 1) * 3 * plane];
+        let (r_plane, rest) = image_buffer.split_at_mut(plane);
+        let (g_plane, b_plane) = rest.split_at_mut(plane);
+        let mut planes = [r_plane, g_plane, b_plane];
+        for y in 0..h {
+            let src = &sample.image.data[y * w * 3..(y + 1) * w * 3];
+            for (c, out_plane) in planes.iter_mut().enumerate() {
+                let (mean, inv_std, offset) = (input.pixel_mean[c], scale[c], channel_source[c]);
+                let row = &mut out_plane[y * pad_w..y * pad_w + w];
+                for (out, px) in row.iter_mut().zip(src.chunks_exact(3)) {
+                    *out = (px[offset] as f32 - mean) * inv_std;
+                }
+            }
+        }
+        let (oh, ow) = sample.geometry.original;
+        batch.image_sizes.push((h as i64, w as i64));
+        batch.original_sizes.push((oh as i64, ow as i64));
+        batch.image_ids.push(sample.image_id);
+        batch.scales.push(sample.geometry.scale());
+        batch.flipped.push(sample.geometry.flip);
+        let t = sample.targets;
+        let k = t.boxes.len() as i64;
+        let flat_boxes: Vec<f32> = t.boxes.iter().flatten().copied().collect();
+        let masks = t
+            .masks
+            .into_iter()
+            .map(|m| match m {
+                InstanceMask::Polygons(p) => TargetMask::Polygons(p),
+                InstanceMask::Bitmap(b) => TargetMask::Bitmap(Tensor::from_slice(&b).view([h as i64, w as i64])),
+            })
+            .collect();
+        batch.targets.push(Target {
+            boxes: Tensor::from_slice(&flat_boxes).view([k, 4]),
+            labels: Tensor::from_slice(&t.labels),
+            masks,
+            annotation_ids: t.annotation_ids,
+        });
+    }
+    let n = batch.image_ids.len() as i64;
+    batch.images = Tensor::from_slice(&buffer).view([n, 3, pad_h as i64, pad_w as i64]);
+    Ok(batch)
+}
