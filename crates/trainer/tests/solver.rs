@@ -329,3 +329,39 @@ fn accumulation_and_loss_scale_multiply_the_loss() {
         assert!(tensor.equal(&before[name]), "{name} changed on a skipped step");
     }
 }
+
+#[test]
+fn accumulating_micro_batches_equals_one_large_batch() {
+    // A linear model with a mean-squared loss: 4 micro-batches of 2 samples against one batch of 8.
+    tch::manual_seed(5);
+    let inputs = Tensor::randn([8, 6], (Kind::Float, Device::Cpu));
+    let targets = Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
+    let initial = Tensor::randn([6, 3], (Kind::Float, Device::Cpu));
+    let run = |accumulate: u64| {
+        let weight = initial.copy().set_requires_grad(true);
+        let config = SolverConfig {
+            accumulate,
+            ims_per_batch: 8,
+            max_iter: 10,
+            warmup_iters: 2,
+            ..solver_config(true, None, None)
+        };
+        let mut solver = Solver::new([("fc.weight".to_string(), weight.shallow_clone())].into(), &config).unwrap();
+        for _ in 0..10 {
+            for micro in 0..accumulate as i64 {
+                let rows = 8 / accumulate as i64;
+                let x = inputs.narrow(0, micro * rows, rows);
+                let y = targets.narrow(0, micro * rows, rows);
+                let loss = (x.matmul(&weight) - y).square().mean(Kind::Float);
+                (loss * solver.loss_multiplier()).backward();
+            }
+            solver.step().unwrap();
+        }
+        weight.detach()
+    };
+    let (whole, accumulated) = (run(1), run(4));
+    let difference = max_abs_diff(&whole, &accumulated);
+    println!("accumulate 4 x 2 vs batch 8 after 10 steps: max |difference| = {difference:e}");
+    assert!(difference < 1e-6, "accumulated micro-batches drift from the large batch by {difference}");
+    assert!(max_abs_diff(&whole, &initial) > 1e-2, "the weights did not move");
+}
