@@ -30,9 +30,11 @@ struct Group {
 
 char* copy_message(const std::string& message) {
   char* out = static_cast<char*>(std::malloc(message.size() + 1));
-  if (out != nullptr) {
-    std::memcpy(out, message.c_str(), message.size() + 1);
+  if (out == nullptr) {
+    // NULL means success to the caller; without memory for the message there is no honest way to report.
+    std::abort();
   }
+  std::memcpy(out, message.c_str(), message.size() + 1);
   return out;
 }
 

@@ -195,12 +195,12 @@ fn collectives(pg: &ProcessGroup) -> Check {
 
     // Rank 0 arrives late at the barrier; the others must wait for it.
     if pg.rank() == 0 {
-        std::thread::sleep(Duration::from_millis(300));
+        std::thread::sleep(Duration::from_millis(1000));
     }
     let start = Instant::now();
     pg.barrier().map_err(err)?;
     let waited = start.elapsed();
-    ensure(pg.rank() == 0 || waited >= Duration::from_millis(250), || format!("barrier returned after {waited:?}"))
+    ensure(pg.rank() == 0 || waited >= Duration::from_millis(500), || format!("barrier returned after {waited:?}"))
 }
 
 /// Parameters identical on every rank (as after `broadcast_parameters`): two f32 matrices, a parameter the loss
@@ -341,25 +341,55 @@ fn hang(pg: &ProcessGroup) -> Check {
 
 fn bench(pg: &ProcessGroup, megabytes: usize) -> Check {
     const REPEATS: u32 = 10;
+    const BUCKET_BYTES: usize = 25 << 20;
     let numel = (megabytes * 1_000_000 / 4) as i64;
     let tensor = Tensor::ones([numel], (Kind::Float, pg.device()));
     pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum).map_err(|e| e.to_string())?;
     pg.barrier().map_err(|e| e.to_string())?;
     // The all-reduce waits for its completion; a CUDA tensor read back here also waits for the device.
     let _ = tensor.double_value(&[0]);
-    let start = Instant::now();
-    for _ in 0..REPEATS {
+    let seconds = time_per_call(REPEATS, || {
         pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Avg).map_err(|e| e.to_string())?;
+        let _ = tensor.double_value(&[0]);
+        Ok(())
+    })?;
+    report(pg, &format!("all_reduce (Avg) of one {megabytes} MB f32 tensor"), megabytes, seconds);
+
+    // The same volume as 1 MB gradients, averaged in 25 MiB buckets as a training step does.
+    let params: Vec<Tensor> =
+        (0..megabytes).map(|_| Tensor::zeros([250_000], (Kind::Float, pg.device())).set_requires_grad(true)).collect();
+    Tensor::stack(&params, 0).sum(Kind::Float).backward();
+    all_reduce_grads_bucketed(pg, &params, BUCKET_BYTES).map_err(|e| e.to_string())?;
+    let seconds = time_per_call(REPEATS, || {
+        all_reduce_grads_bucketed(pg, &params, BUCKET_BYTES).map_err(|e| e.to_string())?;
+        let _ = params[0].grad().double_value(&[0]);
+        Ok(())
+    })?;
+    report(
+        pg,
+        &format!("all_reduce_grads_bucketed of {megabytes} x 1 MB gradients, 25 MiB buckets"),
+        megabytes,
+        seconds,
+    );
+    Ok(())
+}
+
+fn time_per_call(repeats: u32, mut call: impl FnMut() -> Check) -> Result<f64, String> {
+    let start = Instant::now();
+    for _ in 0..repeats {
+        call()?;
     }
-    let _ = tensor.double_value(&[0]);
-    let seconds = start.elapsed().as_secs_f64() / REPEATS as f64;
+    Ok(start.elapsed().as_secs_f64() / repeats as f64)
+}
+
+fn report(pg: &ProcessGroup, what: &str, megabytes: usize, seconds: f64) {
     if pg.rank() == 0 {
         println!(
-            "all_reduce of {megabytes} MB (f32) over {} ranks ({}): {seconds:.3} s per call, {:.0} MB/s (mean of {REPEATS})",
+            "{what} over {} ranks ({}, {:?}): {seconds:.3} s per call, {:.0} MB/s",
             pg.world_size(),
             pg.backend(),
+            pg.device(),
             megabytes as f64 / seconds
         );
     }
-    Ok(())
 }
