@@ -109,25 +109,39 @@ fn wait_for_line(child: &mut Child, marker: &str) {
     }
 }
 
-#[test]
-fn killed_peer_makes_the_survivor_fail_with_the_rank() {
+/// Starts `scenario` on two ranks, kills rank `victim` once it is ready, and checks the survivor's error.
+fn kill_one_rank(scenario: &str, victim: usize) {
     const TIMEOUT_SECS: u64 = 5;
     let port = free_port();
-    let survivor = spawn("die", 0, port, TIMEOUT_SECS, &Launch::Args);
-    let mut victim = spawn("die", 1, port, TIMEOUT_SECS, &Launch::Args);
-    wait_for_line(&mut victim, "ready to be killed");
-    victim.kill().unwrap();
+    let mut children: Vec<Child> =
+        (0..2).map(|rank| spawn(scenario, rank, port, TIMEOUT_SECS, &Launch::Args)).collect();
+    let survivor_rank = 1 - victim;
+    let survivor = children.remove(survivor_rank);
+    let mut killed = children.remove(0);
+    wait_for_line(&mut killed, "ready to be killed");
+    killed.kill().unwrap();
     let killed_at = Instant::now();
-    victim.wait().unwrap();
+    killed.wait().unwrap();
     let outcome = finish(survivor);
     let elapsed = killed_at.elapsed();
     assert!(!outcome.success, "the survivor should fail; stdout:\n{}", outcome.stdout);
     assert!(elapsed < Duration::from_secs(TIMEOUT_SECS + 3), "the survivor took {elapsed:?} to stop");
     assert!(
-        outcome.stderr.contains("rank 0: all_reduce") && outcome.stderr.contains("a peer may have died"),
+        outcome.stderr.contains(&format!("rank {survivor_rank}: all_reduce"))
+            && outcome.stderr.contains("a peer may have died"),
         "unexpected error: {}",
         outcome.stderr
     );
+}
+
+#[test]
+fn killed_peer_makes_the_survivor_fail_with_the_rank() {
+    kill_one_rank("die", 1);
+}
+
+#[test]
+fn killed_master_makes_the_survivor_fail_with_the_rank() {
+    kill_one_rank("die-master", 0);
 }
 
 #[test]

@@ -6,7 +6,7 @@
 //! message on any mismatch or error. The integration tests (tests/two_ranks.rs) start two of these.
 //!
 //! Scenarios: `collectives` (on the backend's device, so a CUDA check under `--backend nccl`), `grads`,
-//! `syncbn`, `die` (rank 1 waits to be killed while rank 0 keeps all-reducing), `hang` (rank 1 stops taking
+//! `syncbn`, `die` / `die-master` (rank 1 / rank 0 waits to be killed while the other keeps all-reducing), `hang` (rank 1 stops taking
 //! part), `bench` (all-reduce of M megabytes on the backend's device, timed on rank 0).
 
 use std::process::ExitCode;
@@ -97,7 +97,8 @@ fn run() -> Check {
         "collectives" => collectives(&pg)?,
         "grads" => grads(&pg)?,
         "syncbn" => syncbn(&pg)?,
-        "die" => die(&pg)?,
+        "die" => die(&pg, 1)?,
+        "die-master" => die(&pg, 0)?,
         "hang" => hang(&pg)?,
         "bench" => bench(&pg, args.megabytes)?,
         other => return Err(format!("unknown scenario {other}")),
@@ -313,14 +314,15 @@ fn syncbn(pg: &Arc<ProcessGroup>) -> Check {
     ensure_close("SyncBN running mean", &variables["running_mean"], &reference_variables["running_mean"], 1e-5)
 }
 
-fn die(pg: &ProcessGroup) -> Check {
+/// Every rank all-reduces in a loop; `victim` announces itself after a few iterations and sleeps until killed.
+fn die(pg: &ProcessGroup, victim: usize) -> Check {
     let tensor = Tensor::ones([1000], (Kind::Float, Device::Cpu));
     for iteration in 0.. {
         if let Err(e) = pg.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Avg) {
             return Err(format!("iteration {iteration}: {e}"));
         }
-        if pg.rank() == 1 && iteration == 3 {
-            println!("rank 1: ready to be killed");
+        if pg.rank() == victim && iteration == 3 {
+            println!("rank {victim}: ready to be killed");
             std::thread::sleep(Duration::from_secs(600));
         }
     }
