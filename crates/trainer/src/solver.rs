@@ -808,6 +808,14 @@ mod tests {
         assert!(config.validate().is_ok());
         let bad = SolverConfig { accumulate: 3, ..SolverConfig::default() };
         assert!(bad.validate().unwrap_err().to_string().contains("solver.accumulate"));
+        let custom = SolverConfig {
+            weight_decay_bias: Some(0.0),
+            lr_scheduler: LrSchedulerKind::Cosine,
+            amp: AmpConfig { enabled: true, dtype: AmpDtype::Bf16, ..AmpConfig::default() },
+            ..SolverConfig::default()
+        };
+        let text = toml::to_string_pretty(&custom).unwrap();
+        assert_eq!(toml::from_str::<SolverConfig>(&text).unwrap(), custom, "{text}");
         let unknown = toml::from_str::<SolverConfig>("max_iters = 3").unwrap_err().to_string();
         assert!(unknown.contains("max_iters"), "{unknown}");
     }
