@@ -126,6 +126,15 @@ pub struct Detection {
     pub segmentation: Option<CompressedRle>,
 }
 
+impl Detection {
+    /// A detection from an `[x1, y1, x2, y2]` box in image pixels (what the model predicts), converted to COCO's
+    /// `[x, y, width, height]` as detectron2's `instances_to_coco_json` does.
+    pub fn from_xyxy(image_id: u64, category_id: u64, xyxy: [f64; 4], score: f64, mask: Option<CompressedRle>) -> Self {
+        let [x1, y1, x2, y2] = xyxy;
+        Detection { image_id, category_id, bbox: [x1, y1, x2 - x1, y2 - y1], score, segmentation: mask }
+    }
+}
+
 /// Average precision of one category (over IoU 0.50:0.95, all areas, 100 detections), -1 when it has no ground
 /// truth.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -329,6 +338,22 @@ pub fn evaluate(
 pub fn write_detections(path: &Path, detections: &[Detection]) -> Result<(), CocoEvalError> {
     let text = serde_json::to_string(detections).expect("detections serialise to JSON");
     std::fs::write(path, text).map_err(|source| CocoEvalError::Read { path: path.display().to_string(), source })
+}
+
+/// What `trainer coco-eval` prints: the `--json` object on one line, or the 12 summary lines followed by the
+/// per-class AP table.
+pub fn coco_eval_report(
+    gt_path: &Path,
+    dt_path: &Path,
+    iou_type: IouType,
+    json: bool,
+) -> Result<String, CocoEvalError> {
+    let summary = coco_eval_files(gt_path, dt_path, iou_type)?;
+    Ok(if json {
+        serde_json::to_string(&summary.to_json()).expect("stats serialise to JSON")
+    } else {
+        format!("{}\n\n{}", summary.summary_lines().join("\n"), summary.per_class_table().trim_end())
+    })
 }
 
 /// The backend of `trainer coco-eval --gt GT --dt DT --iou-type T`.

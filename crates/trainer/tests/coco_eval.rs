@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use trainer::coco_eval::{
-    coco_eval_files, evaluate, load_detections, write_detections, CocoEvalError, CompressedRle, GroundTruth, IouType,
+    coco_eval_files, coco_eval_report, evaluate, load_detections, write_detections, CocoEvalError, CompressedRle,
+    Detection, GroundTruth, IouType,
 };
 
 fn python() -> PathBuf {
@@ -65,6 +66,11 @@ fn stats_and_printout_equal_pycocotools_on_random_detections() {
             write_detections(&rewritten, &detections).unwrap();
             let again = coco_eval_files(&ground_truth(), &rewritten, iou_type).unwrap();
             assert_eq!(again.stats, summary.stats);
+            let printed = coco_eval_report(&ground_truth(), &rewritten, iou_type, true).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&printed).unwrap();
+            assert_eq!(json["stats"][0].as_f64().unwrap(), want[0]);
+            let text = coco_eval_report(&ground_truth(), &rewritten, iou_type, false).unwrap();
+            assert!(text.starts_with(&summary.summary_lines().join("\n")) && text.contains("| person"), "{text}");
             let json = serde_json::to_value(summary.to_json()).unwrap();
             assert_eq!(json["iou_type"], name);
             assert_eq!(json["stats"].as_array().unwrap().len(), 12);
@@ -110,6 +116,8 @@ fn bad_inputs_name_the_file_and_the_problem() {
     let detections = load_detections(&unknown).unwrap();
     let err = evaluate(&gt, &detections[..1], IouType::Segm, "predictions").unwrap_err().to_string();
     assert!(err.contains("predictions: detection 0") && err.contains("no segmentation"), "{err}");
+    let from_model = Detection::from_xyxy(image_id, 1, [10.0, 20.0, 15.5, 30.0], 0.9, None);
+    assert_eq!(from_model.bbox, [10.0, 20.0, 5.5, 10.0]);
     let summary = evaluate(&gt, &detections[..1], IouType::Bbox, "predictions").unwrap();
     assert_eq!(summary.stats[0], 0.0);
     assert!(summary.per_class_table().contains("person"));
