@@ -6,6 +6,20 @@
 //! [`DistError`] that names the rank and the collective. [`LaunchEnv`] reads the torchrun/SLURM/Kubernetes
 //! environment, [`all_reduce_grads_bucketed`] averages gradients in size-bounded buckets, and `ProcessGroup`
 //! implements [`backbone::BatchStatsReducer`] for SyncBN.
+//!
+//! A data-parallel step, one process per device:
+//!
+//! ```no_run
+//! # fn step(params: &[tch::Tensor], loss: tch::Tensor) -> Result<(), dist::DistError> {
+//! use dist::{all_reduce_grads_bucketed, broadcast_parameters, Backend, InitOptions, LaunchEnv, ProcessGroup};
+//! let env = LaunchEnv::from_env()?.expect("started by a launcher");
+//! let pg = ProcessGroup::init(InitOptions::from_launch_env(&env, Backend::Gloo, dist::DEFAULT_TIMEOUT))?;
+//! broadcast_parameters(&pg, params, 0)?; // once, before the first step
+//! loss.backward(); // the loss of this rank's batch
+//! all_reduce_grads_bucketed(&pg, params, 25 << 20)?; // after the last micro-batch only
+//! # Ok(())
+//! # }
+//! ```
 
 mod env;
 mod ffi;

@@ -145,11 +145,25 @@ char* vovdet_dist_init(int backend, const char* master_addr, uint16_t master_por
       throw std::runtime_error("this build of crates/dist has no NCCL support (cargo feature `nccl`)");
 #endif
     }
+    // Names that c10d's logs and flight recorder show, as torch.distributed gives its default group.
+    pg->setGroupUid("0");
+    pg->setGroupDesc("default_pg");
     *out = new Group{store, pg, rank, world_size, backend == 0 ? -1 : device_index};
   });
 }
 
-void vovdet_dist_free(Group* group) { delete group; }
+// Releases the group. NCCL communicators are shut down first (as torch.distributed.destroy_process_group does),
+// so that the process exits without c10d's warning about leaked communicators.
+void vovdet_dist_free(Group* group) {
+  if (group->device_index >= 0) {
+    try {
+      group->backend->shutdown();
+    } catch (...) {
+      // Shutting down after a failed collective may throw; the process is leaving the group either way.
+    }
+  }
+  delete group;
+}
 
 // Sums every tensor over ranks in place (one collective per tensor, all issued before waiting).
 char* vovdet_dist_all_reduce_sum(Group* group, const at::Tensor* const* tensors, size_t count, int64_t timeout_ms) {
