@@ -134,27 +134,32 @@ fn masked_crc32c(data: &[u8]) -> u32 {
 
 /// Minimal protobuf encoding of the fields we write.
 mod proto {
-    pub fn varint(out: &mut Vec<u8>, mut value: u64) {
+    /// Base-128 varint.
+    pub(super) fn varint(out: &mut Vec<u8>, mut value: u64) {
         while value >= 0x80 {
             out.push((value as u8) | 0x80);
             value >>= 7;
         }
         out.push(value as u8);
     }
-    pub fn bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
+    /// Length-delimited field (strings, bytes, nested messages).
+    pub(super) fn bytes_field(out: &mut Vec<u8>, field: u32, bytes: &[u8]) {
         varint(out, ((field << 3) | 2) as u64);
         varint(out, bytes.len() as u64);
         out.extend_from_slice(bytes);
     }
-    pub fn varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
+    /// Varint field (int32, int64).
+    pub(super) fn varint_field(out: &mut Vec<u8>, field: u32, value: u64) {
         varint(out, (field << 3) as u64);
         varint(out, value);
     }
-    pub fn f32_field(out: &mut Vec<u8>, field: u32, value: f32) {
+    /// 32-bit field (float).
+    pub(super) fn f32_field(out: &mut Vec<u8>, field: u32, value: f32) {
         varint(out, ((field << 3) | 5) as u64);
         out.extend_from_slice(&value.to_le_bytes());
     }
-    pub fn f64_field(out: &mut Vec<u8>, field: u32, value: f64) {
+    /// 64-bit field (double).
+    pub(super) fn f64_field(out: &mut Vec<u8>, field: u32, value: f64) {
         varint(out, ((field << 3) | 1) as u64);
         out.extend_from_slice(&value.to_le_bytes());
     }
