@@ -88,6 +88,11 @@ fn sync_batch_norm_matches_batch_norm_over_both_batches() {
 }
 
 #[test]
+fn data_parallel_sgd_matches_one_process_with_the_whole_batch() {
+    run_pair("train", Launch::Args);
+}
+
+#[test]
 fn launcher_environment_starts_a_group() {
     run_pair("collectives", Launch::Env);
 }

@@ -6,7 +6,8 @@
 //! message on any mismatch or error. The integration tests (tests/two_ranks.rs) start two of these.
 //!
 //! Scenarios: `collectives` (on the backend's device, so a CUDA check under `--backend nccl`), `grads`,
-//! `syncbn`, `die` / `die-master` (rank 1 / rank 0 waits to be killed while the other keeps all-reducing), `hang` (rank 1 stops taking
+//! `syncbn`, `train` (10 data-parallel SGD steps of a small GroupNorm network against one process with the
+//! whole batch), `die` / `die-master` (rank 1 / rank 0 waits to be killed while the other keeps all-reducing), `hang` (rank 1 stops taking
 //! part), `bench` (all-reduce of M megabytes on the backend's device, timed on rank 0).
 
 use std::process::ExitCode;
@@ -97,6 +98,7 @@ fn run() -> Check {
         "collectives" => collectives(&pg)?,
         "grads" => grads(&pg)?,
         "syncbn" => syncbn(&pg)?,
+        "train" => train(&pg)?,
         "die" => die(&pg, 1)?,
         "die-master" => die(&pg, 0)?,
         "hang" => hang(&pg)?,
@@ -271,6 +273,78 @@ fn grads(pg: &ProcessGroup) -> Check {
     ensure(mismatch.as_ref().is_err_and(|e| e.to_string().contains("every rank's loss must use")), || {
         format!("different gradient sets should be an error: {mismatch:?}")
     })
+}
+
+/// A small GroupNorm network's parameters, identical on every rank before the broadcast check.
+fn train_params() -> Vec<Tensor> {
+    vec![
+        pattern(&[8, 6], 0.1, Kind::Float).set_requires_grad(true),
+        pattern(&[8], 0.2, Kind::Float).set_requires_grad(true),
+        pattern(&[3, 8], 0.3, Kind::Float).set_requires_grad(true),
+        pattern(&[3], 0.4, Kind::Float).set_requires_grad(true),
+    ]
+}
+
+/// Mean squared error of the network on samples `first..first + count` of step `step`'s batch.
+fn train_loss(params: &[Tensor], step: usize, first: i64, count: i64) -> Tensor {
+    let inputs = pattern(&[4, 6], 100.0 + step as f64, Kind::Float).narrow(0, first, count);
+    let targets = pattern(&[4, 3], 200.0 + step as f64, Kind::Float).narrow(0, first, count);
+    let hidden =
+        (inputs.matmul(&params[0].tr()) + &params[1]).group_norm(2, None::<Tensor>, None::<Tensor>, 1e-5, true);
+    let outputs = hidden.relu().matmul(&params[2].tr()) + &params[3];
+    (outputs - targets).square().mean(Kind::Float)
+}
+
+fn sgd_step(params: &[Tensor], learning_rate: f64) {
+    tch::no_grad(|| {
+        for p in params {
+            let _ = p.shallow_clone().g_sub_(&(p.grad() * learning_rate));
+            let _ = p.grad().zero_();
+        }
+    });
+}
+
+/// Data-parallel SGD: each rank takes its share of every batch, gradients are averaged; after 10 steps the
+/// ranks must hold bit-identical weights, equal (to float rounding) to one process training on whole batches.
+fn train(pg: &ProcessGroup) -> Check {
+    const STEPS: usize = 10;
+    const LEARNING_RATE: f64 = 0.1;
+    let world = pg.world_size() as i64;
+    if 4 % world != 0 {
+        return Err(format!("the train scenario splits batches of 4 and needs a world size dividing 4, not {world}"));
+    }
+    let share = 4 / world;
+    let params = train_params();
+    broadcast_parameters(pg, &params, 0).map_err(|e| e.to_string())?;
+    let mut losses = Vec::new();
+    for step in 0..STEPS {
+        let loss = train_loss(&params, step, pg.rank() as i64 * share, share);
+        loss.backward();
+        all_reduce_grads_bucketed(pg, &params, 64).map_err(|e| e.to_string())?;
+        let logged = loss.detach();
+        pg.all_reduce(std::slice::from_ref(&logged), ReduceOp::Avg).map_err(|e| e.to_string())?;
+        losses.push(logged.double_value(&[]));
+        sgd_step(&params, LEARNING_RATE);
+    }
+
+    let reference = train_params();
+    for (step, logged) in losses.iter().enumerate() {
+        let loss = train_loss(&reference, step, 0, 4);
+        loss.backward();
+        let expected = loss.double_value(&[]);
+        ensure((logged - expected).abs() <= 1e-6 * expected.abs().max(1.0), || {
+            format!("step {step}: averaged loss {logged} but one process has {expected}")
+        })?;
+        sgd_step(&reference, LEARNING_RATE);
+    }
+    for (i, (p, r)) in params.iter().zip(&reference).enumerate() {
+        // Different summation orders (half-batch means averaged vs one mean) leave float rounding only: 6e-8 seen.
+        ensure_close(&format!("parameter {i} after {STEPS} steps"), p, r, 1e-6)?;
+        for (peer, theirs) in pg.all_gather(p).map_err(|e| e.to_string())?.iter().enumerate() {
+            ensure(theirs.equal(p), || format!("parameter {i} differs from rank {peer}'s"))?;
+        }
+    }
+    Ok(())
 }
 
 fn syncbn(pg: &Arc<ProcessGroup>) -> Check {
