@@ -12,6 +12,7 @@ pub mod error;
 pub mod loader;
 pub mod rng;
 pub mod sampler;
+pub mod synth;
 pub mod transform;
 
 pub use batch::{Batch, Target, TargetMask};
@@ -20,3 +21,4 @@ pub use config::{DataConfig, InputConfig, MissingImagePolicy, PixelFormat};
 pub use error::DataError;
 pub use loader::{Loader, LoaderOptions};
 pub use sampler::{SamplerState, TrainSampler};
+pub use synth::{generate as generate_synthetic, SynthOptions};
