@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod convert;
 pub mod device;
 pub mod info;
 pub mod solver;

@@ -4,9 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use backbone::WeightFormat;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use trainer::bench::{bench_backbone, BenchOptions};
 use trainer::config::Config;
+use trainer::convert::convert;
 use trainer::device::parse_device;
 use trainer::info::{model_info, parse_size, render};
 
@@ -24,6 +26,21 @@ enum Command {
     Info(InfoArgs),
     /// Speed benchmarks (detectron2 protocol: medians after a warm-up).
     Bench(BenchArgs),
+    /// Rewrite a safetensors file from another framework's parameter names into ours, checking every name and shape.
+    Convert(ConvertArgs),
+}
+
+#[derive(Args)]
+struct ConvertArgs {
+    /// Naming of the input file: vovnet-detectron2 (the authors' VoVNet code), torchvision, or vovdet.
+    #[arg(long = "from", value_name = "FORMAT")]
+    format: WeightFormat,
+    /// Input weights (safetensors; convert a .pth first with scripts/pth_to_safetensors.py).
+    input: PathBuf,
+    /// Output weights with vovdet's names.
+    output: PathBuf,
+    #[command(flatten)]
+    common: ConfigArgs,
 }
 
 /// Options every command that reads a config shares.
@@ -99,6 +116,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&info)?);
             } else {
                 print!("{}", render(&info));
+            }
+        }
+        Command::Convert(args) => {
+            let (config, _) = args.common.load()?;
+            let report = convert(&config, args.format, &args.input, &args.output)?;
+            println!("converted {} tensors into {}", report.loaded, args.output.display());
+            if !report.ignored.is_empty() {
+                println!("ignored (no weights): {}", report.ignored.join(", "));
             }
         }
         Command::Bench(args) => {
