@@ -135,19 +135,41 @@ impl Geometry {
         (x, y)
     }
 
-    /// Transforms a polygon (flat `x, y` list); a crop clips it to the image, which may leave nothing.
+    /// Transforms a polygon (flat `x, y` list). After a crop the polygon keeps its vertices outside the window
+    /// (rasterising at the output size clips it exactly as pycocotools does); a polygon with no area left inside
+    /// the window gives `None`.
     pub fn map_polygon(&self, polygon: &[f64]) -> Option<Vec<f64>> {
-        let (sy, sx) = self.scale();
-        let mut points: Vec<(f64, f64)> = polygon.chunks_exact(2).map(|p| (p[0] * sx, p[1] * sy)).collect();
-        if let Some(c) = self.crop {
-            let shifted: Vec<(f64, f64)> = points.iter().map(|&(x, y)| (x - c.x0 as f64, y - c.y0 as f64)).collect();
-            points = clip_to_rect(&shifted, c.width as f64, c.height as f64);
-            if points.len() < 3 {
-                return None;
-            }
+        let mapped: Vec<f64> = polygon
+            .chunks_exact(2)
+            .flat_map(|p| {
+                let (x, y) = self.map_xy(p[0], p[1]);
+                [x, y]
+            })
+            .collect();
+        if self.crop.is_some() && self.visible_bounds(&mapped).is_none() {
+            return None;
         }
-        let width = self.output_size().1 as f64;
-        Some(points.into_iter().flat_map(|(x, y)| [if self.flip { width - x } else { x }, y]).collect())
+        Some(mapped)
+    }
+
+    /// Bounds `[x0, y0, x1, y1]` of the part of a mapped polygon inside the output image, `None` when that part
+    /// has no area.
+    pub fn visible_bounds(&self, mapped: &[f64]) -> Option<[f64; 4]> {
+        let (h, w) = self.output_size();
+        let points: Vec<(f64, f64)> = mapped.chunks_exact(2).map(|p| (p[0], p[1])).collect();
+        let clipped = clip_to_rect(&points, w as f64, h as f64);
+        let area = (0..clipped.len())
+            .map(|i| {
+                let (a, b) = (clipped[i], clipped[(i + 1) % clipped.len()]);
+                a.0 * b.1 - b.0 * a.1
+            })
+            .sum::<f64>()
+            .abs();
+        if clipped.len() < 3 || area <= 0.0 {
+            return None;
+        }
+        let first = [clipped[0].0, clipped[0].1, clipped[0].0, clipped[0].1];
+        Some(clipped.iter().fold(first, |b, p| [b[0].min(p.0), b[1].min(p.1), b[2].max(p.0), b[3].max(p.1)]))
     }
 
     /// Transforms a box `[x0, y0, x1, y1]` and clips it to the output image.
@@ -167,15 +189,12 @@ impl Geometry {
         let (rh, rw) = (self.resized.0 as usize, self.resized.1 as usize);
         let (out_h, out_w) = (self.output_size().0 as usize, self.output_size().1 as usize);
         let (x0, y0) = self.crop.map_or((0, 0), |c| (c.x0 as usize, c.y0 as usize));
-        let src_x: Vec<usize> = (0..out_w)
-            .map(|x| {
-                let rx = if self.flip { out_w - 1 - x } else { x } + x0;
-                nearest_source(rx, rw, ow)
-            })
-            .collect();
+        let columns = nearest_sources(rw, ow);
+        let rows = nearest_sources(rh, oh);
+        let src_x: Vec<usize> = (0..out_w).map(|x| columns[if self.flip { out_w - 1 - x } else { x } + x0]).collect();
         let mut out = vec![0u8; out_h * out_w];
         for y in 0..out_h {
-            let sy = nearest_source(y + y0, rh, oh);
+            let sy = rows[y + y0];
             let row = &mut out[y * out_w..(y + 1) * out_w];
             for (value, &sx) in row.iter_mut().zip(&src_x) {
                 *value = column_major[sy + oh * sx];
@@ -198,9 +217,17 @@ impl Geometry {
     }
 }
 
-/// Source index of PIL's nearest-neighbour resize: `floor((i + 0.5) * src / dst)`.
-fn nearest_source(i: usize, dst: usize, src: usize) -> usize {
-    (((i as f64 + 0.5) * src as f64 / dst as f64) as usize).min(src - 1)
+/// Source indices of PIL's nearest-neighbour resize (`ImagingScaleAffine`): a running sum that starts at half a
+/// step, truncated, accumulated exactly as Pillow does so that rounding agrees.
+fn nearest_sources(dst: usize, src: usize) -> Vec<usize> {
+    let step = src as f64 / dst as f64;
+    let mut position = step * 0.5;
+    let mut table = Vec::with_capacity(dst);
+    for _ in 0..dst {
+        table.push((position as usize).min(src - 1));
+        position += step;
+    }
+    table
 }
 
 /// Sutherland-Hodgman clipping of a (possibly non-convex) polygon to `[0, w] x [0, h]`. The result may contain
@@ -316,17 +343,6 @@ pub struct Sample {
     pub targets: SampleTargets,
 }
 
-/// Bounding box of polygons, or `None` when they have no point.
-fn polygons_bounds(parts: &[Vec<f64>]) -> Option<[f64; 4]> {
-    let mut it = parts.iter().flat_map(|p| p.chunks_exact(2));
-    let first = it.next()?;
-    let mut b = [first[0], first[1], first[0], first[1]];
-    for p in it {
-        b = [b[0].min(p[0]), b[1].min(p[1]), b[2].max(p[0]), b[3].max(p[1])];
-    }
-    Some(b)
-}
-
 fn bitmap_bounds(bitmap: &[u8], width: usize) -> Option<[f64; 4]> {
     let mut b: Option<[f64; 4]> = None;
     for (i, _) in bitmap.iter().enumerate().filter(|(_, v)| **v != 0) {
@@ -355,7 +371,10 @@ pub fn transform_targets(record: &ImageRecord, geometry: &Geometry) -> SampleTar
                     continue;
                 }
                 if geometry.crop.is_some() {
-                    bbox = polygons_bounds(&mapped).map_or(bbox, |b| geometry_clamp(b, geometry));
+                    let bounds = mapped.iter().filter_map(|p| geometry.visible_bounds(p));
+                    bbox = bounds
+                        .reduce(|a, b| [a[0].min(b[0]), a[1].min(b[1]), a[2].max(b[2]), a[3].max(b[3])])
+                        .unwrap_or([0.0; 4]);
                 }
                 Some(InstanceMask::Polygons(mapped))
             }
@@ -381,11 +400,6 @@ pub fn transform_targets(record: &ImageRecord, geometry: &Geometry) -> SampleTar
         }
     }
     targets
-}
-
-fn geometry_clamp(b: [f64; 4], geometry: &Geometry) -> [f64; 4] {
-    let (h, w) = geometry.output_size();
-    [b[0].clamp(0.0, w as f64), b[1].clamp(0.0, h as f64), b[2].clamp(0.0, w as f64), b[3].clamp(0.0, h as f64)]
 }
 
 /// Decodes, checks the size against the JSON and transforms one image with its targets.
