@@ -2,22 +2,25 @@
 //! `grid_sampler_2d`, which gives the backward pass for free; and detectron2's multi-level `ROIPooler`.
 //!
 //! Construction: the images of the batch are stacked vertically into one tall map, each image padded by one
-//! replicated row above and below so that bilinear taps never mix two images. Every sample point of every RoI
-//! becomes one grid point: coordinates follow torchvision's kernel (same formula, computed in the input's
-//! precision), points outside `[-1, H] x [-1, W]` are masked to zero, the rest are clamped to the map as
-//! torchvision does, and the `gh x gw` samples of each bin are averaged with `avg_pool2d`. The grid itself is
-//! normalised in f64. With a fixed sampling ratio there is no device-to-host transfer; the adaptive ratio (`0`)
-//! copies the per-RoI grid sizes to the host once to bucket RoIs by sample count.
+//! replicated pixel on every side so that bilinear taps never mix two images and rounding at the borders stays
+//! exact. Every sample point of every RoI becomes one grid point: coordinates follow torchvision's kernel (same
+//! formula, computed in the input's precision), points outside `[-1, H] x [-1, W]` are sent far outside the map
+//! (zero padding makes them contribute 0), the rest are clamped to the image as torchvision does, and the samples
+//! of each bin are averaged. The grid itself is normalised in f64. A fixed sampling ratio uses one dense grid and
+//! `avg_pool2d`, with no device-to-host transfer; the adaptive ratio (`0`, `ceil(roi_size / output_size)` samples
+//! per bin and RoI) uses one flat list of samples summed per bin with `index_add`, after copying one scalar (the
+//! total sample count) to the host.
 
-use std::collections::BTreeMap;
+use tch::{Kind, Tensor};
 
-use tch::{Device, Kind, Tensor};
-
-/// Bilinear interpolation (`0`) and border padding (`1`) in libtorch's `grid_sampler_2d` enumerations.
+/// Bilinear interpolation (`0`) and zero padding (`0`) in libtorch's `grid_sampler_2d` enumerations.
 const BILINEAR: i64 = 0;
-const BORDER_PADDING: i64 = 1;
+const ZERO_PADDING: i64 = 0;
+/// Normalised coordinate of samples that torchvision treats as empty: far enough outside the (padded) map that
+/// every bilinear tap reads the zero padding.
+const OUTSIDE: f64 = -3.0;
 
-/// One image batch prepared for sampling: `[1, C, N * (H + 2), W]`.
+/// One image batch prepared for sampling: `[1, C, N * (H + 2), W + 2]`.
 struct StackedInput {
     map: Tensor,
     height: i64,
@@ -30,9 +33,26 @@ impl StackedInput {
         let [batch, channels, height, width] = input.size()[..] else {
             panic!("roi_align expects an input of shape [N, C, H, W], got {:?}", input.size())
         };
-        let padded = input.pad([0, 0, 1, 1], "replicate", None);
-        let map = padded.permute([1, 0, 2, 3]).reshape([1, channels, batch * (height + 2), width]);
+        let padded = input.pad([1, 1, 1, 1], "replicate", None);
+        let map = padded.permute([1, 0, 2, 3]).reshape([1, channels, batch * (height + 2), width + 2]);
         StackedInput { map, height, width, channels }
+    }
+
+    /// Grid of normalised `(x, y)` points for sample coordinates `x`, `y` (same shape) of RoIs in images
+    /// `batch_index` (broadcast to that shape): torchvision's validity test and clamping, then the shift into the
+    /// stacked, padded map.
+    fn grid(&self, x: &Tensor, y: &Tensor, batch_index: &Tensor) -> Tensor {
+        let (height, width) = (self.height, self.width);
+        let valid =
+            y.ge(-1.0).logical_and(&y.le(height as f64)).logical_and(&x.ge(-1.0)).logical_and(&x.le(width as f64));
+        let row = y.clamp(0.0, (height - 1) as f64).to_kind(Kind::Double)
+            + batch_index.to_kind(Kind::Double) * (height + 2) as f64
+            + 1.0;
+        let column = x.clamp(0.0, (width - 1) as f64).to_kind(Kind::Double) + 1.0;
+        let size = self.map.size();
+        let norm_y = (row * (2.0 / (size[2] - 1) as f64) - 1.0).where_scalarother(&valid, OUTSIDE);
+        let norm_x = (column * (2.0 / (size[3] - 1) as f64) - 1.0).where_scalarother(&valid, OUTSIDE);
+        Tensor::stack(&[norm_x, norm_y], -1).to_kind(self.map.kind())
     }
 }
 
@@ -68,16 +88,6 @@ impl RoiGeometry {
             bin_h: roi_h / output_size.0 as f64,
         }
     }
-
-    fn select(&self, index: &Tensor) -> Self {
-        RoiGeometry {
-            batch_index: self.batch_index.index_select(0, index),
-            start_x: self.start_x.index_select(0, index),
-            start_y: self.start_y.index_select(0, index),
-            bin_w: self.bin_w.index_select(0, index),
-            bin_h: self.bin_h.index_select(0, index),
-        }
-    }
 }
 
 /// Sample coordinates `[K, bins * grid]` along one axis: `start + bin * size + (i + 0.5) * size / grid`.
@@ -89,34 +99,77 @@ fn sample_positions(start: &Tensor, bin_size: &Tensor, bins: i64, grid: i64) -> 
     start.unsqueeze(1) + bin_index.unsqueeze(0) * &bin_size + in_bin.unsqueeze(0) * &bin_size / grid as f64
 }
 
-/// Pools RoIs that share one sampling grid `gh x gw`: `[K, C, oh, ow]`.
-fn align_bucket(stacked: &StackedInput, geometry: &RoiGeometry, output_size: (i64, i64), grid: (i64, i64)) -> Tensor {
+/// Fixed `sampling_ratio x sampling_ratio` samples per bin: one dense grid, averaged with `avg_pool2d`.
+fn align_fixed(stacked: &StackedInput, geometry: &RoiGeometry, output_size: (i64, i64), ratio: i64) -> Tensor {
     let (oh, ow) = output_size;
-    let (gh, gw) = grid;
     let count = geometry.start_x.size()[0];
-    let (height, width) = (stacked.height, stacked.width);
-    let y = sample_positions(&geometry.start_y, &geometry.bin_h, oh, gh);
-    let x = sample_positions(&geometry.start_x, &geometry.bin_w, ow, gw);
-    let valid_y = y.ge(-1.0).logical_and(&y.le(height as f64));
-    let valid_x = x.ge(-1.0).logical_and(&x.le(width as f64));
-    let valid = valid_y.unsqueeze(2).logical_and(&valid_x.unsqueeze(1)).unsqueeze(1);
-    // Clamped pixel coordinates, then rows shifted to the RoI's image in the stacked map (plus its padding row).
-    let row = y.clamp(0.0, (height - 1) as f64).to_kind(Kind::Double)
-        + (geometry.batch_index.to_kind(Kind::Double) * (height + 2) as f64 + 1.0).unsqueeze(1);
-    let column = x.clamp(0.0, (width - 1) as f64).to_kind(Kind::Double);
-    let stacked_rows = stacked.map.size()[2];
-    let norm_y = row * (2.0 / (stacked_rows - 1).max(1) as f64) - 1.0;
-    let norm_x = column * (2.0 / (width - 1).max(1) as f64) - 1.0;
-    let grid_shape = [count, oh * gh, ow * gw];
-    let grid_x = norm_x.unsqueeze(1).expand(grid_shape, false);
-    let grid_y = norm_y.unsqueeze(2).expand(grid_shape, false);
-    let sample_grid =
-        Tensor::stack(&[grid_x, grid_y], 3).reshape([1, count * oh * gh, ow * gw, 2]).to_kind(stacked.map.kind());
-    let samples = stacked.map.grid_sampler_2d(&sample_grid, BILINEAR, BORDER_PADDING, true);
-    let samples = samples.reshape([stacked.channels, count, oh * gh, ow * gw]).permute([1, 0, 2, 3]);
-    let valid = valid.to_kind(samples.kind());
-    let samples = samples * valid;
-    samples.avg_pool2d([gh, gw], [gh, gw], [0, 0], false, true, None)
+    let y = sample_positions(&geometry.start_y, &geometry.bin_h, oh, ratio);
+    let x = sample_positions(&geometry.start_x, &geometry.bin_w, ow, ratio);
+    let shape = [count, oh * ratio, ow * ratio];
+    let grid = stacked.grid(
+        &x.unsqueeze(1).expand(shape, false),
+        &y.unsqueeze(2).expand(shape, false),
+        &geometry.batch_index.view([count, 1, 1]),
+    );
+    let samples = stacked.map.grid_sampler_2d(
+        &grid.reshape([1, count * oh * ratio, ow * ratio, 2]),
+        BILINEAR,
+        ZERO_PADDING,
+        true,
+    );
+    let samples = samples.reshape([stacked.channels, count, oh * ratio, ow * ratio]).permute([1, 0, 2, 3]);
+    samples.avg_pool2d([ratio, ratio], [ratio, ratio], [0, 0], false, true, None)
+}
+
+/// Adaptive sampling: `ceil(bin_h) x ceil(bin_w)` samples per bin, different for every RoI, as one flat list of
+/// samples (bin-major within each RoI) summed per bin with `index_add`. RoIs with a non-positive grid (empty boxes
+/// with `aligned = true`) get no samples and stay zero, as in torchvision.
+fn align_adaptive(stacked: &StackedInput, geometry: &RoiGeometry, output_size: (i64, i64)) -> Tensor {
+    let (oh, ow) = output_size;
+    let bins = oh * ow;
+    let count = geometry.start_x.size()[0];
+    let device = geometry.start_x.device();
+    let int64 = (Kind::Int64, device);
+    // Exactly torchvision's ceil(roi_size / pooled_size): bin sizes are that quotient.
+    let grid_h = geometry.bin_h.ceil().to_kind(Kind::Int64).clamp_min(0);
+    let grid_w = geometry.bin_w.ceil().to_kind(Kind::Int64).clamp_min(0);
+    let per_bin = &grid_h * &grid_w;
+    let per_roi = &per_bin * bins;
+    let total = per_roi.sum(Kind::Int64).int64_value(&[]);
+    let kind = geometry.start_x.kind();
+    let pooled = if total == 0 {
+        Tensor::zeros([stacked.channels, count * bins], (stacked.map.kind(), device))
+    } else {
+        let roi = Tensor::repeat_interleave(&per_roi, total);
+        let first_sample = per_roi.cumsum(0, Kind::Int64) - &per_roi;
+        let local = Tensor::arange(total, int64) - first_sample.index_select(0, &roi);
+        let samples_per_bin = per_bin.index_select(0, &roi);
+        let bin = local.floor_divide(&samples_per_bin);
+        let in_bin = local - &bin * &samples_per_bin;
+        let gw = grid_w.index_select(0, &roi);
+        let gh = grid_h.index_select(0, &roi);
+        let iy = in_bin.floor_divide(&gw);
+        let ix = in_bin - &iy * &gw;
+        let ph = bin.floor_divide_scalar(ow);
+        let pw = &bin - &ph * ow;
+        let bin_h = geometry.bin_h.index_select(0, &roi);
+        let bin_w = geometry.bin_w.index_select(0, &roi);
+        let y = geometry.start_y.index_select(0, &roi)
+            + ph.to_kind(kind) * &bin_h
+            + (iy.to_kind(kind) + 0.5) * &bin_h / gh.to_kind(kind);
+        let x = geometry.start_x.index_select(0, &roi)
+            + pw.to_kind(kind) * &bin_w
+            + (ix.to_kind(kind) + 0.5) * &bin_w / gw.to_kind(kind);
+        let grid = stacked.grid(&x, &y, &geometry.batch_index.index_select(0, &roi));
+        let samples = stacked.map.grid_sampler_2d(&grid.reshape([1, total, 1, 2]), BILINEAR, ZERO_PADDING, true);
+        let samples = samples.reshape([stacked.channels, total]);
+        let target = roi * bins + bin;
+        let sums =
+            Tensor::zeros([stacked.channels, count * bins], (samples.kind(), device)).index_add(1, &target, &samples);
+        let divisor = per_bin.clamp_min(1).to_kind(samples.kind()).repeat_interleave_self_int(bins, 0, None);
+        sums / divisor
+    };
+    pooled.reshape([stacked.channels, count, oh, ow]).permute([1, 0, 2, 3])
 }
 
 /// RoIAlign with torchvision's semantics: `input` `[N, C, H, W]`, `rois` `[K, 5]` rows of
@@ -140,27 +193,10 @@ pub fn roi_align(
     }
     let geometry = RoiGeometry::new(rois, input, output_size, spatial_scale, aligned);
     if sampling_ratio > 0 {
-        return align_bucket(&stacked, &geometry, output_size, (sampling_ratio, sampling_ratio));
+        align_fixed(&stacked, &geometry, output_size, sampling_ratio)
+    } else {
+        align_adaptive(&stacked, &geometry, output_size)
     }
-    // Adaptive sampling: ceil(roi_size / output_size) samples per bin, computed like torchvision (bin sizes are
-    // exactly roi_size / output_size). RoIs with a non-positive grid (empty boxes with aligned=true) stay zero.
-    let grid_h = geometry.bin_h.ceil().to_kind(Kind::Int64);
-    let grid_w = geometry.bin_w.ceil().to_kind(Kind::Int64);
-    let grids = Tensor::stack(&[grid_h, grid_w], 1).to_device(Device::Cpu);
-    let grids = Vec::<i64>::try_from(grids.flatten(0, -1)).expect("int64 host copy of the RoI sampling grids");
-    let mut buckets: BTreeMap<(i64, i64), Vec<i64>> = BTreeMap::new();
-    for (roi, grid) in grids.chunks_exact(2).enumerate() {
-        if grid[0] > 0 && grid[1] > 0 {
-            buckets.entry((grid[0], grid[1])).or_default().push(roi as i64);
-        }
-    }
-    let mut output = Tensor::zeros([num_rois, stacked.channels, oh, ow], (input.kind(), input.device()));
-    for (grid, members) in buckets {
-        let index = Tensor::from_slice(&members).to_device(input.device());
-        let pooled = align_bucket(&stacked, &geometry.select(&index), output_size, grid);
-        output = output.index_copy(0, &index, &pooled);
-    }
-    output
 }
 
 /// How [`RoiPooler`] maps a box to a pyramid level: `floor(canonical_level + log2(sqrt(area) / canonical_size))`,
@@ -275,7 +311,7 @@ impl RoiPooler {
                 self.sampling_ratio,
                 self.aligned,
             );
-            output = output.index_copy(0, &index, &pooled);
+            let _ = output.index_copy_(0, &index, &pooled);
         }
         output
     }
