@@ -4,9 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
-use backbone::BackboneConfig;
+use data::config::{DataConfig, InputConfig, PixelFormat};
+use detector::config::{ChannelOrder, DetectorConfig};
 use serde::{Deserialize, Serialize};
 use toml::Value;
+
+use crate::checkpoint::CheckpointConfig;
+use crate::events::LogConfig;
+use crate::solver::SolverConfig;
 
 /// Errors in reading, merging, overriding or validating a config.
 #[derive(Debug, thiserror::Error)]
@@ -44,12 +49,35 @@ fn default_device() -> String {
     "auto".into()
 }
 
-/// The `[model]` section.
+fn default_vis_images() -> usize {
+    4
+}
+fn default_true() -> bool {
+    true
+}
+
+/// The `[eval]` section: COCO evaluation on the validation split during and after training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ModelConfig {
-    /// The backbone network.
-    pub backbone: BackboneConfig,
+pub struct EvalConfig {
+    /// Evaluate every this many iterations; 0 evaluates only at the end.
+    #[serde(default)]
+    pub period: u64,
+    /// Evaluate when training finishes.
+    #[serde(default = "default_true")]
+    pub at_end: bool,
+    /// Evaluate on the first N validation images only (quick checks); absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_images: Option<usize>,
+    /// Validation images drawn with their predictions into TensorBoard at each evaluation.
+    #[serde(default = "default_vis_images")]
+    pub vis_images: usize,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        EvalConfig { period: 0, at_end: true, max_images: None, vis_images: default_vis_images() }
+    }
 }
 
 /// A whole experiment.
@@ -65,8 +93,26 @@ pub struct Config {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
-    /// The model.
-    pub model: ModelConfig,
+    /// The model (`[model]`, `[model.backbone]`, `[model.fpn]`, `[model.rpn]`, `[model.roi_heads]`, ...).
+    pub model: DetectorConfig,
+    /// Datasets (`data.train.*`, `data.val.*`); needed by train, eval and data check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataConfig>,
+    /// Resize, augmentation and pixel normalisation of the loader; `model.input` follows it.
+    #[serde(default)]
+    pub input: InputConfig,
+    /// Optimizer and schedule.
+    #[serde(default)]
+    pub solver: SolverConfig,
+    /// Checkpoint period, retention and best-model selection.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// Evaluation schedule.
+    #[serde(default)]
+    pub eval: EvalConfig,
+    /// Console, metrics.jsonl and TensorBoard logging.
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 impl Config {
@@ -82,7 +128,55 @@ impl Config {
         } else {
             format!("{} (with --set overrides)", path.display())
         };
-        from_value(value, &origin)
+        let model_input_given = value.get("model").and_then(|m| m.get("input")).is_some();
+        let mut config: Config = from_value(value, &origin)?;
+        config.reconcile_model_input(model_input_given, &origin)?;
+        Ok(config)
+    }
+
+    /// The loader normalises images with `[input]`; the model's own preprocessing (used by `predict` on raw
+    /// images) must agree. Without a `[model.input]` section it is derived from `[input]`; with one, the two must
+    /// match, so a model never trains with one normalisation and predicts with another.
+    fn reconcile_model_input(&mut self, model_input_given: bool, origin: &str) -> Result<(), ConfigError> {
+        let input = &self.input;
+        let format = match input.format {
+            PixelFormat::Rgb => ChannelOrder::RGB,
+            PixelFormat::Bgr => ChannelOrder::BGR,
+        };
+        let mean = input.pixel_mean.map(f64::from);
+        let std = input.pixel_std.map(f64::from);
+        let model = &mut self.model.input;
+        if !model_input_given {
+            model.format = format;
+            model.value_range = 255.0;
+            model.pixel_mean = mean;
+            model.pixel_std = std;
+            model.size_divisibility = input.size_divisibility.into();
+            model.min_size_test = input.min_size_test.into();
+            model.max_size_test = input.max_size_test.into();
+            return Ok(());
+        }
+        let scale = 255.0 / model.value_range;
+        let agree = |a: [f64; 3], b: [f64; 3]| a.iter().zip(b).all(|(x, y)| (x * scale - y).abs() < 1e-3);
+        let mismatches = [
+            ("format", model.format == format),
+            ("pixel_mean", agree(model.pixel_mean, mean)),
+            ("pixel_std", agree(model.pixel_std, std)),
+            ("size_divisibility", model.size_divisibility == i64::from(input.size_divisibility)),
+            ("min_size_test", model.min_size_test == i64::from(input.min_size_test)),
+            ("max_size_test", model.max_size_test == i64::from(input.max_size_test)),
+        ];
+        match mismatches.iter().find(|(_, ok)| !ok) {
+            None => Ok(()),
+            Some((key, _)) => Err(ConfigError::Invalid {
+                origin: origin.into(),
+                key: format!("model.input.{key}"),
+                message: format!(
+                    "differs from input.{key}; the loader normalises and resizes with [input], so set both alike \
+                     (or drop [model.input] to derive it)"
+                ),
+            }),
+        }
     }
 
     /// The config as TOML, as written to `output_dir/config.toml`.

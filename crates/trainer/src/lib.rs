@@ -1,12 +1,15 @@
-//! The vovdet trainer library behind the `trainer` binary: configuration, device selection, model analysis
-//! and benchmarks (training, evaluation and checkpoints join as their issues land).
+//! The vovdet trainer library behind the `trainer` binary: configuration, device selection, the training loop with
+//! exact resume, solver, checkpoints, logging, COCO evaluation, model analysis, conversion and benchmarks.
 
 pub mod bench;
+pub mod checkpoint;
+pub mod coco_eval;
 pub mod config;
 pub mod convert;
 pub mod device;
+pub mod evaluate;
+pub mod events;
 pub mod info;
 pub mod solver;
-pub mod checkpoint;
-pub mod events;
-pub mod coco_eval;
+pub mod train;
+pub mod visualize;

@@ -11,6 +11,7 @@ use trainer::config::Config;
 use trainer::convert::convert;
 use trainer::device::parse_device;
 use trainer::info::{model_info, parse_size, render};
+use trainer::train::{evaluate_weights, train, Resume, TrainOptions};
 
 /// vovdet: Mask R-CNN with VoVNet backbones, trained from scratch on libtorch.
 #[derive(Parser)]
@@ -22,6 +23,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Train (the default: `trainer CONFIG` means `trainer train CONFIG`), evaluating and checkpointing as configured.
+    Train(TrainArgs),
+    /// Evaluate weights on the validation split (COCO bbox and segm).
+    Eval(EvalArgs),
+    /// Dataset tools.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Evaluate a COCO results file against ground truth (pycocotools-exact).
+    CocoEval(CocoEvalArgs),
     /// Parameters per module, GFLOPs at an input size, and the backbone's output shapes.
     Info(InfoArgs),
     /// Speed benchmarks (detectron2 protocol: medians after a warm-up).
@@ -46,9 +56,12 @@ struct ConvertArgs {
 /// Options every command that reads a config shares.
 #[derive(Args)]
 struct ConfigArgs {
+    /// Experiment file (TOML), given either positionally or with --config.
+    #[arg(value_name = "CONFIG")]
+    config_file: Option<PathBuf>,
     /// Experiment file (TOML).
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    #[arg(long = "config", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Override a config value, e.g. `--set model.backbone.name=V-39` (repeatable; values are TOML literals).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     overrides: Vec<String>,
@@ -59,10 +72,101 @@ struct ConfigArgs {
 
 impl ConfigArgs {
     fn load(&self) -> anyhow::Result<(Config, tch::Device)> {
-        let config = Config::load(&self.config, &self.overrides)?;
+        let path = match (&self.config_file, &self.config) {
+            (Some(path), None) | (None, Some(path)) => path,
+            (Some(_), Some(_)) => anyhow::bail!("give the config once: positionally or with --config"),
+            (None, None) => anyhow::bail!("no config file: pass CONFIG or --config FILE"),
+        };
+        let config = Config::load(path, &self.overrides)?;
         let device = parse_device(self.device.as_deref().unwrap_or(&config.device))?;
         Ok((config, device))
     }
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    common: ConfigArgs,
+    /// Output folder (shorthand for --set output_dir=DIR).
+    #[arg(long, value_name = "DIR")]
+    output: Option<PathBuf>,
+    /// Resume from the last checkpoint in the output folder, or from the checkpoint folder given.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
+    resume: Option<PathBuf>,
+    /// Initialise the model from these weights (checkpoint folder or .safetensors); not a resume.
+    #[arg(long, value_name = "FILE", conflicts_with = "resume")]
+    init_weights: Option<PathBuf>,
+    /// Scale the LR linearly when the total batch differs from solver.ims_per_batch (shorthand for
+    /// --set solver.scale_lr_to_batch=true).
+    #[arg(long)]
+    lr_scale_to_batch: bool,
+    /// Plain log lines instead of a progress bar (shorthand for --set log.quiet=true).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    common: ConfigArgs,
+    /// Weights: a checkpoint folder or a .safetensors file.
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    /// Print one JSON object with every metric instead of the tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Validate the configured datasets and summarise them, without training.
+    Check(DataCheckArgs),
+    /// Write the synthetic shapes dataset (COCO format).
+    Synth(DataSynthArgs),
+}
+
+#[derive(Args)]
+struct DataCheckArgs {
+    #[command(flatten)]
+    common: ConfigArgs,
+    /// Decode every image instead of reading headers only.
+    #[arg(long)]
+    decode: bool,
+}
+
+#[derive(Args)]
+struct DataSynthArgs {
+    /// Output folder.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    /// Training images.
+    #[arg(long, default_value_t = 300)]
+    train: usize,
+    /// Validation images.
+    #[arg(long, default_value_t = 50)]
+    val: usize,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 160)]
+    size: u32,
+    /// Seed (the same seed writes identical files).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+#[derive(Args)]
+struct CocoEvalArgs {
+    /// Ground-truth annotations (COCO instances JSON).
+    #[arg(long, value_name = "GT.json")]
+    gt: PathBuf,
+    /// Detections (COCO results JSON).
+    #[arg(long, value_name = "DT.json")]
+    dt: PathBuf,
+    /// bbox or segm.
+    #[arg(long, default_value = "bbox", value_parser = ["bbox", "segm"])]
+    iou_type: String,
+    /// Print `{"iou_type": ..., "stats": [12 numbers]}`.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args)]
@@ -108,6 +212,63 @@ struct BenchArgs {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Train(mut args) => {
+            if let Some(dir) = &args.output {
+                args.common.overrides.push(format!("output_dir={:?}", dir.display().to_string()));
+            }
+            if args.lr_scale_to_batch {
+                args.common.overrides.push("solver.scale_lr_to_batch=true".into());
+            }
+            if args.quiet {
+                args.common.overrides.push("log.quiet=true".into());
+            }
+            let (config, device) = args.common.load()?;
+            let resume = match args.resume {
+                None => Resume::No,
+                Some(path) if path.as_os_str().is_empty() => Resume::Last,
+                Some(path) => Resume::From(path),
+            };
+            let options = TrainOptions { resume, init_weights: args.init_weights, device };
+            let outcome = train(&config, &options)?;
+            if outcome.interrupted {
+                println!("stopped at iteration {}; continue with --resume", outcome.iteration);
+            } else {
+                println!("finished {} iterations; outputs in {}", outcome.iteration, config.output_dir.display());
+            }
+        }
+        Command::Eval(args) => {
+            let (config, device) = args.common.load()?;
+            let outcome = evaluate_weights(&config, &args.weights, device)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&outcome.metrics)?);
+            } else {
+                print!("{}", outcome.report);
+            }
+        }
+        Command::Data(DataCommand::Check(args)) => {
+            let (config, _) = args.common.load()?;
+            let data = config.data.as_ref().context("the config has no [data] section")?;
+            if let Some(synth) = &data.synth {
+                data::synth::ensure(synth)?;
+            }
+            let report = data::coco::check(data, args.decode, true);
+            print!("{report}");
+            anyhow::ensure!(report.problem_count() == 0, "{} problem(s) found", report.problem_count());
+        }
+        Command::Data(DataCommand::Synth(args)) => {
+            let options = data::synth::SynthOptions { train: args.train, val: args.val, size: args.size, seed: args.seed };
+            let summary = data::synth::generate(&args.out, &options)?;
+            println!(
+                "wrote {} train and {} val instances to {}",
+                summary.instances.0,
+                summary.instances.1,
+                args.out.display()
+            );
+        }
+        Command::CocoEval(args) => {
+            let iou_type = args.iou_type.parse().map_err(anyhow::Error::msg)?;
+            println!("{}", trainer::coco_eval::coco_eval_report(&args.gt, &args.dt, iou_type, args.json)?);
+        }
         Command::Info(args) => {
             let (config, device) = args.common.load()?;
             let input = parse_size(&args.input).context("--input")?;
@@ -156,8 +317,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Subcommand names, so that `trainer CONFIG` can mean `trainer train CONFIG`.
+const SUBCOMMANDS: [&str; 9] = ["train", "eval", "data", "coco-eval", "info", "bench", "convert", "help", "predict"];
+
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(first) = argv.get(1).and_then(|a| a.to_str()) {
+        if !first.starts_with('-') && !SUBCOMMANDS.contains(&first) {
+            argv.insert(1, "train".into());
+        }
+    }
+    match run(Cli::parse_from(argv)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

@@ -1,0 +1,124 @@
+//! Inference over a validation split and COCO bbox/segm evaluation with hotcoco (pycocotools-exact), plus the
+//! prediction images logged to TensorBoard.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use data::coco::CocoDataset;
+use data::loader::{Loader, LoaderOptions};
+use data::transform::{decode_rgb, RgbImage};
+use detector::structures::{Detections, ImageBatch};
+use detector::MaskRcnn;
+use tch::{Device, Kind};
+
+use crate::coco_eval::{evaluate as coco_evaluate, write_detections, CompressedRle, Detection, GroundTruth, IouType};
+use crate::config::Config;
+use crate::visualize::{draw, DrawnDetection};
+
+/// What one evaluation produced.
+#[derive(Debug, Default)]
+pub struct EvalOutcome {
+    /// `bbox/AP`, `segm/AP50`, per-class `bbox/AP-name`, ... in [0, 100] like detectron2 prints them.
+    pub metrics: BTreeMap<String, f64>,
+    /// The pycocotools-style summaries and per-class tables, ready to print.
+    pub report: String,
+    /// Original images with predictions drawn, for TensorBoard: (image id, picture).
+    pub pictures: Vec<(u64, RgbImage)>,
+}
+
+/// Turns one image's detections into COCO results (labels mapped back to category ids, masks RLE-encoded).
+pub fn to_coco(image_id: u64, detections: &Detections, dataset: &CocoDataset) -> anyhow::Result<Vec<Detection>> {
+    let boxes = Vec::<f32>::try_from(detections.boxes.to_device(Device::Cpu).flatten(0, -1))?;
+    let scores = Vec::<f32>::try_from(detections.scores.to_device(Device::Cpu))?;
+    let labels = Vec::<i64>::try_from(detections.labels.to_device(Device::Cpu))?;
+    let masks = detections.masks.to_device(Device::Cpu);
+    let has_masks = masks.size().first().copied().unwrap_or(0) == labels.len() as i64 && masks.dim() == 3;
+    let mut results = Vec::with_capacity(labels.len());
+    for (i, (&label, &score)) in labels.iter().zip(&scores).enumerate() {
+        let category_id = dataset
+            .categories
+            .category_id(label)
+            .with_context(|| format!("the model predicted label {label}, which the dataset does not have"))?;
+        let xyxy = [0, 1, 2, 3].map(|k| boxes[4 * i + k] as f64);
+        let mask = if has_masks { Some(CompressedRle::from_tensor(&masks.get(i as i64))?) } else { None };
+        results.push(Detection::from_xyxy(image_id, category_id, xyxy, score as f64, mask));
+    }
+    Ok(results)
+}
+
+/// Runs the model on every image of `dataset` (batch 1, test-time resize of `[input]`), evaluates bbox and segm
+/// against `gt`, writes `coco_instances_results.json` into `results_dir` when given, and draws the first
+/// `config.eval.vis_images` images with their predictions.
+pub fn evaluate(
+    model: &MaskRcnn,
+    config: &Config,
+    dataset: Arc<CocoDataset>,
+    gt: &GroundTruth,
+    device: Device,
+    results_dir: Option<&Path>,
+) -> anyhow::Result<EvalOutcome> {
+    let data_config = config.data.as_ref().context("config has no [data] section")?;
+    let options = LoaderOptions::from_config(data_config);
+    let loader = Loader::inference(dataset.clone(), config.input.clone(), 1, 0, 1, options)?;
+    let mut results = Vec::new();
+    let mut pictures = Vec::new();
+    for batch in loader {
+        let batch = batch?.to_device(device);
+        let image_batch = ImageBatch { images: batch.images.shallow_clone(), image_sizes: batch.image_sizes.clone() };
+        let detections = model.inference(&image_batch, &batch.original_sizes)?;
+        for (&image_id, dets) in batch.image_ids.iter().zip(&detections) {
+            let coco = to_coco(image_id, dets, &dataset)?;
+            if pictures.len() < config.eval.vis_images {
+                let record = dataset.images.iter().find(|r| r.image_id == image_id).context("image id in dataset")?;
+                let mut picture = decode_rgb(&record.file)?;
+                draw(&mut picture, &drawn(dets, &dataset, 0.3)?);
+                pictures.push((image_id, picture));
+            }
+            results.extend(coco);
+        }
+    }
+    if let Some(dir) = results_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        write_detections(&dir.join("coco_instances_results.json"), &results)?;
+    }
+    let mut outcome = EvalOutcome { pictures, ..Default::default() };
+    for iou_type in [IouType::Bbox, IouType::Segm] {
+        let summary = coco_evaluate(gt, &results, iou_type, "validation")?;
+        outcome.report.push_str(&format!("Evaluation results for {}:\n", iou_type.name()));
+        for line in summary.summary_lines() {
+            outcome.report.push_str(&line);
+            outcome.report.push('\n');
+        }
+        outcome.report.push_str(&summary.per_class_table());
+        outcome.report.push('\n');
+        outcome.metrics.extend(summary.metrics());
+    }
+    Ok(outcome)
+}
+
+/// Detections above `min_score` as drawable items with `name score` labels.
+pub fn drawn(detections: &Detections, dataset: &CocoDataset, min_score: f64) -> anyhow::Result<Vec<DrawnDetection>> {
+    let boxes = Vec::<f32>::try_from(detections.boxes.to_device(Device::Cpu).flatten(0, -1))?;
+    let scores = Vec::<f32>::try_from(detections.scores.to_device(Device::Cpu))?;
+    let labels = Vec::<i64>::try_from(detections.labels.to_device(Device::Cpu))?;
+    let masks = detections.masks.to_device(Device::Cpu).to_kind(Kind::Uint8);
+    let mut out = Vec::new();
+    for (i, (&label, &score)) in labels.iter().zip(&scores).enumerate() {
+        if (score as f64) < min_score {
+            continue;
+        }
+        let name = dataset.categories.name(label).unwrap_or("?");
+        let mask = (masks.dim() == 3 && masks.size()[0] > i as i64)
+            .then(|| Vec::<u8>::try_from(masks.get(i as i64).flatten(0, -1)))
+            .transpose()?;
+        out.push(DrawnDetection {
+            bbox: [0, 1, 2, 3].map(|k| boxes[4 * i + k] as f64),
+            text: format!("{name} {score:.2}"),
+            class: label as usize,
+            mask,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,426 @@
+//! The training loop: data, model, solver, checkpoints with exact resume, logging, periodic evaluation, and a
+//! clean stop on Ctrl-C (SIGINT/SIGTERM) that saves a checkpoint first.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use data::batch::{Batch, TargetMask};
+use data::coco::{CocoDataset, LoadOptions};
+use data::loader::{Loader, LoaderOptions};
+use data::sampler::{SamplerState, TrainSampler};
+use detector::structures::{GtInstances, GtMasks, ImageBatch};
+use detector::MaskRcnn;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use serde_json::json;
+use tch::{nn, Device, Tensor};
+
+use crate::checkpoint::{
+    init_weights, named_variables, resume_from, torch_seed, CheckpointContents, Checkpointer, LoadedCheckpoint,
+};
+use crate::coco_eval::GroundTruth;
+use crate::config::Config;
+use crate::evaluate::{evaluate, EvalOutcome};
+use crate::events::{EventWriter, MetricsWriter};
+use crate::solver::{check_losses, Solver};
+
+/// Where training starts from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resume {
+    /// A fresh run (the output folder may not hold checkpoints).
+    No,
+    /// The last valid checkpoint of the output folder (falling back to older ones with a warning).
+    Last,
+    /// This checkpoint folder.
+    From(PathBuf),
+}
+
+/// Command-line choices that are not part of the experiment config.
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    /// Resume behaviour.
+    pub resume: Resume,
+    /// Weights to initialise from (fine-tuning); not a resume.
+    pub init_weights: Option<PathBuf>,
+    /// Device to train on.
+    pub device: Device,
+}
+
+/// How a training run ended.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// Completed iterations.
+    pub iteration: u64,
+    /// True when stopped by SIGINT/SIGTERM (a checkpoint was saved).
+    pub interrupted: bool,
+    /// The last evaluation, if any ran.
+    pub last_eval: Option<EvalOutcome>,
+}
+
+/// Set by the signal handler; checked once per iteration.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+fn install_signal_handler() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // A second handler cannot be installed in the same process (tests); the first one keeps working.
+        let _ = ctrlc::set_handler(|| STOP.store(true, Ordering::SeqCst));
+    });
+}
+
+/// Loads a split with the config's missing-image policy, with the COCO-location hint when its files are absent.
+pub fn load_split(config: &Config, name: &str, progress: bool) -> anyhow::Result<CocoDataset> {
+    let data = config.data.as_ref().context(
+        "the config has no [data] section: set data.train.annotations, data.train.images, data.val.annotations and \
+         data.val.images",
+    )?;
+    if let Some(synth) = &data.synth {
+        if data::synth::ensure(synth)? {
+            eprintln!("generated the synthetic dataset in {}", synth.out.display());
+        }
+    }
+    let split = if name == "train" { &data.train } else { &data.val };
+    let options = LoadOptions { missing_images: data.missing_images, progress };
+    CocoDataset::load_split(split, name, options).map_err(|e| {
+        let missing = split.annotations.to_vec().iter().any(|p| !p.exists());
+        let hint = if missing {
+            " (COCO 2017 is expected under datasets/coco/{annotations,train2017,val2017}; point \
+             data.train.annotations, data.train.images, data.val.annotations and data.val.images elsewhere with \
+             --set or in the config)"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("{e}{hint}")
+    })
+}
+
+/// A cheap fingerprint of a dataset (annotation files, image count, categories) for checkpoint manifests.
+pub fn fingerprint(dataset: &CocoDataset) -> String {
+    let mut text = format!("{} images;", dataset.images.len());
+    for source in &dataset.sources {
+        let size = std::fs::metadata(source).map(|m| m.len()).unwrap_or(0);
+        text.push_str(&format!("{}:{size};", source.display()));
+    }
+    text.push_str(&format!("categories {:?}", dataset.categories.ids()));
+    format!("{:016x}", data::rng::mix(&text.bytes().map(u64::from).collect::<Vec<_>>()))
+}
+
+/// Converts the loader's batch into the detector's inputs.
+pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
+    let targets = batch
+        .targets
+        .into_iter()
+        .zip(&batch.image_sizes)
+        .map(|(target, &(height, width))| {
+            let all_polygons = target.masks.iter().all(|m| matches!(m, TargetMask::Polygons(_)));
+            let masks = if all_polygons {
+                GtMasks::Polygons(
+                    target.masks.into_iter().map(|m| if let TargetMask::Polygons(p) = m { p } else { vec![] }).collect(),
+                )
+            } else {
+                let device = target.boxes.device();
+                let bitmaps: Vec<Tensor> = target
+                    .masks
+                    .iter()
+                    .map(|m| match m {
+                        TargetMask::Bitmap(b) => b.to_device(device),
+                        TargetMask::Polygons(parts) => rasterize(parts, height, width).to_device(device),
+                    })
+                    .collect();
+                GtMasks::Bitmaps(Tensor::stack(&bitmaps, 0))
+            };
+            GtInstances { boxes: target.boxes, labels: target.labels, masks }
+        })
+        .collect();
+    (ImageBatch { images: batch.images, image_sizes: batch.image_sizes }, targets)
+}
+
+/// Rasterises polygon parts into an `[height, width]` u8 bitmap with hotcoco (pycocotools-exact), for images
+/// that mix polygon and RLE instances (the detector takes one mask kind per image).
+fn rasterize(parts: &[Vec<f64>], height: i64, width: i64) -> Tensor {
+    let (h, w) = (height as u32, width as u32);
+    match hotcoco::mask::fr_polys(parts, h, w) {
+        // hotcoco decodes column-major, like pycocotools.
+        Ok(rle) => Tensor::from_slice(&hotcoco::mask::decode(&rle)).view([width, height]).transpose(0, 1).contiguous(),
+        Err(_) => Tensor::zeros([height, width], (tch::Kind::Uint8, Device::Cpu)),
+    }
+}
+
+/// Sum of named losses as one scalar tensor.
+fn total_loss(losses: &BTreeMap<String, Tensor>) -> Tensor {
+    let mut terms = losses.values();
+    let first = terms.next().expect("the model returns at least one loss").shallow_clone();
+    terms.fold(first, |acc, l| acc + l)
+}
+
+/// Builds the model for `config` on `device`, checking the class count against the dataset.
+pub fn build_detector(config: &Config, num_classes: usize, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
+    anyhow::ensure!(
+        config.model.roi_heads.num_classes == num_classes as i64,
+        "model.roi_heads.num_classes = {} but the dataset has {num_classes} categories",
+        config.model.roi_heads.num_classes
+    );
+    let vs = nn::VarStore::new(device);
+    let model = MaskRcnn::new(&vs.root(), &config.model)?;
+    Ok((vs, model))
+}
+
+struct Logger {
+    metrics: MetricsWriter,
+    events: Option<EventWriter>,
+    bar: ProgressBar,
+    quiet: bool,
+}
+
+impl Logger {
+    fn line(&self, text: &str) {
+        if self.quiet {
+            println!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+
+    fn eval(&mut self, iteration: u64, outcome: &EvalOutcome) -> anyhow::Result<()> {
+        self.line(outcome.report.trim_end());
+        let mut record = serde_json::Map::new();
+        record.insert("iteration".into(), json!(iteration));
+        for (key, value) in &outcome.metrics {
+            record.insert(key.clone(), json!(value));
+        }
+        self.metrics.write(&serde_json::Value::Object(record))?;
+        if let Some(events) = &mut self.events {
+            for (key, value) in &outcome.metrics {
+                events.add_scalar(key, *value, iteration)?;
+            }
+            for (image_id, picture) in &outcome.pictures {
+                events.add_image_rgb(
+                    &format!("predictions/{image_id}"),
+                    picture.width,
+                    picture.height,
+                    &picture.data,
+                    iteration,
+                )?;
+            }
+            events.flush()?;
+        }
+        Ok(())
+    }
+}
+
+/// Trains as configured; see the module documentation.
+pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOutcome> {
+    install_signal_handler();
+    STOP.store(false, Ordering::SeqCst);
+    let output_dir = config.output_dir.clone();
+    std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create {}", output_dir.display()))?;
+    let config_toml = config.to_toml();
+    std::fs::write(output_dir.join("config.toml"), &config_toml)
+        .with_context(|| format!("cannot write {}", output_dir.join("config.toml").display()))?;
+
+    let quiet = config.log.quiet;
+    let mut train_set = load_split(config, "train", !quiet)?;
+    if config.data.as_ref().is_some_and(|d| d.filter_empty) {
+        train_set.filter_for_training();
+    }
+    let val_set = Arc::new(load_split(config, "val", !quiet)?);
+    let val_annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
+    anyhow::ensure!(
+        val_set.sources.len() == 1,
+        "evaluation needs one validation annotation file; data.val.annotations lists {}",
+        val_set.sources.len()
+    );
+
+    tch::manual_seed(config.seed as i64);
+    let (vs, model) = build_detector(config, train_set.categories.len(), options.device)?;
+    match &options.init_weights {
+        Some(path) => {
+            let missing = init_weights(&vs, path)?;
+            if !missing.is_empty() {
+                eprintln!("warning: {} has no values for {} variables (kept their initialisation)", path.display(), missing.len());
+            }
+        }
+        None => config.model.backbone.check_from_scratch()?,
+    }
+    backbone::freeze(&vs, "backbone.", model.backbone());
+
+    let mut solver_config = config.solver.clone();
+    if solver_config.scale_lr_to_batch {
+        if let Some(scaling) = solver_config.scale_to_batch(solver_config.ims_per_batch) {
+            eprintln!("{}", scaling.message);
+        }
+    }
+    anyhow::ensure!(
+        solver_config.ims_per_batch % solver_config.accumulate == 0,
+        "solver.ims_per_batch = {} is not a multiple of solver.accumulate = {}",
+        solver_config.ims_per_batch,
+        solver_config.accumulate
+    );
+    let micro_batch = (solver_config.ims_per_batch / solver_config.accumulate) as usize;
+    let mut solver = Solver::from_var_store(&vs, &solver_config)?;
+    let checkpointer = Checkpointer::new(&output_dir, &config.checkpoint);
+    let resumed: Option<LoadedCheckpoint> = match &options.resume {
+        Resume::No => None,
+        Resume::Last => checkpointer.resume(&vs, &mut solver)?.map(|r| {
+            for warning in &r.warnings {
+                eprintln!("warning: {warning}");
+            }
+            r.checkpoint
+        }),
+        Resume::From(path) => Some(resume_from(path, &vs, &mut solver)?),
+    };
+    let start = solver.iteration();
+    let max_iter = solver_config.max_iter;
+
+    let data_config = config.data.as_ref().expect("checked by load_split");
+    let mut sampler =
+        TrainSampler::new(&train_set, micro_batch, 0, 1, data_config.aspect_ratio_grouping, config.seed)?;
+    if let Some(checkpoint) = &resumed {
+        let state: SamplerState = serde_json::from_value(checkpoint.state.sampler.clone())
+            .with_context(|| format!("checkpoint {}: sampler state", checkpoint.path.display()))?;
+        sampler.restore(state);
+        eprintln!("resumed from {} at iteration {start}", checkpoint.path.display());
+    }
+    let dataset_fingerprint = fingerprint(&train_set);
+    let mut loader = Loader::train(
+        Arc::new(train_set),
+        config.input.clone(),
+        sampler,
+        LoaderOptions::from_config(data_config),
+    )?;
+    let gt = GroundTruth::load(&val_annotations)?;
+
+    let metrics_path = output_dir.join("metrics.jsonl");
+    let metrics =
+        if start > 0 { MetricsWriter::open_resumed(&metrics_path, start)? } else { MetricsWriter::open(&metrics_path)? };
+    let events =
+        if config.log.tensorboard { Some(EventWriter::create(&output_dir.join("tensorboard"))?) } else { None };
+    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(max_iter), ProgressDrawTarget::stderr()) };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(start);
+    let mut logger = Logger { metrics, events, bar, quiet };
+
+    let save = |solver: &Solver, loader: &Loader, iteration: u64| -> anyhow::Result<PathBuf> {
+        let model_tensors = named_variables(&vs);
+        let contents = CheckpointContents {
+            model: &model_tensors,
+            solver: &solver.state_dict(),
+            sampler: serde_json::to_value(loader.sampler_state())?,
+            rng: json!({"torch": "manual_seed(torch_seed(seed, iteration)) at every iteration", "seed": config.seed}),
+            config_toml: &config_toml,
+            device: format!("{:?}", options.device),
+            dataset_fingerprint: dataset_fingerprint.clone(),
+        };
+        Ok(checkpointer.save(iteration, &contents)?)
+    };
+
+    let mut last_eval = None;
+    let mut window_start = Instant::now();
+    let mut data_seconds = 0.0;
+    let mut window_iters = 0u64;
+    let mut iteration = start;
+    while iteration < max_iter {
+        if STOP.load(Ordering::SeqCst) {
+            let path = save(&solver, &loader, iteration)?;
+            logger.line(&format!("interrupted: saved {} at iteration {iteration}", path.display()));
+            logger.bar.abandon();
+            return Ok(TrainOutcome { iteration, interrupted: true, last_eval });
+        }
+        tch::manual_seed(torch_seed(config.seed, iteration));
+        let mut logged: BTreeMap<String, f64> = BTreeMap::new();
+        for _ in 0..solver_config.accumulate {
+            let fetch = Instant::now();
+            let batch = loader.next().context("the training loader stopped")??.to_device(options.device);
+            data_seconds += fetch.elapsed().as_secs_f64();
+            let (images, targets) = model_inputs(batch);
+            let losses = model.forward_train(&images, &targets)?;
+            let total = total_loss(&losses);
+            let values: Vec<(String, f64)> = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
+            check_losses(iteration, values.iter().map(|(k, v)| (k.as_str(), *v)))?;
+            (total * solver.loss_multiplier()).backward();
+            for (key, value) in values {
+                *logged.entry(key).or_default() += value / solver_config.accumulate as f64;
+            }
+        }
+        let report = solver.step()?;
+        iteration += 1;
+        window_iters += 1;
+        logger.bar.set_position(iteration);
+
+        if iteration % config.log.period.max(1) == 0 || iteration == max_iter {
+            let seconds = window_start.elapsed().as_secs_f64() / window_iters as f64;
+            let data_time = data_seconds / window_iters as f64;
+            let total: f64 = logged.values().sum();
+            let images_per_second = solver_config.ims_per_batch as f64 / seconds;
+            let mut record = serde_json::Map::new();
+            record.insert("iteration".into(), json!(iteration));
+            record.insert("total_loss".into(), json!(total));
+            for (key, value) in &logged {
+                record.insert(key.clone(), json!(value));
+            }
+            record.insert("lr".into(), json!(report.lr));
+            record.insert("time".into(), json!(seconds));
+            record.insert("data_time".into(), json!(data_time));
+            record.insert("images_per_second".into(), json!(images_per_second));
+            if let Some(scale) = report.loss_scale {
+                record.insert("loss_scale".into(), json!(scale));
+            }
+            let losses_text: Vec<String> = logged.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect();
+            let message = format!(
+                "iter {iteration}/{max_iter}  total_loss: {total:.4}  {}  lr: {:.6}  time: {seconds:.3}s  data: \
+                 {data_time:.3}s  {images_per_second:.2} img/s",
+                losses_text.join("  "),
+                report.lr
+            );
+            logger.bar.set_message(format!("loss {total:.3}"));
+            logger.line(&message);
+            logger.metrics.write(&serde_json::Value::Object(record.clone()))?;
+            if let Some(events) = &mut logger.events {
+                let scalars: Vec<(String, f64)> =
+                    record.iter().filter(|(k, _)| *k != "iteration").filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v))).collect();
+                let pairs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+                events.add_scalars(iteration, &pairs)?;
+                events.flush()?;
+            }
+            window_start = Instant::now();
+            data_seconds = 0.0;
+            window_iters = 0;
+        }
+
+        let eval_due = (config.eval.period > 0 && iteration % config.eval.period == 0)
+            || (iteration == max_iter && config.eval.at_end);
+        let mut eval_metrics = None;
+        if eval_due {
+            let outcome = evaluate(&model, config, val_set.clone(), &gt, options.device, Some(&output_dir.join("inference")))?;
+            logger.eval(iteration, &outcome)?;
+            eval_metrics = Some(outcome.metrics.clone());
+            last_eval = Some(outcome);
+        }
+        if checkpointer.is_due(iteration, max_iter) {
+            let path = save(&solver, &loader, iteration)?;
+            if let Some(metrics) = &eval_metrics {
+                checkpointer.update_best(&path, metrics)?;
+            }
+        }
+    }
+    logger.bar.finish_and_clear();
+    Ok(TrainOutcome { iteration, interrupted: false, last_eval })
+}
+
+/// `trainer eval`: loads weights (a checkpoint folder or a safetensors file) and evaluates the validation split.
+pub fn evaluate_weights(config: &Config, weights: &Path, device: Device) -> anyhow::Result<EvalOutcome> {
+    let val_set = Arc::new(load_split(config, "val", !config.log.quiet)?);
+    let annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
+    let (vs, model) = build_detector(config, val_set.categories.len(), device)?;
+    let missing = init_weights(&vs, weights)?;
+    anyhow::ensure!(missing.is_empty(), "{} lacks {} model variables, e.g. {}", weights.display(), missing.len(), missing[0]);
+    let gt = GroundTruth::load(&annotations)?;
+    let results_dir = config.output_dir.join("inference");
+    evaluate(&model, config, val_set, &gt, device, Some(&results_dir))
+}
