@@ -91,7 +91,11 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
     let pad_h = round_up(samples.iter().map(|s| s.image.height).max().unwrap_or(0), div) as usize;
     let pad_w = round_up(samples.iter().map(|s| s.image.width).max().unwrap_or(0), div) as usize;
     let plane = pad_h * pad_w;
-    let mut buffer = vec![0f32; samples.len() * 3 * plane];
+    let images = Tensor::zeros([samples.len() as i64, 3, pad_h as i64, pad_w as i64], (Kind::Float, Device::Cpu));
+    // SAFETY: `images` is a freshly allocated, contiguous CPU float tensor of exactly this many elements, owned
+    // here and not aliased until it is moved into the batch after the last write through `buffer`.
+    let buffer: &mut [f32] =
+        unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut f32, samples.len() * 3 * plane) };
     let channel_source: [usize; 3] = match input.format {
         PixelFormat::Rgb => [0, 1, 2],
         PixelFormat::Bgr => [2, 1, 0],
@@ -146,7 +150,6 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
             annotation_ids: t.annotation_ids,
         });
     }
-    let n = batch.image_ids.len() as i64;
-    batch.images = Tensor::from_slice(&buffer).view([n, 3, pad_h as i64, pad_w as i64]);
+    batch.images = images;
     Ok(batch)
 }
