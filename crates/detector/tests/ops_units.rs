@@ -180,3 +180,46 @@ fn nms_timing() {
         println!("nms {name}: {count} boxes, {kept} kept, {:.3} ms per call", per_call * 1e3);
     }
 }
+
+/// RoI pooling timing (not a correctness test): detectron2's box-head pooler on an 800x1088 batch of two images,
+/// 512 RoIs per image, 256 channels, forward and backward. Compare with
+/// `tests/python/ops_timing.py`. Run with `cargo test -p detector --test ops_units -- --ignored --nocapture
+/// pooler_timing`.
+#[test]
+#[ignore]
+fn pooler_timing() {
+    tch::manual_seed(0);
+    let options = (Kind::Float, tch::Device::Cpu);
+    let (height, width) = (800i64, 1088i64);
+    let features: Vec<Tensor> = (2..6)
+        .map(|level| Tensor::randn([2, 256, height >> level, width >> level], options).set_requires_grad(true))
+        .collect();
+    let boxes: Vec<Tensor> = (0..2)
+        .map(|_| {
+            let centres = Tensor::rand([512, 2], options) * Tensor::from_slice(&[width as f32, height as f32]);
+            let sizes = (Tensor::rand([512, 2], options) * 4.0 + 2.5).exp();
+            Tensor::cat(&[&centres - &sizes / 2.0, &centres + &sizes / 2.0], 1)
+        })
+        .collect();
+    for (sampling_ratio, output) in [(0, 7), (2, 7), (0, 14)] {
+        let pooler =
+            ops::RoiPooler::new((output, output), vec![0.25, 0.125, 0.0625, 0.03125], sampling_ratio, true, 224.0, 4);
+        let _ = pooler.forward(&features, &boxes);
+        let iterations = 3;
+        let (mut forward, mut backward) = (0.0, 0.0);
+        for _ in 0..iterations {
+            let start = std::time::Instant::now();
+            let pooled = pooler.forward(&features, &boxes);
+            forward += start.elapsed().as_secs_f64();
+            let start = std::time::Instant::now();
+            pooled.sum(Kind::Float).backward();
+            backward += start.elapsed().as_secs_f64();
+        }
+        println!(
+            "pooler {output}x{output} sampling {sampling_ratio}: forward {:.1} ms, backward {:.1} ms ({} threads)",
+            forward / iterations as f64 * 1e3,
+            backward / iterations as f64 * 1e3,
+            tch::get_num_threads()
+        );
+    }
+}
