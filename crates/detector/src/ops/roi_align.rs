@@ -6,8 +6,8 @@
 //! same validity test, clamping and four bilinear taps), and contributes its four tap weights, divided by the
 //! bin's sample count, to a sparse `[K * oh * ow, N * H * W]` matrix, which multiplies the input laid out as
 //! `[N * H * W, C]`. libtorch's sparse-dense product has a backward pass for the dense side, which gives the input
-//! gradient. All of it stays on the input's device; with the adaptive sampling ratio (`0`), one scalar (the total
-//! number of samples, needed to size the sample list) is copied to the host. Memory is proportional to the
+//! gradient. All of it stays on the input's device; with the adaptive sampling ratio (`0`), three scalars (sample
+//! counts, needed to size the sample lists) are copied to the host; a fixed ratio needs no host transfer. Memory is proportional to the
 //! number of samples, not to samples times channels. (A `grid_sampler_2d` construction was measured 2-5x slower
 //! than torchvision on CPU because every sample touches all channel planes; this one is on par.)
 
@@ -47,93 +47,116 @@ impl RoiGeometry {
     }
 }
 
-/// Sparse `[K * oh * ow, N * H * W]` RoIAlign matrix for RoIs with `grid_h x grid_w` samples per bin (i64 `[K]`,
-/// `total` samples over all RoIs): torchvision's sampling and bilinear weights, divided by the sample count.
+/// Per-axis sampling of every RoI along one image axis: for each of the RoI's `bins * grid` sample coordinates,
+/// its two taps and their weights (bilinear weight x validity / grid), and its bin.
+struct AxisSamples {
+    /// `[S, 2]` i64 pixel index of the low and high tap.
+    taps: Tensor,
+    /// `[S, 2]` weights of the low and high tap, including `1 / grid` and the validity of the coordinate.
+    weights: Tensor,
+    /// `[S]` i64 bin index along this axis.
+    bin: Tensor,
+    /// `[K]` i64 index of each RoI's first sample.
+    first: Tensor,
+}
+
+impl AxisSamples {
+    /// Samples at `start + bin * bin_size + (i + 0.5) * bin_size / grid` (torchvision's formula, in the
+    /// geometry's precision) for `bins` bins of `grid` samples each (`grid` i64 `[K]`, all equal to `fixed_grid`
+    /// when given, which avoids copying the sample count to the host) on an axis of `size` pixels.
+    fn new(start: &Tensor, bin_size: &Tensor, bins: i64, grid: &Tensor, size: i64, fixed_grid: Option<i64>) -> Self {
+        let kind = start.kind();
+        let device = start.device();
+        let per_roi = grid * bins;
+        let count = match fixed_grid {
+            Some(ratio) => start.size()[0] * bins * ratio,
+            None => per_roi.sum(Kind::Int64).int64_value(&[]),
+        };
+        let roi = Tensor::repeat_interleave(&per_roi, count);
+        let first = per_roi.cumsum(0, Kind::Int64) - &per_roi;
+        let local = Tensor::arange(count, (Kind::Int64, device)) - first.index_select(0, &roi);
+        let roi_grid = grid.index_select(0, &roi);
+        let bin = local.floor_divide(&roi_grid);
+        let in_bin = local - &bin * &roi_grid;
+        let roi_bin_size = bin_size.index_select(0, &roi);
+        let coordinate = start.index_select(0, &roi)
+            + bin.to_kind(kind) * &roi_bin_size
+            + (in_bin.to_kind(kind) + 0.5) * &roi_bin_size / roi_grid.to_kind(kind);
+        // torchvision's bilinear_interpolate: empty outside [-1, size], clamp below at 0, `low = floor`, and at or
+        // past the last pixel both taps are the last pixel.
+        let valid = coordinate.ge(-1.0).logical_and(&coordinate.le(size as f64));
+        let coordinate = coordinate.clamp_min(0.0);
+        let low = coordinate.floor().to_kind(Kind::Int64);
+        let at_edge = low.ge(size - 1);
+        let low = low.clamp_max(size - 1);
+        let low_value = low.to_kind(kind);
+        let coordinate = coordinate.where_self(&at_edge.logical_not(), &low_value);
+        let high = (&low + 1).clamp_max(size - 1);
+        let fraction = coordinate - low_value;
+        let scale = valid.to_kind(kind) / roi_grid.to_kind(kind);
+        let weights = Tensor::stack(&[(fraction.neg() + 1.0) * &scale, fraction * scale], 1);
+        AxisSamples { taps: Tensor::stack(&[low, high], 1), weights, bin, first }
+    }
+}
+
+/// Sparse `[K * oh * ow, N * H * W]` RoIAlign matrix for RoIs with `grid_h x grid_w` samples per bin (i64 `[K]`):
+/// torchvision's samples and bilinear weights divided by the sample count. Sampling is separable, so the tap
+/// positions and weights are computed per axis and combined per 2-D sample by broadcasting. `fixed_grid` is the
+/// sampling ratio when it is the same for all RoIs. `None` when there is no sample at all.
 fn sampling_matrix(
     geometry: &RoiGeometry,
     input_shape: (i64, i64, i64),
     output_size: (i64, i64),
     grid: (&Tensor, &Tensor),
-    total: i64,
-) -> Tensor {
+    fixed_grid: Option<i64>,
+) -> Option<Tensor> {
     let (batch, height, width) = input_shape;
     let (oh, ow) = output_size;
     let (grid_h, grid_w) = grid;
-    let bins = oh * ow;
     let num_rois = geometry.start_x.size()[0];
-    let kind = geometry.start_x.kind();
     let device = geometry.start_x.device();
-    let per_bin = grid_h * grid_w;
-    let per_roi = &per_bin * bins;
-    // Samples are listed RoI by RoI, bin by bin (row-major), then row-major inside each bin.
+    let rows_axis = AxisSamples::new(&geometry.start_y, &geometry.bin_h, oh, grid_h, height, fixed_grid);
+    let columns_axis = AxisSamples::new(&geometry.start_x, &geometry.bin_w, ow, grid_w, width, fixed_grid);
+    // 2-D samples of a RoI: every row sample with every column sample, row-sample major.
+    let row_samples = grid_h * oh;
+    let column_samples = grid_w * ow;
+    let per_roi = &row_samples * &column_samples;
+    let total = match fixed_grid {
+        Some(ratio) => num_rois * oh * ow * ratio * ratio,
+        None => per_roi.sum(Kind::Int64).int64_value(&[]),
+    };
+    if total == 0 {
+        return None;
+    }
     let roi = Tensor::repeat_interleave(&per_roi, total);
-    let first_sample = per_roi.cumsum(0, Kind::Int64) - &per_roi;
-    let local = Tensor::arange(total, (Kind::Int64, device)) - first_sample.index_select(0, &roi);
-    let samples_per_bin = per_bin.index_select(0, &roi);
-    let bin = local.floor_divide(&samples_per_bin);
-    let in_bin = local - &bin * &samples_per_bin;
-    let gh = grid_h.index_select(0, &roi);
-    let gw = grid_w.index_select(0, &roi);
-    let iy = in_bin.floor_divide(&gw);
-    let ix = in_bin - &iy * &gw;
-    let ph = bin.floor_divide_scalar(ow);
-    let pw = &bin - &ph * ow;
-    let bin_h = geometry.bin_h.index_select(0, &roi);
-    let bin_w = geometry.bin_w.index_select(0, &roi);
-    // torchvision: y = roi_start_h + ph * bin_size_h + (iy + .5f) * bin_size_h / roi_bin_grid_h.
-    let y = geometry.start_y.index_select(0, &roi)
-        + ph.to_kind(kind) * &bin_h
-        + (iy.to_kind(kind) + 0.5) * &bin_h / gh.to_kind(kind);
-    let x = geometry.start_x.index_select(0, &roi)
-        + pw.to_kind(kind) * &bin_w
-        + (ix.to_kind(kind) + 0.5) * &bin_w / gw.to_kind(kind);
-    let image = geometry.batch_index.index_select(0, &roi).to_kind(Kind::Int64);
-    // Samples outside [-1, H] x [-1, W] contribute zero; so do RoIs naming an image outside the batch.
-    let valid = y
-        .ge(-1.0)
-        .logical_and(&y.le(height as f64))
-        .logical_and(&x.ge(-1.0))
-        .logical_and(&x.le(width as f64))
-        .logical_and(&image.ge(0))
-        .logical_and(&image.lt(batch));
-    let (y_low, y_high, ly) = bilinear_axis(&y, height);
-    let (x_low, x_high, lx) = bilinear_axis(&x, width);
-    let hy = ly.neg() + 1.0;
-    let hx = lx.neg() + 1.0;
-    let weight = valid.to_kind(kind) / samples_per_bin.clamp_min(1).to_kind(kind);
-    let base = image.clamp(0, (batch - 1).max(0)) * (height * width);
-    let rows = (roi * bins + bin).repeat([4]);
-    let columns = Tensor::cat(
-        &[
-            &base + &y_low * width + &x_low,
-            &base + &y_low * width + &x_high,
-            &base + &y_high * width + &x_low,
-            &base + &y_high * width + &x_high,
-        ],
-        0,
-    );
-    let values = Tensor::cat(&[&hy * &hx * &weight, &hy * &lx * &weight, &ly * &hx * &weight, &ly * &lx * &weight], 0);
-    Tensor::sparse_coo_tensor_indices_size(
-        &Tensor::stack(&[rows, columns], 0),
-        &values,
-        [num_rois * bins, batch * height * width],
-        (kind, device),
+    let local = Tensor::arange(total, (Kind::Int64, device))
+        - (per_roi.cumsum(0, Kind::Int64) - &per_roi).index_select(0, &roi);
+    let roi_columns = column_samples.index_select(0, &roi);
+    let row_local = local.floor_divide(&roi_columns);
+    let column_local = local - &row_local * &roi_columns;
+    let row_sample = rows_axis.first.index_select(0, &roi) + row_local;
+    let column_sample = columns_axis.first.index_select(0, &roi) + column_local;
+    // RoIs naming an image outside the batch contribute nothing.
+    let image = geometry.batch_index.to_kind(Kind::Int64);
+    let image_valid = image.ge(0).logical_and(&image.lt(batch)).to_kind(geometry.start_x.kind());
+    let image_base = image.clamp(0, (batch - 1).max(0)) * (height * width);
+    let row_base =
+        (image_base.index_select(0, &roi)).unsqueeze(1) + rows_axis.taps.index_select(0, &row_sample) * width;
+    let columns = row_base.unsqueeze(2) + columns_axis.taps.index_select(0, &column_sample).unsqueeze(1);
+    let row_weights = rows_axis.weights.index_select(0, &row_sample) * image_valid.index_select(0, &roi).unsqueeze(1);
+    let values = row_weights.unsqueeze(2) * columns_axis.weights.index_select(0, &column_sample).unsqueeze(1);
+    let output_row = roi * (oh * ow)
+        + rows_axis.bin.index_select(0, &row_sample) * ow
+        + columns_axis.bin.index_select(0, &column_sample);
+    let rows = output_row.unsqueeze(1).expand([total, 4], false).reshape([-1]);
+    let indices = Tensor::stack(&[rows, columns.reshape([-1])], 0);
+    Some(Tensor::sparse_coo_tensor_indices_size(
+        &indices,
+        &values.reshape([-1]),
+        [num_rois * oh * ow, batch * height * width],
+        (geometry.start_x.kind(), device),
         false,
-    )
-}
-
-/// torchvision's bilinear taps along one axis of length `size` for in-range coordinates: clamp below at 0,
-/// `low = floor`, at or past the last pixel both taps are the last pixel. Returns `(low, high, fraction)`.
-fn bilinear_axis(coordinate: &Tensor, size: i64) -> (Tensor, Tensor, Tensor) {
-    let coordinate = coordinate.clamp_min(0.0);
-    let low = coordinate.floor().to_kind(Kind::Int64);
-    let at_edge = low.ge(size - 1);
-    let low = low.clamp_max(size - 1);
-    let low_value = low.to_kind(coordinate.kind());
-    let coordinate = coordinate.where_self(&at_edge.logical_not(), &low_value);
-    let high = (&low + 1).clamp_max(size - 1);
-    let fraction = coordinate - low_value;
-    (low, high, fraction)
+    ))
 }
 
 /// RoIAlign with torchvision's semantics: `input` `[N, C, H, W]`, `rois` `[K, 5]` rows of
@@ -165,21 +188,22 @@ pub fn roi_align(
         };
     }
     let geometry = RoiGeometry::new(rois, input, output_size, spatial_scale, aligned);
-    let (grid_h, grid_w, total) = if sampling_ratio > 0 {
+    let fixed_grid = (sampling_ratio > 0).then_some(sampling_ratio);
+    let (grid_h, grid_w) = if sampling_ratio > 0 {
         let grid = Tensor::full([num_rois], sampling_ratio, (Kind::Int64, input.device()));
-        (grid.shallow_clone(), grid, num_rois * oh * ow * sampling_ratio * sampling_ratio)
+        (grid.shallow_clone(), grid)
     } else {
         // Exactly torchvision's ceil(roi_size / pooled_size): the bin sizes are that quotient. Empty RoIs
         // (aligned = true) get no samples and stay zero.
-        let grid_h = geometry.bin_h.ceil().to_kind(Kind::Int64).clamp_min(0);
-        let grid_w = geometry.bin_w.ceil().to_kind(Kind::Int64).clamp_min(0);
-        let total = (&grid_h * &grid_w).sum(Kind::Int64).int64_value(&[]) * oh * ow;
-        (grid_h, grid_w, total)
+        (
+            geometry.bin_h.ceil().to_kind(Kind::Int64).clamp_min(0),
+            geometry.bin_w.ceil().to_kind(Kind::Int64).clamp_min(0),
+        )
     };
-    if total == 0 {
+    let Some(matrix) = sampling_matrix(&geometry, (batch, height, width), output_size, (&grid_h, &grid_w), fixed_grid)
+    else {
         return Tensor::zeros([num_rois, channels, oh, ow], (input.kind(), input.device()));
-    }
-    let matrix = sampling_matrix(&geometry, (batch, height, width), output_size, (&grid_h, &grid_w), total);
+    };
     let pooled = Tensor::internal_sparse_mm(&matrix, &features);
     pooled.reshape([num_rois, oh, ow, channels]).permute([0, 3, 1, 2]).contiguous()
 }
