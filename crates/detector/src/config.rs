@@ -1,0 +1,550 @@
+//! The `[model]` section of an experiment config: backbone, FPN, anchors, RPN, RoI heads and input
+//! normalisation. Every default is detectron2's from-scratch GN recipe (`shared/notes/vovnet.md`);
+//! [`DetectorConfig::torchvision_maskrcnn_r50_fpn`] expresses torchvision's `maskrcnn_resnet50_fpn` (v1).
+
+use backbone::{BackboneConfig, NormKind};
+use serde::{Deserialize, Serialize};
+
+use crate::DetectorError;
+
+/// Norm layer after the convolutions of the FPN and the heads. Convolutions followed by a norm have no bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum HeadNorm {
+    /// No norm; convolutions carry a bias (torchvision, pretrained detectron2 configs).
+    #[serde(rename = "none")]
+    None,
+    /// GroupNorm with `gn_groups` groups (the from-scratch recipe).
+    #[default]
+    GN,
+}
+
+/// Channel order the network expects; images always arrive as RGB and are flipped for `BGR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum ChannelOrder {
+    /// Red, green, blue (torchvision).
+    RGB,
+    /// Blue, green, red (detectron2 and the VoVNet authors).
+    #[default]
+    BGR,
+}
+
+/// How the test-time resize computes the new image size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeStyle {
+    /// detectron2's `ResizeShortestEdge`: sizes rounded to the nearest integer.
+    #[default]
+    Detectron2,
+    /// torchvision's `GeneralizedRCNNTransform`: a float32 scale factor, sizes floored.
+    Torchvision,
+}
+
+/// How detections are mapped back to the original image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputStyle {
+    /// detectron2's `detector_postprocess`: rescaled boxes clipped to the image and empty ones dropped; masks
+    /// pasted with the bilinear grid-sample paste (`ops::paste_masks`).
+    #[default]
+    Detectron2,
+    /// torchvision's `transform.postprocess`: rescaled boxes kept as they are; masks pasted with torchvision's
+    /// integer-box `paste_masks_in_image` (1-pixel padded mask, resized to the rounded box).
+    Torchvision,
+}
+
+/// Input normalisation and test-time resizing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InputConfig {
+    /// Channel order of `pixel_mean`/`pixel_std` and of the network's input.
+    pub format: ChannelOrder,
+    /// Largest pixel value the mean and std are expressed in: 255 (detectron2) or 1 (torchvision).
+    pub value_range: f64,
+    /// Per-channel mean subtracted from the image, in `format` order.
+    pub pixel_mean: [f64; 3],
+    /// Per-channel std the image is divided by, in `format` order.
+    pub pixel_std: [f64; 3],
+    /// The padded batch's height and width are multiples of this.
+    pub size_divisibility: i64,
+    /// Test-time shorter side.
+    pub min_size_test: i64,
+    /// Test-time cap on the longer side.
+    pub max_size_test: i64,
+    /// Rounding of the test-time resize.
+    pub resize_style: ResizeStyle,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            format: ChannelOrder::BGR,
+            value_range: 255.0,
+            pixel_mean: [103.530, 116.280, 123.675],
+            pixel_std: [57.375, 57.120, 58.395],
+            size_divisibility: 32,
+            min_size_test: 800,
+            max_size_test: 1333,
+            resize_style: ResizeStyle::Detectron2,
+        }
+    }
+}
+
+fn default_in_features() -> Vec<String> {
+    ["stage2", "stage3", "stage4", "stage5"].map(String::from).to_vec()
+}
+
+/// Feature pyramid network: P2..P5 from the backbone outputs, P6 by max-pool (k1, s2) of P5.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FpnConfig {
+    /// Backbone outputs, finest first, that get a lateral connection.
+    pub in_features: Vec<String>,
+    /// Width of every pyramid level.
+    pub out_channels: i64,
+    /// Norm after the lateral and output convolutions.
+    pub norm: HeadNorm,
+    /// GroupNorm groups.
+    pub gn_groups: i64,
+}
+
+impl Default for FpnConfig {
+    fn default() -> Self {
+        FpnConfig { in_features: default_in_features(), out_channels: 256, norm: HeadNorm::GN, gn_groups: 32 }
+    }
+}
+
+/// Anchor generator: one list of sizes per pyramid level, shared aspect ratios (height / width).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnchorConfig {
+    /// Anchor sizes (square root of the area) per level, P2 first.
+    pub sizes: Vec<Vec<f64>>,
+    /// Aspect ratios (height / width) used at every level.
+    pub aspect_ratios: Vec<f64>,
+    /// Anchor centre offset within a cell, in units of the stride (0.0 or 0.5).
+    pub offset: f64,
+    /// torchvision's cell anchors: float32 arithmetic, ratio-major order (same as detectron2's with one size per
+    /// level), rounded to integers.
+    pub round_cell_anchors: bool,
+    /// Strides from the padded image size divided (integer division) by each feature map size, as torchvision
+    /// does; otherwise the nominal stride of the level (4, 8, .., 64).
+    pub strides_from_sizes: bool,
+}
+
+impl Default for AnchorConfig {
+    fn default() -> Self {
+        AnchorConfig {
+            sizes: vec![vec![32.0], vec![64.0], vec![128.0], vec![256.0], vec![512.0]],
+            aspect_ratios: vec![0.5, 1.0, 2.0],
+            offset: 0.0,
+            round_cell_anchors: false,
+            strides_from_sizes: false,
+        }
+    }
+}
+
+/// Region proposal network: head, anchor labelling and sampling, losses and proposal selection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RpnConfig {
+    /// Proposals kept per level before NMS, training.
+    pub pre_nms_topk_train: i64,
+    /// Proposals kept per level before NMS, inference.
+    pub pre_nms_topk_test: i64,
+    /// Proposals kept per image after NMS, training.
+    pub post_nms_topk_train: i64,
+    /// Proposals kept per image after NMS, inference.
+    pub post_nms_topk_test: i64,
+    /// NMS IoU threshold (per level).
+    pub nms_thresh: f64,
+    /// Proposals whose clipped width or height is not above this are dropped.
+    pub min_size: f64,
+    /// Anchors sampled per image for the losses.
+    pub batch_size_per_image: i64,
+    /// Fraction of positives among the sampled anchors.
+    pub positive_fraction: f64,
+    /// IoU thresholds: below the first negative, at or above the second positive, between ignored.
+    pub iou_thresholds: [f64; 2],
+    /// Box regression loss: smooth-L1 with this beta; 0 is the L1 loss.
+    pub smooth_l1_beta: f64,
+    /// Box coder weights (dx, dy, dw, dh).
+    pub bbox_reg_weights: [f64; 4],
+}
+
+impl Default for RpnConfig {
+    fn default() -> Self {
+        RpnConfig {
+            pre_nms_topk_train: 2000,
+            pre_nms_topk_test: 1000,
+            post_nms_topk_train: 1000,
+            post_nms_topk_test: 1000,
+            nms_thresh: 0.7,
+            min_size: 0.0,
+            batch_size_per_image: 256,
+            positive_fraction: 0.5,
+            iou_thresholds: [0.3, 0.7],
+            smooth_l1_beta: 0.0,
+            bbox_reg_weights: [1.0, 1.0, 1.0, 1.0],
+        }
+    }
+}
+
+/// RoI heads: proposal sampling, test-time post-processing and the shared pooler settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoiHeadsConfig {
+    /// Number of foreground classes; labels are 0..num_classes, background is `num_classes`.
+    pub num_classes: i64,
+    /// Pyramid levels the RoIs are pooled from, finest first (`p2`..`p5`).
+    pub in_features: Vec<String>,
+    /// RoIs sampled per image for training.
+    pub batch_size_per_image: i64,
+    /// Fraction of foreground RoIs among the sampled ones.
+    pub positive_fraction: f64,
+    /// Proposals with IoU at or above this are foreground.
+    pub iou_threshold: f64,
+    /// Appends the ground-truth boxes to the proposals during training.
+    pub proposal_append_gt: bool,
+    /// Detections need a class score above this.
+    pub score_thresh_test: f64,
+    /// Per-class NMS IoU threshold.
+    pub nms_thresh_test: f64,
+    /// Detections kept per image.
+    pub detections_per_image: i64,
+    /// Detections whose clipped width or height is below this are dropped before NMS (torchvision: 0.01; 0 keeps
+    /// every box, as detectron2 does).
+    pub test_min_box_size: f64,
+    /// Size of the canonical box for the level assignment of RoIs.
+    pub canonical_box_size: f64,
+    /// Level a canonical box is pooled from.
+    pub canonical_level: i64,
+    /// How boxes and masks are mapped back to the original image.
+    pub output_style: OutputStyle,
+}
+
+impl Default for RoiHeadsConfig {
+    fn default() -> Self {
+        RoiHeadsConfig {
+            num_classes: 80,
+            in_features: ["p2", "p3", "p4", "p5"].map(String::from).to_vec(),
+            batch_size_per_image: 512,
+            positive_fraction: 0.25,
+            iou_threshold: 0.5,
+            proposal_append_gt: true,
+            score_thresh_test: 0.05,
+            nms_thresh_test: 0.5,
+            detections_per_image: 100,
+            test_min_box_size: 0.0,
+            canonical_box_size: 224.0,
+            canonical_level: 4,
+            output_style: OutputStyle::Detectron2,
+        }
+    }
+}
+
+/// Box head (`num_conv` convs then `num_fc` fully connected layers) and box predictor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BoxHeadConfig {
+    /// 3x3 convolutions on the pooled features (4 in `4conv1fc`, 0 in `2fc`).
+    pub num_conv: i64,
+    /// Width of those convolutions.
+    pub conv_dim: i64,
+    /// Fully connected layers after them (1 in `4conv1fc`, 2 in `2fc`).
+    pub num_fc: i64,
+    /// Width of the fully connected layers.
+    pub fc_dim: i64,
+    /// Norm after each convolution.
+    pub norm: HeadNorm,
+    /// GroupNorm groups.
+    pub gn_groups: i64,
+    /// RoIAlign output size.
+    pub pooler_resolution: i64,
+    /// RoIAlign samples per bin side; 0 adapts to the RoI size.
+    pub pooler_sampling_ratio: i64,
+    /// RoIAlign with the half-pixel shift (detectron2 `ROIAlignV2`); torchvision's `MultiScaleRoIAlign` is false.
+    pub pooler_aligned: bool,
+    /// Box coder weights (dx, dy, dw, dh).
+    pub bbox_reg_weights: [f64; 4],
+    /// Box regression loss: smooth-L1 with this beta; 0 is the L1 loss.
+    pub smooth_l1_beta: f64,
+    /// One box regression for all classes instead of one per class.
+    pub cls_agnostic_bbox_reg: bool,
+}
+
+impl Default for BoxHeadConfig {
+    fn default() -> Self {
+        BoxHeadConfig {
+            num_conv: 4,
+            conv_dim: 256,
+            num_fc: 1,
+            fc_dim: 1024,
+            norm: HeadNorm::GN,
+            gn_groups: 32,
+            pooler_resolution: 7,
+            pooler_sampling_ratio: 0,
+            pooler_aligned: true,
+            bbox_reg_weights: [10.0, 10.0, 5.0, 5.0],
+            smooth_l1_beta: 0.0,
+            cls_agnostic_bbox_reg: false,
+        }
+    }
+}
+
+/// Mask head: `num_conv` 3x3 convs, a 2x2 stride-2 deconvolution and a 1x1 per-class predictor.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MaskHeadConfig {
+    /// 3x3 convolutions.
+    pub num_conv: i64,
+    /// Width of the convolutions and the deconvolution.
+    pub conv_dim: i64,
+    /// Norm after each convolution.
+    pub norm: HeadNorm,
+    /// GroupNorm groups.
+    pub gn_groups: i64,
+    /// RoIAlign output size; the predicted masks are twice this.
+    pub pooler_resolution: i64,
+    /// RoIAlign samples per bin side; 0 adapts to the RoI size.
+    pub pooler_sampling_ratio: i64,
+    /// RoIAlign with the half-pixel shift.
+    pub pooler_aligned: bool,
+    /// One mask for all classes instead of one per class.
+    pub cls_agnostic_mask: bool,
+    /// Probability above which a pasted mask pixel is foreground.
+    pub mask_threshold: f64,
+}
+
+impl Default for MaskHeadConfig {
+    fn default() -> Self {
+        MaskHeadConfig {
+            num_conv: 4,
+            conv_dim: 256,
+            norm: HeadNorm::GN,
+            gn_groups: 32,
+            pooler_resolution: 14,
+            pooler_sampling_ratio: 0,
+            pooler_aligned: true,
+            cls_agnostic_mask: false,
+            mask_threshold: 0.5,
+        }
+    }
+}
+
+/// The whole Mask R-CNN: the trainer embeds it as its `[model]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorConfig {
+    /// The backbone network.
+    pub backbone: BackboneConfig,
+    /// Input normalisation and test-time resizing.
+    #[serde(default)]
+    pub input: InputConfig,
+    /// Feature pyramid.
+    #[serde(default)]
+    pub fpn: FpnConfig,
+    /// Anchor generator.
+    #[serde(default)]
+    pub anchors: AnchorConfig,
+    /// Region proposal network.
+    #[serde(default)]
+    pub rpn: RpnConfig,
+    /// RoI sampling and post-processing.
+    #[serde(default)]
+    pub roi_heads: RoiHeadsConfig,
+    /// Box head and predictor.
+    #[serde(default)]
+    pub box_head: BoxHeadConfig,
+    /// Mask head.
+    #[serde(default)]
+    pub mask_head: MaskHeadConfig,
+}
+
+impl DetectorConfig {
+    /// The from-scratch GN recipe on `backbone` with `num_classes` foreground classes.
+    pub fn scratch(backbone: &str, num_classes: i64) -> Self {
+        DetectorConfig {
+            backbone: BackboneConfig::new(backbone),
+            input: InputConfig::default(),
+            fpn: FpnConfig::default(),
+            anchors: AnchorConfig::default(),
+            rpn: RpnConfig::default(),
+            roi_heads: RoiHeadsConfig { num_classes, ..Default::default() },
+            box_head: BoxHeadConfig::default(),
+            mask_head: MaskHeadConfig::default(),
+        }
+    }
+
+    /// torchvision's `maskrcnn_resnet50_fpn` (v1) for inference: FrozenBN R-50, FPN with biases and no norm,
+    /// rounded anchors with torchvision's strides, RPN 1000/1000 at test, `MultiScaleRoIAlign` (aligned=False,
+    /// sampling ratio 2), `TwoMLPHead`, ImageNet RGB normalisation in [0, 1], resize 800/1333 and torchvision's
+    /// post-processing. `num_classes` counts foreground classes only (torchvision's `num_classes` minus one).
+    pub fn torchvision_maskrcnn_r50_fpn(num_classes: i64) -> Self {
+        let mut backbone = BackboneConfig::new("R-50");
+        backbone.norm = NormKind::FrozenBN;
+        backbone.freeze_at = 2;
+        DetectorConfig {
+            backbone,
+            input: InputConfig {
+                format: ChannelOrder::RGB,
+                value_range: 1.0,
+                pixel_mean: [0.485, 0.456, 0.406],
+                pixel_std: [0.229, 0.224, 0.225],
+                size_divisibility: 32,
+                min_size_test: 800,
+                max_size_test: 1333,
+                resize_style: ResizeStyle::Torchvision,
+            },
+            fpn: FpnConfig { norm: HeadNorm::None, ..Default::default() },
+            anchors: AnchorConfig { round_cell_anchors: true, strides_from_sizes: true, ..Default::default() },
+            rpn: RpnConfig {
+                post_nms_topk_train: 2000,
+                min_size: 1e-3,
+                smooth_l1_beta: 1.0 / 9.0,
+                ..Default::default()
+            },
+            roi_heads: RoiHeadsConfig {
+                num_classes,
+                test_min_box_size: 1e-2,
+                output_style: OutputStyle::Torchvision,
+                ..Default::default()
+            },
+            box_head: BoxHeadConfig {
+                num_conv: 0,
+                num_fc: 2,
+                norm: HeadNorm::None,
+                pooler_sampling_ratio: 2,
+                pooler_aligned: false,
+                smooth_l1_beta: 1.0 / 9.0,
+                ..Default::default()
+            },
+            mask_head: MaskHeadConfig {
+                norm: HeadNorm::None,
+                pooler_sampling_ratio: 2,
+                pooler_aligned: false,
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Checks the values serde cannot: positive sizes, fractions in [0, 1], one anchor-size list per level.
+    pub fn validate(&self) -> Result<(), DetectorError> {
+        let err = |field: &str, message: String| Err(DetectorError::Config { field: field.into(), message });
+        let positive = [
+            ("roi_heads.num_classes", self.roi_heads.num_classes),
+            ("fpn.out_channels", self.fpn.out_channels),
+            ("input.size_divisibility", self.input.size_divisibility),
+            ("rpn.batch_size_per_image", self.rpn.batch_size_per_image),
+            ("rpn.pre_nms_topk_train", self.rpn.pre_nms_topk_train),
+            ("rpn.pre_nms_topk_test", self.rpn.pre_nms_topk_test),
+            ("rpn.post_nms_topk_train", self.rpn.post_nms_topk_train),
+            ("rpn.post_nms_topk_test", self.rpn.post_nms_topk_test),
+            ("roi_heads.batch_size_per_image", self.roi_heads.batch_size_per_image),
+            ("roi_heads.detections_per_image", self.roi_heads.detections_per_image),
+            ("box_head.pooler_resolution", self.box_head.pooler_resolution),
+            ("box_head.fc_dim", self.box_head.fc_dim),
+            ("mask_head.pooler_resolution", self.mask_head.pooler_resolution),
+            ("mask_head.conv_dim", self.mask_head.conv_dim),
+        ];
+        for (field, value) in positive {
+            if value <= 0 {
+                return err(field, format!("must be positive, got {value}"));
+            }
+        }
+        for (field, value) in [("box_head.num_conv", self.box_head.num_conv), ("box_head.num_fc", self.box_head.num_fc)]
+        {
+            if value < 0 {
+                return err(field, format!("must not be negative, got {value}"));
+            }
+        }
+        if self.box_head.num_conv == 0 && self.box_head.num_fc == 0 {
+            return err("box_head", "needs at least one conv or fc layer".into());
+        }
+        if self.box_head.num_conv > 0 && self.box_head.conv_dim <= 0 {
+            return err("box_head.conv_dim", format!("must be positive, got {}", self.box_head.conv_dim));
+        }
+        for (field, value) in [
+            ("rpn.positive_fraction", self.rpn.positive_fraction),
+            ("roi_heads.positive_fraction", self.roi_heads.positive_fraction),
+            ("rpn.nms_thresh", self.rpn.nms_thresh),
+            ("roi_heads.nms_thresh_test", self.roi_heads.nms_thresh_test),
+            ("roi_heads.iou_threshold", self.roi_heads.iou_threshold),
+            ("mask_head.mask_threshold", self.mask_head.mask_threshold),
+        ] {
+            if !(0.0..=1.0).contains(&value) {
+                return err(field, format!("must be in [0, 1], got {value}"));
+            }
+        }
+        let [low, high] = self.rpn.iou_thresholds;
+        if !(0.0 <= low && low <= high && high <= 1.0) {
+            return err("rpn.iou_thresholds", format!("need 0 <= low <= high <= 1, got [{low}, {high}]"));
+        }
+        if self.fpn.in_features.is_empty() {
+            return err("fpn.in_features", "needs at least one backbone output".into());
+        }
+        let levels = self.fpn.in_features.len() + 1;
+        if self.anchors.sizes.len() != levels {
+            return err(
+                "anchors.sizes",
+                format!(
+                    "needs one list per pyramid level ({levels}: P2..P6 from fpn.in_features plus P6), got {}",
+                    self.anchors.sizes.len()
+                ),
+            );
+        }
+        if self.anchors.sizes.iter().any(|s| s.is_empty() || s.iter().any(|&v| v <= 0.0))
+            || self.anchors.sizes.iter().any(|s| s.len() != self.anchors.sizes[0].len())
+        {
+            return err("anchors.sizes", "every level needs the same number of positive sizes".into());
+        }
+        if self.anchors.aspect_ratios.is_empty() || self.anchors.aspect_ratios.iter().any(|&r| r <= 0.0) {
+            return err("anchors.aspect_ratios", "needs at least one positive ratio".into());
+        }
+        if self.roi_heads.in_features.is_empty() {
+            return err("roi_heads.in_features", "needs at least one pyramid level".into());
+        }
+        for ((field, norm, groups), width) in [
+            ("fpn.gn_groups", self.fpn.norm, self.fpn.gn_groups),
+            ("box_head.gn_groups", self.box_head.norm, self.box_head.gn_groups),
+            ("mask_head.gn_groups", self.mask_head.norm, self.mask_head.gn_groups),
+        ]
+        .into_iter()
+        .zip([self.fpn.out_channels, self.box_head.conv_dim, self.mask_head.conv_dim])
+        {
+            if norm == HeadNorm::GN && (groups <= 0 || width % groups != 0) {
+                return err(field, format!("{groups} groups do not divide the {width} channels"));
+            }
+        }
+        if self.input.pixel_std.iter().any(|&s| s <= 0.0) || self.input.value_range <= 0.0 {
+            return err("input.pixel_std", "std and value_range must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchvision_preset_file_equals_the_preset() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/presets/torchvision_maskrcnn_r50_fpn.toml");
+        let parsed: DetectorConfig = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(parsed, DetectorConfig::torchvision_maskrcnn_r50_fpn(90));
+        parsed.validate().unwrap();
+    }
+
+    #[test]
+    fn defaults_are_the_scratch_recipe_and_unknown_keys_are_refused() {
+        let parsed: DetectorConfig =
+            toml::from_str("[backbone]\nname = \"V-39\"\n[roi_heads]\nnum_classes = 80\n").unwrap();
+        assert_eq!(parsed, DetectorConfig::scratch("V-39", 80));
+        assert_eq!(parsed.rpn.post_nms_topk_train, 1000);
+        assert_eq!(parsed.box_head.num_conv, 4);
+        let error = toml::from_str::<DetectorConfig>("[backbone]\nname = \"V-39\"\n[rpn]\nnms = 0.5\n").unwrap_err();
+        assert!(error.to_string().contains("nms"), "{error}");
+        let mut bad = DetectorConfig::scratch("V-39", 80);
+        bad.anchors.sizes.pop();
+        assert!(matches!(bad.validate(), Err(DetectorError::Config { field, .. }) if field == "anchors.sizes"));
+    }
+}

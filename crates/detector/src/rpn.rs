@@ -1,0 +1,203 @@
+//! Region proposal network (detectron2 `RPN` with `StandardRPNHead`): a shared 3x3 conv + ReLU, objectness and
+//! box-delta 1x1 convs per level; anchor labelling with low-quality matches and balanced sampling for the losses;
+//! proposal selection by per-level top-k, clipping, removal of small boxes, per-level NMS and per-image top-k.
+//!
+//! Host syncs: the anchor sampler and the proposal filter/NMS each read small index sets to the host once per
+//! image (`nonzero` and the CPU greedy NMS of `ops::nms`); everything else stays on the device.
+
+use std::collections::BTreeMap;
+
+use backbone::layers::{Conv2d, ConvInit, ConvOpts};
+use tch::{nn, Kind, Reduction, Tensor};
+
+use crate::anchors::AnchorGenerator;
+use crate::config::{AnchorConfig, RpnConfig};
+use crate::losses::smooth_l1_sum;
+use crate::ops::{batched_nms, box_iou, clip_boxes, nonempty, subsample_labels, BoxCoder, Matcher};
+use crate::structures::GtInstances;
+use crate::DetectorError;
+
+/// Proposals of one image, detached from the graph.
+#[derive(Debug)]
+pub struct Proposals {
+    /// `[P, 4]` float32 boxes in image pixels, clipped to the image.
+    pub boxes: Tensor,
+    /// `[P]` objectness logits, descending.
+    pub logits: Tensor,
+}
+
+/// The RPN: head, anchors, box coder and anchor matcher.
+#[derive(Debug)]
+pub struct Rpn {
+    conv: Conv2d,
+    objectness_logits: Conv2d,
+    anchor_deltas: Conv2d,
+    anchor_generator: AnchorGenerator,
+    box_coder: BoxCoder,
+    matcher: Matcher,
+    config: RpnConfig,
+}
+
+impl Rpn {
+    /// Builds the head under `path` (`conv.*`, `objectness_logits.*`, `anchor_deltas.*`) for pyramid levels of
+    /// `channels` channels at `strides`.
+    pub fn new(
+        path: &nn::Path,
+        config: &RpnConfig,
+        anchors: &AnchorConfig,
+        channels: i64,
+        strides: &[i64],
+    ) -> Result<Rpn, DetectorError> {
+        let anchor_generator = AnchorGenerator::new(anchors, strides);
+        let a = anchor_generator.num_cell_anchors();
+        let opts = |kernel: i64| ConvOpts {
+            bias: true,
+            init: ConvInit::Normal(0.01),
+            padding: Some(kernel / 2),
+            ..Default::default()
+        };
+        let [low, high] = config.iou_thresholds;
+        Ok(Rpn {
+            conv: Conv2d::new(&path.sub("conv"), channels, channels, 3, opts(3)),
+            objectness_logits: Conv2d::new(&path.sub("objectness_logits"), channels, a, 1, opts(1)),
+            anchor_deltas: Conv2d::new(&path.sub("anchor_deltas"), channels, 4 * a, 1, opts(1)),
+            anchor_generator,
+            box_coder: BoxCoder::new(config.bbox_reg_weights),
+            matcher: Matcher::new(vec![low, high], vec![0, -1, 1], true)?,
+            config: config.clone(),
+        })
+    }
+
+    /// Proposals for every image and, when `targets` is given (training), the losses `loss_rpn_cls` and
+    /// `loss_rpn_loc`. `features` are the pyramid levels `[N, C, H_l, W_l]`; `padded_size` is the batch's
+    /// `(H, W)` and `image_sizes` each image's content size.
+    pub fn forward(
+        &self,
+        features: &[Tensor],
+        padded_size: (i64, i64),
+        image_sizes: &[(i64, i64)],
+        targets: Option<&[GtInstances]>,
+    ) -> (Vec<Proposals>, BTreeMap<String, Tensor>) {
+        let n = features[0].size()[0];
+        let mut logits = Vec::with_capacity(features.len());
+        let mut deltas = Vec::with_capacity(features.len());
+        for feature in features {
+            let t = self.conv.forward(feature).relu();
+            let l = self.objectness_logits.forward(&t);
+            let d = self.anchor_deltas.forward(&t);
+            let s = d.size();
+            logits.push(l.permute([0, 2, 3, 1]).reshape([n, -1]));
+            deltas.push(d.view([n, -1, 4, s[2], s[3]]).permute([0, 3, 4, 1, 2]).reshape([n, -1, 4]));
+        }
+        let feature_sizes: Vec<(i64, i64)> = features.iter().map(|f| (f.size()[2], f.size()[3])).collect();
+        let anchors = self.anchor_generator.forward(&feature_sizes, padded_size, features[0].device());
+        let training = targets.is_some();
+        let proposals = tch::no_grad(|| self.select_proposals(&anchors, &logits, &deltas, image_sizes, training));
+        let mut losses = BTreeMap::new();
+        if let Some(targets) = targets {
+            let (cls, loc) = self.losses(&anchors, &logits, &deltas, targets);
+            losses.insert("loss_rpn_cls".to_string(), cls);
+            losses.insert("loss_rpn_loc".to_string(), loc);
+        }
+        (proposals, losses)
+    }
+
+    /// detectron2 `find_top_rpn_proposals`: per level the top `pre_nms_topk` logits, decoded; per image clipped,
+    /// non-finite and small boxes removed, NMS per level, the best `post_nms_topk` kept.
+    fn select_proposals(
+        &self,
+        anchors: &[Tensor],
+        logits: &[Tensor],
+        deltas: &[Tensor],
+        image_sizes: &[(i64, i64)],
+        training: bool,
+    ) -> Vec<Proposals> {
+        let (pre_nms_topk, post_nms_topk) = if training {
+            (self.config.pre_nms_topk_train, self.config.post_nms_topk_train)
+        } else {
+            (self.config.pre_nms_topk_test, self.config.post_nms_topk_test)
+        };
+        let n = logits[0].size()[0];
+        let device = logits[0].device();
+        let mut level_boxes = Vec::new();
+        let mut level_scores = Vec::new();
+        let mut level_ids = Vec::new();
+        for (level, ((anchors, logits), deltas)) in anchors.iter().zip(logits).zip(deltas).enumerate() {
+            let k = pre_nms_topk.min(logits.size()[1]);
+            let (scores, index) = logits.topk(k, 1, true, true);
+            let selected_deltas = deltas.gather(1, &index.unsqueeze(2).expand([n, k, 4], false), false);
+            let selected_anchors = anchors.index_select(0, &index.reshape([-1]));
+            let boxes = self.box_coder.decode(&selected_deltas.reshape([-1, 4]), &selected_anchors).view([n, k, 4]);
+            level_boxes.push(boxes);
+            level_scores.push(scores);
+            level_ids.push(Tensor::full([k], level as i64, (Kind::Int64, device)));
+        }
+        let boxes = Tensor::cat(&level_boxes, 1);
+        let scores = Tensor::cat(&level_scores, 1);
+        let level_ids = Tensor::cat(&level_ids, 0);
+        image_sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &(h, w))| {
+                let boxes = clip_boxes(&boxes.get(i as i64), h, w);
+                let scores = scores.get(i as i64);
+                let finite = boxes.isfinite().all_dim(1, false).logical_and(&scores.isfinite());
+                let keep = nonempty(&boxes, self.config.min_size).logical_and(&finite).nonzero().squeeze_dim(1);
+                let (boxes, scores, levels) =
+                    (boxes.index_select(0, &keep), scores.index_select(0, &keep), level_ids.index_select(0, &keep));
+                let keep = batched_nms(&boxes, &scores, &levels, self.config.nms_thresh);
+                let keep = keep.narrow(0, 0, post_nms_topk.min(keep.size()[0]));
+                Proposals { boxes: boxes.index_select(0, &keep), logits: scores.index_select(0, &keep) }
+            })
+            .collect()
+    }
+
+    /// Objectness (binary cross-entropy) and box (smooth-L1) losses over `batch_size_per_image` sampled anchors
+    /// per image, both summed and divided by `batch_size_per_image * N` (detectron2's normaliser).
+    fn losses(
+        &self,
+        anchors: &[Tensor],
+        logits: &[Tensor],
+        deltas: &[Tensor],
+        targets: &[GtInstances],
+    ) -> (Tensor, Tensor) {
+        let anchors = Tensor::cat(anchors, 0);
+        let logits = Tensor::cat(logits, 1);
+        let deltas = Tensor::cat(deltas, 1);
+        let device = anchors.device();
+        let mut cls_loss = logits.sum(Kind::Float) * 0.0;
+        let mut loc_loss = deltas.sum(Kind::Float) * 0.0;
+        for (i, target) in targets.iter().enumerate() {
+            let gt_boxes = target.boxes.to_device(device).to_kind(Kind::Float);
+            let (matched, labels) = tch::no_grad(|| {
+                let iou = box_iou(&gt_boxes, &anchors);
+                self.matcher.match_quality(&iou)
+            });
+            let (positive, negative) =
+                subsample_labels(&labels, self.config.batch_size_per_image, self.config.positive_fraction, 0);
+            let image_logits = logits.get(i as i64);
+            let sampled = Tensor::cat(&[&positive, &negative], 0);
+            let objectness_targets = Tensor::cat(
+                &[
+                    Tensor::ones([positive.size()[0]], (Kind::Float, device)),
+                    Tensor::zeros([negative.size()[0]], (Kind::Float, device)),
+                ],
+                0,
+            );
+            cls_loss += image_logits.index_select(0, &sampled).binary_cross_entropy_with_logits::<Tensor>(
+                &objectness_targets,
+                None,
+                None,
+                Reduction::Sum,
+            );
+            if positive.size()[0] > 0 {
+                let matched_boxes = gt_boxes.index_select(0, &matched.index_select(0, &positive));
+                let target_deltas = self.box_coder.encode(&anchors.index_select(0, &positive), &matched_boxes);
+                let predicted = deltas.get(i as i64).index_select(0, &positive);
+                loc_loss += smooth_l1_sum(&predicted, &target_deltas, self.config.smooth_l1_beta);
+            }
+        }
+        let normalizer = (self.config.batch_size_per_image * targets.len() as i64) as f64;
+        (cls_loss / normalizer, loc_loss / normalizer)
+    }
+}

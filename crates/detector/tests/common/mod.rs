@@ -1,0 +1,108 @@
+//! Shared test helpers: coco-tiny images and their polygon annotations, resized to a small shorter side.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use detector::{GtInstances, GtMasks};
+use tch::{Device, Kind, Tensor};
+
+/// The repository root (two levels above this crate).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// `<repo>/../shared/datasets/coco-tiny`, with a clear failure when it is missing.
+pub fn coco_tiny() -> PathBuf {
+    let path = repo_root().join("../shared/datasets/coco-tiny");
+    assert!(path.is_dir(), "coco-tiny is missing at {}", path.display());
+    path
+}
+
+/// One image: `[3, H, W]` float RGB in 0..255 at the resized size, the original size and the ground truth.
+pub struct Sample {
+    pub image: Tensor,
+    pub original_size: (i64, i64),
+    pub gt: GtInstances,
+}
+
+/// Decodes `train2017/<file>` as a float `[3, H, W]` RGB tensor with values 0..255.
+pub fn load_image(split: &str, file_name: &str) -> Tensor {
+    let path = coco_tiny().join(split).join(file_name);
+    let image = image::open(&path).unwrap_or_else(|e| panic!("cannot decode {}: {e}", path.display())).to_rgb8();
+    let (w, h) = image.dimensions();
+    Tensor::from_slice(image.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).to_kind(Kind::Float)
+}
+
+/// Loads the images with ids `image_ids` from coco-tiny's train split, resized (bilinear) so that the shorter side
+/// is `short_side`, with their non-crowd polygon annotations scaled alike. Labels are the category's index among
+/// the file's categories sorted by id (0..80).
+pub fn load_train_samples(image_ids: &[i64], short_side: i64) -> Vec<Sample> {
+    let json_path = coco_tiny().join("annotations/instances_train2017.json");
+    let text = std::fs::read_to_string(&json_path).expect("read coco-tiny annotations");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("parse coco-tiny annotations");
+    let mut category_ids: Vec<i64> =
+        json["categories"].as_array().unwrap().iter().map(|c| c["id"].as_i64().unwrap()).collect();
+    category_ids.sort();
+    let contiguous: BTreeMap<i64, i64> = category_ids.iter().enumerate().map(|(i, &id)| (id, i as i64)).collect();
+    image_ids
+        .iter()
+        .map(|&id| {
+            let info = json["images"].as_array().unwrap().iter().find(|i| i["id"].as_i64() == Some(id)).unwrap();
+            let original = load_image("train2017", info["file_name"].as_str().unwrap());
+            let (h, w) = (original.size()[1], original.size()[2]);
+            let scale = short_side as f64 / h.min(w) as f64;
+            let (nh, nw) = ((h as f64 * scale).round() as i64, (w as f64 * scale).round() as i64);
+            let image = original.unsqueeze(0).upsample_bilinear2d([nh, nw], false, None, None).squeeze_dim(0);
+            let (sx, sy) = (nw as f64 / w as f64, nh as f64 / h as f64);
+            let mut boxes = Vec::new();
+            let mut labels = Vec::new();
+            let mut polygons = Vec::new();
+            for ann in json["annotations"].as_array().unwrap() {
+                if ann["image_id"].as_i64() != Some(id) || ann["iscrowd"].as_i64() == Some(1) {
+                    continue;
+                }
+                let Some(parts) = ann["segmentation"].as_array() else { continue };
+                let b: Vec<f64> = ann["bbox"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+                boxes.extend([b[0] * sx, b[1] * sy, (b[0] + b[2]) * sx, (b[1] + b[3]) * sy].map(|v| v as f32));
+                labels.push(contiguous[&ann["category_id"].as_i64().unwrap()]);
+                polygons.push(
+                    parts
+                        .iter()
+                        .map(|p| {
+                            p.as_array()
+                                .unwrap()
+                                .iter()
+                                .enumerate()
+                                .map(|(i, v)| v.as_f64().unwrap() * if i % 2 == 0 { sx } else { sy })
+                                .collect()
+                        })
+                        .collect(),
+                );
+            }
+            let k = labels.len() as i64;
+            Sample {
+                image,
+                original_size: (h, w),
+                gt: GtInstances {
+                    boxes: Tensor::from_slice(&boxes).view([k, 4]),
+                    labels: Tensor::from_slice(&labels),
+                    masks: GtMasks::Polygons(polygons),
+                },
+            }
+        })
+        .collect()
+}
+
+/// Moves ground truth to `device`.
+pub fn gt_to(gt: &GtInstances, device: Device) -> GtInstances {
+    GtInstances {
+        boxes: gt.boxes.to_device(device),
+        labels: gt.labels.to_device(device),
+        masks: match &gt.masks {
+            GtMasks::Polygons(p) => GtMasks::Polygons(p.clone()),
+            GtMasks::Bitmaps(b) => GtMasks::Bitmaps(b.to_device(device)),
+        },
+    }
+}

@@ -1,0 +1,103 @@
+//! Whole-model parity with torchvision: `maskrcnn_resnet50_fpn` (v1) with seeded random weights, built and run by
+//! `tests/python/torchvision_maskrcnn.py` in the repository's `.venv`, its state dict imported into our model
+//! configured by `DetectorConfig::torchvision_maskrcnn_r50_fpn`, both run on real coco-tiny images.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use detector::structures::{pad_batch, resize_for_test};
+use detector::torchvision::import_torchvision;
+use detector::{DetectorConfig, MaskRcnn};
+use tch::{nn, Device, Kind, Tensor};
+
+/// torchvision's `num_classes` (background included): two foreground classes keep the scores above 0.05.
+const TORCHVISION_CLASSES: i64 = 3;
+
+fn python() -> PathBuf {
+    let python = common::repo_root().join(".venv/bin/python");
+    assert!(python.is_file(), "{} is missing: run scripts/setup to create the Python test oracles", python.display());
+    python
+}
+
+fn scratch_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vovdet-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn read(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display())).into_iter().collect()
+}
+
+#[test]
+fn matches_torchvision_maskrcnn_resnet50_fpn() {
+    let files = ["000000005001.jpg", "000000010764.jpg"];
+    let dir = scratch_dir("tv-parity");
+    let mut command = Command::new(python());
+    command.arg(common::repo_root().join("crates/detector/tests/python/torchvision_maskrcnn.py"));
+    command.arg(&dir).arg(TORCHVISION_CLASSES.to_string());
+    for file in files {
+        command.arg(common::coco_tiny().join("val2017").join(file));
+    }
+    let output = command.output().expect("run the torchvision oracle");
+    assert!(output.status.success(), "oracle failed: {}", String::from_utf8_lossy(&output.stderr));
+
+    tch::set_num_threads(2);
+    let config = DetectorConfig::torchvision_maskrcnn_r50_fpn(TORCHVISION_CLASSES - 1);
+    let vs = nn::VarStore::new(Device::Cpu);
+    let model = MaskRcnn::new(&vs.root(), &config).unwrap();
+    let report = import_torchvision(&vs, &dir.join("weights.safetensors")).unwrap();
+    assert!(report.loaded > 300, "{report:?}");
+
+    let inputs = read(&dir.join("inputs.safetensors"));
+    let expected = read(&dir.join("outputs.safetensors"));
+    let mean = Tensor::from_slice(&config.input.pixel_mean.map(|v| v as f32)).view([3, 1, 1]);
+    let std = Tensor::from_slice(&config.input.pixel_std.map(|v| v as f32)).view([3, 1, 1]);
+    // torchvision normalises the [0, 1] image, then resizes it, then pads the batch.
+    let mut resized = Vec::new();
+    let mut original_sizes = Vec::new();
+    for i in 0..files.len() {
+        let image = &inputs[&format!("image{i}")];
+        original_sizes.push((image.size()[1], image.size()[2]));
+        resized.push(resize_for_test(&((image - &mean) / &std), &config.input));
+    }
+    let sizes = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
+    let batch = pad_batch(&resized, sizes, config.input.size_divisibility);
+    let detections = model.inference(&batch, &original_sizes).unwrap();
+
+    let mut total = 0;
+    let mut good_masks = 0;
+    for (i, ours) in detections.iter().enumerate() {
+        let boxes = &expected[&format!("boxes{i}")];
+        let scores = &expected[&format!("scores{i}")];
+        let labels = &expected[&format!("labels{i}")] - 1;
+        let masks = &expected[&format!("masks{i}")];
+        let d = boxes.size()[0];
+        assert!(d > 10, "image {i}: torchvision found only {d} detections; the oracle weights are too weak");
+        assert_eq!(ours.boxes.size()[0], d, "image {i}: detection count");
+        assert_eq!(Vec::<i64>::try_from(&ours.labels).unwrap(), Vec::<i64>::try_from(&labels).unwrap(), "labels {i}");
+        let box_err = (&ours.boxes - boxes).abs().max().double_value(&[]);
+        let score_err = (&ours.scores - scores).abs().max().double_value(&[]);
+        assert!(box_err < 1e-2, "image {i}: boxes differ by up to {box_err} px");
+        assert!(score_err < 1e-4, "image {i}: scores differ by up to {score_err}");
+        let ours_m = ours.masks.to_kind(Kind::Float);
+        let theirs_m = masks.to_kind(Kind::Float);
+        let inter = (&ours_m * &theirs_m).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
+        let union = (&ours_m + &theirs_m).clamp_max(1.0).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
+        let iou = Vec::<f32>::try_from(inter / union.clamp_min(1.0)).unwrap();
+        let empty_both = Vec::<f32>::try_from(union_is_zero(&ours_m, &theirs_m)).unwrap();
+        good_masks += iou.iter().zip(&empty_both).filter(|(&v, &e)| v > 0.99 || e > 0.0).count();
+        total += d;
+        eprintln!("image {i}: {d} detections, max box error {box_err:.2e} px, max score error {score_err:.2e}");
+    }
+    eprintln!("mask IoU > 0.99 for {good_masks} of {total} detections");
+    assert!(good_masks as f64 >= 0.99 * total as f64, "mask IoU > 0.99 for only {good_masks} of {total}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// 1 where both masks are empty (IoU undefined, counted as agreeing).
+fn union_is_zero(a: &Tensor, b: &Tensor) -> Tensor {
+    (a + b).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float).eq(0.0).to_kind(Kind::Float)
+}
