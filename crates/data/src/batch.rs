@@ -91,16 +91,19 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
     let pad_h = round_up(samples.iter().map(|s| s.image.height).max().unwrap_or(0), div) as usize;
     let pad_w = round_up(samples.iter().map(|s| s.image.width).max().unwrap_or(0), div) as usize;
     let plane = pad_h * pad_w;
-    let images = Tensor::zeros([samples.len() as i64, 3, pad_h as i64, pad_w as i64], (Kind::Float, Device::Cpu));
+    let images = Tensor::empty([samples.len() as i64, 3, pad_h as i64, pad_w as i64], (Kind::Float, Device::Cpu));
     // SAFETY: `images` is a freshly allocated, contiguous CPU float tensor of exactly this many elements, owned
-    // here and not aliased until it is moved into the batch after the last write through `buffer`.
+    // here and not aliased until it is moved into the batch after the last write through `buffer`. Every element
+    // is written below (pixels or zero padding) before the tensor is read.
     let buffer: &mut [f32] =
         unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut f32, samples.len() * 3 * plane) };
+    // Per output channel: the source channel in the RGB pixels and a 256-entry table of normalised values.
     let channel_source: [usize; 3] = match input.format {
         PixelFormat::Rgb => [0, 1, 2],
         PixelFormat::Bgr => [2, 1, 0],
     };
-    let scale: [f32; 3] = input.pixel_std.map(|s| 1.0 / s);
+    let tables: [Vec<f32>; 3] =
+        std::array::from_fn(|c| (0..256).map(|v| (v as f32 - input.pixel_mean[c]) / input.pixel_std[c]).collect());
     let mut batch = Batch {
         images: Tensor::new(),
         image_sizes: Vec::with_capacity(samples.len()),
@@ -113,18 +116,25 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
     for (n, sample) in samples.into_iter().enumerate() {
         let (h, w) = (sample.image.height as usize, sample.image.width as usize);
         let image_buffer = &mut buffer[n * 3 * plane..(n + 1) * 3 * plane];
-        let (r_plane, rest) = image_buffer.split_at_mut(plane);
-        let (g_plane, b_plane) = rest.split_at_mut(plane);
-        let mut planes = [r_plane, g_plane, b_plane];
+        let (plane0, rest) = image_buffer.split_at_mut(plane);
+        let (plane1, plane2) = rest.split_at_mut(plane);
+        let [t0, t1, t2] = &tables;
+        let [s0, s1, s2] = channel_source;
         for y in 0..h {
             let src = &sample.image.data[y * w * 3..(y + 1) * w * 3];
-            for (c, out_plane) in planes.iter_mut().enumerate() {
-                let (mean, inv_std, offset) = (input.pixel_mean[c], scale[c], channel_source[c]);
-                let row = &mut out_plane[y * pad_w..y * pad_w + w];
-                for (out, px) in row.iter_mut().zip(src.chunks_exact(3)) {
-                    *out = (px[offset] as f32 - mean) * inv_std;
-                }
+            let row = y * pad_w..(y + 1) * pad_w;
+            let (r0, r1, r2) = (&mut plane0[row.clone()], &mut plane1[row.clone()], &mut plane2[row]);
+            for (x, px) in src.chunks_exact(3).enumerate() {
+                r0[x] = t0[px[s0] as usize];
+                r1[x] = t1[px[s1] as usize];
+                r2[x] = t2[px[s2] as usize];
             }
+            for r in [r0, r1, r2] {
+                r[w..].fill(0.0);
+            }
+        }
+        for p in [plane0, plane1, plane2] {
+            p[h * pad_w..].fill(0.0);
         }
         let (oh, ow) = sample.geometry.original;
         batch.image_sizes.push((h as i64, w as i64));

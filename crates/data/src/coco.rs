@@ -618,3 +618,20 @@ pub fn check(config: &crate::config::DataConfig, decode_images: bool, progress: 
     }
     report
 }
+
+/// Loads `data.train` for training: validation as in [`CocoDataset::load_split`], then (with `data.filter_empty`)
+/// drops images without a non-crowd annotation.
+pub fn load_train(config: &crate::config::DataConfig, progress: bool) -> Result<CocoDataset, DataError> {
+    let options = LoadOptions { missing_images: config.missing_images, progress };
+    let mut dataset = CocoDataset::load_split(&config.train, "train", options)?;
+    if config.filter_empty {
+        dataset.filter_for_training();
+    }
+    Ok(dataset)
+}
+
+/// Loads `data.val` for evaluation, keeping every image.
+pub fn load_val(config: &crate::config::DataConfig, progress: bool) -> Result<CocoDataset, DataError> {
+    let options = LoadOptions { missing_images: config.missing_images, progress };
+    CocoDataset::load_split(&config.val, "val", options)
+}

@@ -16,7 +16,7 @@ pub mod synth;
 pub mod transform;
 
 pub use batch::{Batch, Target, TargetMask};
-pub use coco::{check, CategoryMap, CheckReport, CocoDataset, LoadOptions};
+pub use coco::{check, load_train, load_val, CategoryMap, CheckReport, CocoDataset, LoadOptions};
 pub use config::{DataConfig, InputConfig, MissingImagePolicy, PixelFormat};
 pub use error::DataError;
 pub use loader::{Loader, LoaderOptions};

@@ -127,6 +127,27 @@ impl Loader {
         Ok(loader)
     }
 
+    /// Training loader from the config sections: a [`TrainSampler`] for (rank, world size) with the configured
+    /// grouping, started at `resume` when given (the state saved by a checkpoint) or at epoch 0 of `seed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_config(
+        config: &crate::config::DataConfig,
+        input: &InputConfig,
+        dataset: Arc<CocoDataset>,
+        batch_size: usize,
+        rank: usize,
+        world_size: usize,
+        seed: u64,
+        resume: Option<SamplerState>,
+    ) -> Result<Loader, DataError> {
+        let mut sampler =
+            TrainSampler::new(&dataset, batch_size, rank, world_size, config.aspect_ratio_grouping, seed)?;
+        if let Some(state) = resume {
+            sampler.restore(state);
+        }
+        Loader::train(dataset, input.clone(), sampler, LoaderOptions::from_config(config))
+    }
+
     /// Evaluation loader over this rank's contiguous shard, every image exactly once, in order.
     pub fn inference(
         dataset: Arc<CocoDataset>,
