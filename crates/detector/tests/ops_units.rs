@@ -201,7 +201,7 @@ fn pooler_timing() {
             Tensor::cat(&[&centres - &sizes / 2.0, &centres + &sizes / 2.0], 1)
         })
         .collect();
-    for (sampling_ratio, output) in [(0, 7), (2, 7), (0, 14)] {
+    for (sampling_ratio, output) in [(0, 7), (2, 7), (2, 14), (0, 14)] {
         let pooler =
             ops::RoiPooler::new((output, output), vec![0.25, 0.125, 0.0625, 0.03125], sampling_ratio, true, 224.0, 4);
         let _ = pooler.forward(&features, &boxes);

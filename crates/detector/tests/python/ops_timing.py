@@ -30,7 +30,7 @@ def pool(output_size, sampling_ratio):
     return out
 
 
-for sampling_ratio, output in ((0, 7), (2, 7), (0, 14)):
+for sampling_ratio, output in ((0, 7), (2, 7), (2, 14), (0, 14)):
     pool(output, sampling_ratio)
     forward = backward = 0.0
     for _ in range(3):
