@@ -11,6 +11,7 @@ use trainer::config::Config;
 use trainer::convert::convert;
 use trainer::device::parse_device;
 use trainer::info::{model_info, parse_size, render};
+use trainer::predict::{load_model, predict, LabelNames, PredictOptions};
 use trainer::train::{evaluate_weights, train, Resume, TrainOptions};
 
 /// vovdet: Mask R-CNN with VoVNet backbones, trained from scratch on libtorch.
@@ -32,6 +33,8 @@ enum Command {
     Data(DataCommand),
     /// Evaluate a COCO results file against ground truth (pycocotools-exact).
     CocoEval(CocoEvalArgs),
+    /// Run a model on images: PNGs with boxes, names, scores and masks drawn, and optional COCO results JSON.
+    Predict(PredictArgs),
     /// Parameters per module, GFLOPs at an input size, and the backbone's output shapes.
     Info(InfoArgs),
     /// Speed benchmarks (detectron2 protocol: medians after a warm-up).
@@ -91,8 +94,8 @@ struct TrainArgs {
     #[arg(long, value_name = "DIR")]
     output: Option<PathBuf>,
     /// Resume from the last checkpoint in the output folder, or from the checkpoint folder given.
-    #[arg(long, value_name = "PATH", num_args = 0..=1, default_missing_value = "")]
-    resume: Option<PathBuf>,
+    #[arg(long, value_name = "PATH", num_args = 0..=1)]
+    resume: Option<Option<PathBuf>>,
     /// Initialise the model from these weights (checkpoint folder or .safetensors); not a resume.
     #[arg(long, value_name = "FILE", conflicts_with = "resume")]
     init_weights: Option<PathBuf>,
@@ -151,6 +154,27 @@ struct DataSynthArgs {
     /// Seed (the same seed writes identical files).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+#[derive(Args)]
+struct PredictArgs {
+    #[command(flatten)]
+    common: ConfigArgs,
+    /// Weights: a checkpoint folder or a .safetensors file with vovdet names.
+    #[arg(long, value_name = "FILE")]
+    weights: PathBuf,
+    /// An image file or a folder of .jpg/.png files.
+    #[arg(long, value_name = "IMAGE_OR_DIR")]
+    input: PathBuf,
+    /// Folder for the drawn PNGs.
+    #[arg(long, value_name = "DIR", default_value = "predictions")]
+    out: PathBuf,
+    /// Minimum score drawn and written.
+    #[arg(long, default_value_t = 0.5)]
+    score_thresh: f64,
+    /// Also write COCO results (bbox xywh, score, category_id, RLE segmentation) to this file.
+    #[arg(long, value_name = "results.json")]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -225,8 +249,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let (config, device) = args.common.load()?;
             let resume = match args.resume {
                 None => Resume::No,
-                Some(path) if path.as_os_str().is_empty() => Resume::Last,
-                Some(path) => Resume::From(path),
+                Some(None) => Resume::Last,
+                Some(Some(path)) => Resume::From(path),
             };
             let options = TrainOptions { resume, init_weights: args.init_weights, device };
             let outcome = train(&config, &options)?;
@@ -256,7 +280,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             anyhow::ensure!(report.problem_count() == 0, "{} problem(s) found", report.problem_count());
         }
         Command::Data(DataCommand::Synth(args)) => {
-            let options = data::synth::SynthOptions { train: args.train, val: args.val, size: args.size, seed: args.seed };
+            let options =
+                data::synth::SynthOptions { train: args.train, val: args.val, size: args.size, seed: args.seed };
             let summary = data::synth::generate(&args.out, &options)?;
             println!(
                 "wrote {} train and {} val instances to {}",
@@ -264,6 +289,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 summary.instances.1,
                 args.out.display()
             );
+        }
+        Command::Predict(args) => {
+            let (config, device) = args.common.load()?;
+            let (_vs, model) = load_model(&config, &args.weights, device)?;
+            let labels = LabelNames::for_config(&config)?;
+            let options = PredictOptions {
+                input: args.input,
+                out: args.out.clone(),
+                score_thresh: args.score_thresh,
+                json: args.json,
+            };
+            let count = predict(&config, &model, &labels, &options, device)?;
+            println!("{count} detections; pictures in {}", args.out.display());
         }
         Command::CocoEval(args) => {
             let iou_type = args.iou_type.parse().map_err(anyhow::Error::msg)?;

@@ -118,7 +118,11 @@ pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
             let all_polygons = target.masks.iter().all(|m| matches!(m, TargetMask::Polygons(_)));
             let masks = if all_polygons {
                 GtMasks::Polygons(
-                    target.masks.into_iter().map(|m| if let TargetMask::Polygons(p) = m { p } else { vec![] }).collect(),
+                    target
+                        .masks
+                        .into_iter()
+                        .map(|m| if let TargetMask::Polygons(p) = m { p } else { vec![] })
+                        .collect(),
                 )
             } else {
                 let device = target.boxes.device();
@@ -240,7 +244,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         Some(path) => {
             let missing = init_weights(&vs, path)?;
             if !missing.is_empty() {
-                eprintln!("warning: {} has no values for {} variables (kept their initialisation)", path.display(), missing.len());
+                eprintln!(
+                    "warning: {} has no values for {} variables (kept their initialisation)",
+                    path.display(),
+                    missing.len()
+                );
             }
         }
         None => config.model.backbone.check_from_scratch()?,
@@ -276,8 +284,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     let max_iter = solver_config.max_iter;
 
     let data_config = config.data.as_ref().expect("checked by load_split");
-    let mut sampler =
-        TrainSampler::new(&train_set, micro_batch, 0, 1, data_config.aspect_ratio_grouping, config.seed)?;
+    let mut sampler = TrainSampler::new(&train_set, micro_batch, 0, 1, data_config.aspect_ratio_grouping, config.seed)?;
     if let Some(checkpoint) = &resumed {
         let state: SamplerState = serde_json::from_value(checkpoint.state.sampler.clone())
             .with_context(|| format!("checkpoint {}: sampler state", checkpoint.path.display()))?;
@@ -285,20 +292,23 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         eprintln!("resumed from {} at iteration {start}", checkpoint.path.display());
     }
     let dataset_fingerprint = fingerprint(&train_set);
-    let mut loader = Loader::train(
-        Arc::new(train_set),
-        config.input.clone(),
-        sampler,
-        LoaderOptions::from_config(data_config),
-    )?;
+    let mut loader =
+        Loader::train(Arc::new(train_set), config.input.clone(), sampler, LoaderOptions::from_config(data_config))?;
     let gt = GroundTruth::load(&val_annotations)?;
 
     let metrics_path = output_dir.join("metrics.jsonl");
-    let metrics =
-        if start > 0 { MetricsWriter::open_resumed(&metrics_path, start)? } else { MetricsWriter::open(&metrics_path)? };
+    let metrics = if start > 0 {
+        MetricsWriter::open_resumed(&metrics_path, start)?
+    } else {
+        MetricsWriter::open(&metrics_path)?
+    };
     let events =
         if config.log.tensorboard { Some(EventWriter::create(&output_dir.join("tensorboard"))?) } else { None };
-    let bar = if quiet { ProgressBar::hidden() } else { ProgressBar::with_draw_target(Some(max_iter), ProgressDrawTarget::stderr()) };
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::with_draw_target(Some(max_iter), ProgressDrawTarget::stderr())
+    };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
             .expect("valid template"),
@@ -382,8 +392,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             logger.line(&message);
             logger.metrics.write(&serde_json::Value::Object(record.clone()))?;
             if let Some(events) = &mut logger.events {
-                let scalars: Vec<(String, f64)> =
-                    record.iter().filter(|(k, _)| *k != "iteration").filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v))).collect();
+                let scalars: Vec<(String, f64)> = record
+                    .iter()
+                    .filter(|(k, _)| *k != "iteration")
+                    .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+                    .collect();
                 let pairs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
                 events.add_scalars(iteration, &pairs)?;
                 events.flush()?;
@@ -397,7 +410,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             || (iteration == max_iter && config.eval.at_end);
         let mut eval_metrics = None;
         if eval_due {
-            let outcome = evaluate(&model, config, val_set.clone(), &gt, options.device, Some(&output_dir.join("inference")))?;
+            let outcome =
+                evaluate(&model, config, val_set.clone(), &gt, options.device, Some(&output_dir.join("inference")))?;
             logger.eval(iteration, &outcome)?;
             eval_metrics = Some(outcome.metrics.clone());
             last_eval = Some(outcome);
@@ -419,7 +433,13 @@ pub fn evaluate_weights(config: &Config, weights: &Path, device: Device) -> anyh
     let annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
     let (vs, model) = build_detector(config, val_set.categories.len(), device)?;
     let missing = init_weights(&vs, weights)?;
-    anyhow::ensure!(missing.is_empty(), "{} lacks {} model variables, e.g. {}", weights.display(), missing.len(), missing[0]);
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} lacks {} model variables, e.g. {}",
+        weights.display(),
+        missing.len(),
+        missing[0]
+    );
     let gt = GroundTruth::load(&annotations)?;
     let results_dir = config.output_dir.join("inference");
     evaluate(&model, config, val_set, &gt, device, Some(&results_dir))

@@ -1,0 +1,161 @@
+//! `trainer predict`: runs a model on image files and writes one PNG per image with boxes, class names, scores
+//! and translucent masks drawn, plus optional COCO results JSON.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use data::transform::{decode_rgb, RgbImage};
+use detector::structures::{preprocess, resize_for_test};
+use detector::MaskRcnn;
+use tch::{nn, Device, Kind, Tensor};
+
+use crate::checkpoint::init_weights;
+use crate::coco_eval::{write_detections, CompressedRle, Detection};
+use crate::config::Config;
+use crate::events::encode_png;
+use crate::visualize::{draw, DrawnDetection};
+
+/// Maps the model's contiguous labels to category ids and names.
+#[derive(Debug, Clone)]
+pub struct LabelNames {
+    ids: Vec<u64>,
+    names: Vec<String>,
+}
+
+impl LabelNames {
+    /// From the validation annotations of the config when it has a `[data]` section; otherwise label `l` is
+    /// category `l + 1` (torchvision's convention, which equals the COCO id for torchvision's COCO models).
+    pub fn for_config(config: &Config) -> anyhow::Result<LabelNames> {
+        if config.data.is_some() {
+            let val = crate::train::load_split(config, "val", false)?;
+            return Ok(LabelNames { ids: val.categories.ids().to_vec(), names: val.categories.names().to_vec() });
+        }
+        let count = config.model.roi_heads.num_classes as u64;
+        Ok(LabelNames { ids: (1..=count).collect(), names: (1..=count).map(|id| format!("class {id}")).collect() })
+    }
+
+    fn id(&self, label: i64) -> u64 {
+        self.ids.get(label as usize).copied().unwrap_or(label as u64 + 1)
+    }
+
+    fn name(&self, label: i64) -> &str {
+        self.names.get(label as usize).map_or("?", String::as_str)
+    }
+}
+
+/// Image files under `input` (the file itself, or the JPEG/PNG files of a folder, sorted by name).
+pub fn image_files(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    if input.is_file() {
+        return Ok(vec![input.to_path_buf()]);
+    }
+    let entries =
+        std::fs::read_dir(input).with_context(|| format!("--input {}: no such file or folder", input.display()))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let ext = p.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+            matches!(ext.as_str(), "jpg" | "jpeg" | "png")
+        })
+        .collect();
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "--input {}: no .jpg or .png files", input.display());
+    Ok(files)
+}
+
+/// The COCO image id of a file named by a number (`000000139.jpg` → 139).
+pub fn image_id_from_name(path: &Path) -> Option<u64> {
+    path.file_stem()?.to_str()?.parse().ok()
+}
+
+/// Builds the model of `config` with `weights` (a checkpoint folder or a safetensors file with our names).
+pub fn load_model(config: &Config, weights: &Path, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
+    let vs = nn::VarStore::new(device);
+    let model = MaskRcnn::new(&vs.root(), &config.model)?;
+    let missing = init_weights(&vs, weights)?;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} lacks {} model variables (e.g. `{}`); convert foreign weights with `trainer convert`",
+        weights.display(),
+        missing.len(),
+        missing[0]
+    );
+    Ok((vs, model))
+}
+
+/// Options of `trainer predict`.
+#[derive(Debug, Clone)]
+pub struct PredictOptions {
+    /// Image file or folder.
+    pub input: PathBuf,
+    /// Folder for the drawn PNGs.
+    pub out: PathBuf,
+    /// Detections below this score are neither drawn nor written.
+    pub score_thresh: f64,
+    /// Where to write COCO results, if anywhere.
+    pub json: Option<PathBuf>,
+}
+
+/// Runs the model over every image and writes the pictures (and results); returns the number of detections.
+pub fn predict(
+    config: &Config,
+    model: &MaskRcnn,
+    labels: &LabelNames,
+    options: &PredictOptions,
+    device: Device,
+) -> anyhow::Result<usize> {
+    std::fs::create_dir_all(&options.out).with_context(|| format!("cannot create {}", options.out.display()))?;
+    let mut results = Vec::new();
+    for (index, file) in image_files(&options.input)?.iter().enumerate() {
+        let mut picture = decode_rgb(file)?;
+        let (height, width) = (picture.height as i64, picture.width as i64);
+        let image = Tensor::from_slice(&picture.data).view([height, width, 3]).permute([2, 0, 1]).to_kind(Kind::Float);
+        let resized = resize_for_test(&image, &config.model.input);
+        let batch = preprocess(&[resized], &config.model.input, device)?;
+        let detections = model.inference(&batch, &[(height, width)])?.remove(0);
+        let image_id = image_id_from_name(file).unwrap_or(index as u64 + 1);
+        let scores = Vec::<f32>::try_from(detections.scores.to_device(Device::Cpu))?;
+        let keep: Vec<i64> = scores
+            .iter()
+            .enumerate()
+            .filter(|(_, &s)| s as f64 >= options.score_thresh)
+            .map(|(i, _)| i as i64)
+            .collect();
+        let boxes = Vec::<f32>::try_from(detections.boxes.to_device(Device::Cpu).flatten(0, -1))?;
+        let label_ids = Vec::<i64>::try_from(detections.labels.to_device(Device::Cpu))?;
+        let masks = detections.masks.to_device(Device::Cpu).to_kind(Kind::Uint8);
+        let mut drawn = Vec::new();
+        for &i in &keep {
+            let label = label_ids[i as usize];
+            let bbox = [0, 1, 2, 3].map(|k| boxes[4 * i as usize + k] as f64);
+            let mask = masks.get(i);
+            results.push(Detection::from_xyxy(
+                image_id,
+                labels.id(label),
+                bbox,
+                scores[i as usize] as f64,
+                Some(CompressedRle::from_tensor(&mask)?),
+            ));
+            drawn.push(DrawnDetection {
+                bbox,
+                text: format!("{} {:.2}", labels.name(label), scores[i as usize]),
+                class: label as usize,
+                mask: Some(Vec::<u8>::try_from(mask.flatten(0, -1))?),
+            });
+        }
+        draw(&mut picture, &drawn);
+        write_png(&options.out.join(png_name(file)), &picture)?;
+    }
+    if let Some(json) = &options.json {
+        write_detections(json, &results)?;
+    }
+    Ok(results.len())
+}
+
+fn png_name(file: &Path) -> String {
+    format!("{}.png", file.file_stem().and_then(|s| s.to_str()).unwrap_or("image"))
+}
+
+fn write_png(path: &Path, picture: &RgbImage) -> anyhow::Result<()> {
+    let bytes = encode_png(picture.width, picture.height, &picture.data).map_err(anyhow::Error::msg)?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}

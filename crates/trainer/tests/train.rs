@@ -1,0 +1,292 @@
+//! The training loop end to end on a tiny model and a tiny synthetic dataset: exact resume, Ctrl-C, NaN losses,
+//! evaluation outputs and the errors users see.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vovdet-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn trainer(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_trainer")).args(args).current_dir(repo_root()).output().unwrap()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A tiny V-19-slim-dw Mask R-CNN on 8 synthetic 64-pixel images (generated on first use into `dir/shapes`).
+fn tiny_config(dir: &Path) -> String {
+    let shapes = dir.join("shapes");
+    let text = format!(
+        r#"output_dir = "{out}"
+seed = 3
+device = "cpu"
+[model.backbone]
+name = "V-19-slim-dw"
+gn_groups = 16
+[model.fpn]
+out_channels = 32
+gn_groups = 8
+[model.anchors]
+sizes = [[8.0], [16.0], [32.0], [64.0], [128.0]]
+[model.rpn]
+pre_nms_topk_train = 200
+post_nms_topk_train = 100
+pre_nms_topk_test = 100
+post_nms_topk_test = 50
+batch_size_per_image = 64
+[model.roi_heads]
+num_classes = 4
+batch_size_per_image = 32
+[model.box_head]
+conv_dim = 32
+fc_dim = 64
+gn_groups = 8
+[model.mask_head]
+conv_dim = 32
+gn_groups = 8
+[data]
+num_workers = 2
+prefetch = 2
+[data.synth]
+out = "{shapes}"
+train = 8
+val = 4
+size = 64
+seed = 1
+[data.train]
+annotations = "{shapes}/annotations/instances_train.json"
+images = "{shapes}/train"
+[data.val]
+annotations = "{shapes}/annotations/instances_val.json"
+images = "{shapes}/val"
+[input]
+min_size_train = [56, 64, 72]
+max_size_train = 128
+min_size_test = 64
+max_size_test = 128
+[solver]
+max_iter = 6
+ims_per_batch = 2
+base_lr = 0.01
+steps = [4]
+warmup_iters = 2
+[checkpoint]
+period = 2
+keep_last = 10
+[eval]
+at_end = false
+vis_images = 2
+[log]
+period = 1
+quiet = true
+"#,
+        out = dir.join("out").display(),
+        shapes = shapes.display()
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn weights(checkpoint: &Path) -> Vec<(String, Tensor)> {
+    let mut tensors = Tensor::read_safetensors(checkpoint.join("model.safetensors")).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+#[test]
+fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
+    let dir = temp_dir("resume");
+    let config = tiny_config(&dir);
+    let straight = dir.join("straight");
+    let output = trainer(&["train", &config, "--output", straight.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let resumed = dir.join("resumed");
+    let output = trainer(&["train", &config, "--output", resumed.to_str().unwrap(), "--set", "solver.max_iter=3"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let output = trainer(&["train", &config, "--output", resumed.to_str().unwrap(), "--resume"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(stderr(&output).contains("resumed from"), "{}", stderr(&output));
+
+    let a = weights(&straight.join("model_0000006"));
+    let b = weights(&resumed.join("model_0000006"));
+    assert_eq!(a.len(), b.len());
+    for ((name_a, ta), (name_b, tb)) in a.iter().zip(&b) {
+        assert_eq!(name_a, name_b);
+        assert!(ta.equal(tb), "{name_a} differs after resume");
+    }
+    // The logged losses and learning rates of every iteration match too (timings naturally differ).
+    let records = |p: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(p.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|line| {
+                let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
+                for timing in ["time", "data_time", "images_per_second"] {
+                    record.as_object_mut().unwrap().remove(timing);
+                }
+                record
+            })
+            .collect()
+    };
+    assert_eq!(records(&straight).len(), 6);
+    assert_eq!(records(&straight), records(&resumed));
+}
+
+#[test]
+fn evaluation_writes_results_metrics_and_tensorboard_images() {
+    let dir = temp_dir("eval");
+    let config = tiny_config(&dir);
+    let out = dir.join("run");
+    let output = trainer(&[
+        "train",
+        &config,
+        "--output",
+        out.to_str().unwrap(),
+        "--set",
+        "solver.max_iter=2",
+        "--set",
+        "eval.at_end=true",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("Evaluation results for segm:"), "{stdout}");
+    assert!(stdout.contains(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] ="), "{stdout}");
+    assert!(out.join("inference/coco_instances_results.json").is_file());
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["segm/AP"].is_number() && last["bbox/AP50"].is_number(), "{last}");
+
+    // Standalone evaluation of the saved checkpoint gives the same numbers.
+    let output = trainer(&["eval", &config, "--weights", out.join("model_0000002").to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let standalone: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(standalone["segm/AP"], last["segm/AP"]);
+    assert_eq!(standalone["bbox/AP"], last["bbox/AP"]);
+
+    // predict draws one PNG per image and writes COCO results that coco-eval reads back.
+    let pictures = dir.join("pictures");
+    let results = dir.join("results.json");
+    let output = trainer(&[
+        "predict",
+        &config,
+        "--weights",
+        out.join("model_0000002").to_str().unwrap(),
+        "--input",
+        dir.join("shapes/val").to_str().unwrap(),
+        "--out",
+        pictures.to_str().unwrap(),
+        "--score-thresh",
+        "0",
+        "--json",
+        results.to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(std::fs::read_dir(&pictures).unwrap().count(), 4);
+    let gt = dir.join("shapes/annotations/instances_val.json");
+    let output = trainer(&["coco-eval", "--gt", gt.to_str().unwrap(), "--dt", results.to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let summary: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(summary["stats"].as_array().unwrap().len(), 12);
+}
+
+#[test]
+fn sigint_saves_a_checkpoint_and_exits_cleanly() {
+    let dir = temp_dir("sigint");
+    let config = tiny_config(&dir);
+    let out = dir.join("run");
+    let child = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["train", &config, "--output", out.to_str().unwrap(), "--set", "solver.max_iter=100000"])
+        .args(["--set", "checkpoint.period=0"])
+        .current_dir(repo_root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 2) {
+        assert!(start.elapsed() < Duration::from_secs(240), "training never logged");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("interrupted: saved") && stdout.contains("continue with --resume"), "{stdout}");
+    let pointer = std::fs::read_to_string(out.join("last_checkpoint")).unwrap();
+    assert!(out.join(pointer.trim()).join("model.safetensors").is_file(), "{pointer}");
+}
+
+#[test]
+fn a_non_finite_loss_stops_with_the_iteration_and_keeps_the_last_checkpoint() {
+    let dir = temp_dir("nan");
+    let config = tiny_config(&dir);
+    let out = dir.join("run");
+    let output = trainer(&[
+        "train",
+        &config,
+        "--output",
+        out.to_str().unwrap(),
+        "--set",
+        "solver.base_lr=1e30",
+        "--set",
+        "solver.warmup_iters=0",
+        "--set",
+        "checkpoint.period=1",
+        "--set",
+        "solver.max_iter=50",
+    ]);
+    assert!(!output.status.success());
+    let message = stderr(&output);
+    let error = message.trim().lines().last().unwrap();
+    assert!(
+        error.starts_with("error: iteration ") && error.contains("loss term") && error.contains("NaN"),
+        "{message}"
+    );
+    assert!(error.contains("the last checkpoint is untouched"), "{message}");
+    let pointer = std::fs::read_to_string(out.join("last_checkpoint")).unwrap();
+    let output = trainer(&["eval", &config, "--weights", out.join(pointer.trim()).to_str().unwrap(), "--json"]);
+    assert!(output.status.success(), "the last good checkpoint must load: {}", stderr(&output));
+}
+
+#[test]
+fn missing_dataset_and_scratch_freezing_are_clear_errors() {
+    let dir = temp_dir("errors");
+    let config = tiny_config(&dir);
+    // Without the synthetic-data section and with a COCO path that does not exist.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let start = text.find("[data.synth]").unwrap();
+    let end = text.find("[data.train]").unwrap();
+    let text = format!("{}{}", &text[..start], &text[end..]);
+    let missing = dir.join("no_coco.toml");
+    std::fs::write(&missing, text).unwrap();
+    let output = trainer(&[
+        "train",
+        missing.to_str().unwrap(),
+        "--set",
+        "data.train.annotations=\"datasets/coco/annotations/instances_train2017.json\"",
+    ]);
+    let message = stderr(&output);
+    assert!(!output.status.success(), "{message}");
+    assert!(message.contains("instances_train2017.json"), "{message}");
+    assert!(message.contains("COCO 2017 is expected under datasets/coco/"), "{message}");
+
+    let output = trainer(&["train", &config, "--set", "model.backbone.freeze_at=2"]);
+    let message = stderr(&output);
+    assert!(!output.status.success() && message.contains("from-scratch training"), "{message}");
+}
