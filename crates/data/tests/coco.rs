@@ -253,3 +253,27 @@ fn concatenation_requires_equal_categories() {
     let err = CocoDataset::load_split(&split, "train", LoadOptions::default()).unwrap_err().to_string();
     assert!(err.contains("other.json") && err.contains("categories differ"), "{err}");
 }
+
+#[test]
+fn load_train_filters_images_without_instances_and_load_val_keeps_them() {
+    let fixture = Fixture::new();
+    let json = fixture.json(GOOD);
+    let split =
+        SplitConfig { annotations: OneOrMany::One(json), images: OneOrMany::One(fixture.dir.path().join("img")) };
+    let mut config = DataConfig {
+        train: split.clone(),
+        val: split,
+        missing_images: MissingImagePolicy::Error,
+        filter_empty: true,
+        num_workers: 0,
+        prefetch: 1,
+        aspect_ratio_grouping: false,
+        synth: None,
+    };
+    let train = data::load_train(&config, false).unwrap();
+    assert_eq!(train.images.len(), 1);
+    assert_eq!(train.stats.filtered_empty_images, 1);
+    assert_eq!(data::load_val(&config, false).unwrap().images.len(), 2);
+    config.filter_empty = false;
+    assert_eq!(data::load_train(&config, false).unwrap().images.len(), 2);
+}
