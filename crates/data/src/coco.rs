@@ -253,6 +253,11 @@ fn read_with_progress(path: &Path, progress: bool) -> Result<Vec<u8>, DataError>
     let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
     let bar = if progress {
         let bar = indicatif::ProgressBar::with_draw_target(Some(len), indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) =
+            indicatif::ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes} {bytes_per_sec}")
+        {
+            bar.set_style(style);
+        }
         bar.set_message(format!("reading {}", path.display()));
         bar
     } else {
@@ -275,6 +280,9 @@ fn read_with_progress(path: &Path, progress: bool) -> Result<Vec<u8>, DataError>
 fn parse_raw(path: &Path, bytes: &[u8], progress: bool) -> Result<RawCoco, DataError> {
     let spinner = if progress {
         let s = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+        if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}") {
+            s.set_style(style);
+        }
         s.set_message(format!("parsing {}", path.display()));
         s.enable_steady_tick(std::time::Duration::from_millis(200));
         s
