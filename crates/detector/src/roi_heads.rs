@@ -438,3 +438,83 @@ fn empty_detections(device: tch::Device) -> BoxDetections {
         labels: Tensor::zeros([0], (Kind::Int64, device)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::HeadNorm;
+    use crate::structures::GtMasks;
+    use tch::Device;
+
+    /// With fixed features and fixed RoIs (all of them sampled every step) the box classifier, the class-specific
+    /// box regression and the mask head must fit their targets: every RoI-head loss falls.
+    #[test]
+    fn roi_head_losses_fall_on_fixed_rois() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let config = RoiHeadsConfig {
+            num_classes: 3,
+            batch_size_per_image: 64,
+            positive_fraction: 1.0,
+            proposal_append_gt: false,
+            ..Default::default()
+        };
+        let box_config = BoxHeadConfig { conv_dim: 32, fc_dim: 64, gn_groups: 8, ..Default::default() };
+        let mask_config = MaskHeadConfig {
+            conv_dim: 32,
+            gn_groups: 8,
+            norm: HeadNorm::GN,
+            pooler_resolution: 7,
+            ..Default::default()
+        };
+        let heads = RoiHeads::new(&vs.root(), &config, &box_config, &mask_config, 8, &[4, 8], LevelMapping::Detectron2)
+            .unwrap();
+        let features = [
+            Tensor::randn([1, 8, 32, 32], (Kind::Float, Device::Cpu)),
+            Tensor::randn([1, 8, 16, 16], (Kind::Float, Device::Cpu)),
+        ];
+        let target = GtInstances {
+            boxes: Tensor::from_slice(&[10.0f32, 12.0, 70.0, 60.0, 60.0, 50.0, 120.0, 124.0]).view([2, 4]),
+            labels: Tensor::from_slice(&[0i64, 2]),
+            masks: GtMasks::Polygons(vec![
+                vec![vec![10.0, 12.0, 70.0, 12.0, 10.0, 60.0]],
+                vec![vec![60.0, 50.0, 120.0, 50.0, 120.0, 124.0, 60.0, 124.0]],
+            ]),
+        };
+        let jitter =
+            Tensor::from_slice(&[-4.0f32, 3.0, 5.0, -2.0, 6.0, -5.0, -3.0, 4.0, 0.0, 0.0, 0.0, 0.0]).view([3, 1, 4]);
+        let proposals = Proposals {
+            boxes: (target.boxes.unsqueeze(0) + jitter).reshape([-1, 4]),
+            logits: Tensor::zeros([6], (Kind::Float, Device::Cpu)),
+        };
+        let params = vs.trainable_variables();
+        let momentum: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
+        let mut history: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        for _ in 0..30 {
+            let losses = heads
+                .forward_train(&features, std::slice::from_ref(&proposals), std::slice::from_ref(&target))
+                .unwrap();
+            let total = losses.values().map(|l| l.shallow_clone()).reduce(|a, b| a + b).unwrap();
+            for (name, loss) in &losses {
+                history.entry(name.clone()).or_default().push(loss.double_value(&[]));
+            }
+            for p in &params {
+                p.shallow_clone().zero_grad();
+            }
+            total.backward();
+            tch::no_grad(|| {
+                for (p, buf) in params.iter().zip(&momentum) {
+                    let _ = buf.shallow_clone().g_mul_scalar_(0.9).g_add_(&p.grad());
+                    let _ = p.shallow_clone().g_sub_(&(buf * 0.01));
+                }
+            });
+        }
+        assert_eq!(history.len(), 3);
+        for (name, h) in &history {
+            eprintln!("{name}: {:?}", h.iter().map(|v| (v * 1e3).round() / 1e3).collect::<Vec<_>>());
+            let first = h[..5].iter().sum::<f64>() / 5.0;
+            let last = h[h.len() - 5..].iter().sum::<f64>() / 5.0;
+            assert!(last < 0.9 * first, "{name} did not fall: {h:?}");
+        }
+    }
+}

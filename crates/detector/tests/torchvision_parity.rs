@@ -65,7 +65,14 @@ fn matches_torchvision_maskrcnn_resnet50_fpn() {
     }
     let sizes = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
     let batch = pad_batch(&resized, sizes, config.input.size_divisibility);
+    let start = std::time::Instant::now();
     let detections = model.inference(&batch, &original_sizes).unwrap();
+    eprintln!(
+        "ours: {:.2} s for {} images (2 threads); {}",
+        start.elapsed().as_secs_f64(),
+        files.len(),
+        String::from_utf8_lossy(&output.stdout).trim()
+    );
 
     let mut total = 0;
     let mut good_masks = 0;
