@@ -6,7 +6,6 @@ use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
-use crate::info::build_model;
 
 /// Settings shared by the benchmark modes.
 #[derive(Debug, Clone)]
@@ -76,11 +75,12 @@ fn synchronize(device: Device) {
 /// Times the backbone's forward pass (inference mode, no gradients) on random input.
 pub fn bench_backbone(config: &Config, options: &BenchOptions) -> anyhow::Result<BackboneBench> {
     anyhow::ensure!(options.iters > 0, "--iters must be at least 1");
-    let model = build_model(config, options.device)?;
-    let params = model.vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let vs = tch::nn::VarStore::new(options.device);
+    let backbone = backbone::Backbone::new(&(vs.root() / "backbone"), &config.model.backbone, None)?;
+    let params = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
     let [h, w] = options.size;
     let input = Tensor::randn([options.batch, 3, h, w], (Kind::Float, options.device));
-    let forward = || tch::no_grad(|| model.backbone.forward_t(&input, false));
+    let forward = || tch::no_grad(|| backbone.forward_t(&input, false));
     let (_, macs) = backbone::flops::count_macs(forward);
     for _ in 0..options.warmup {
         forward();

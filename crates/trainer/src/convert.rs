@@ -21,10 +21,18 @@ fn backbone_prefixes(format: WeightFormat) -> &'static [&'static str] {
 }
 
 /// Loads `input` (names in `format`) into the model of `config`, failing with every missing, unexpected or
-/// mis-shaped name, and writes the weights with our names to `output`.
+/// mis-shaped name, and writes the weights with our names to `output`. A whole torchvision Mask R-CNN state dict
+/// converts the whole model; anything else (an ImageNet ResNet, a vovnet-detectron2 backbone) converts the
+/// backbone, and only the backbone's tensors are written (load them with `--init-weights`).
 pub fn convert(config: &Config, format: WeightFormat, input: &Path, output: &Path) -> anyhow::Result<ImportReport> {
     let model = build_model(config, Device::Cpu)?;
     let source = read_safetensors(input)?;
+    let write_error = |e: tch::TchError| anyhow::anyhow!("cannot write {}: {e}", output.display());
+    if format == WeightFormat::Torchvision && source.iter().any(|(name, _)| name.starts_with("roi_heads.")) {
+        let report = detector::torchvision::import_torchvision(&model.vs, input)?;
+        model.vs.save(output).map_err(write_error)?;
+        return Ok(report);
+    }
     let prefix = backbone_prefixes(format)
         .iter()
         .find(|p| source.iter().any(|(name, _)| name.starts_with(*p)))
@@ -36,7 +44,9 @@ pub fn convert(config: &Config, format: WeightFormat, input: &Path, output: &Pat
         .into_iter()
         .filter_map(|(name, t)| name.strip_prefix("backbone.").map(|n| (n.to_string(), t)))
         .collect();
-    let report = assign(input, &targets, source, prefix, |ours| model.backbone.external_name(format, ours))?;
-    model.vs.save(output).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", output.display()))?;
+    let report = assign(input, &targets, source, prefix, |ours| model.backbone().external_name(format, ours))?;
+    let backbone: Vec<(String, Tensor)> =
+        targets.into_iter().map(|(name, t)| (format!("backbone.{name}"), t)).collect();
+    Tensor::write_safetensors(&backbone, output).map_err(write_error)?;
     Ok(report)
 }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 
 use anyhow::Context;
 use backbone::Backbone;
+use detector::structures::ImageBatch;
+use detector::MaskRcnn;
 use serde::Serialize;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -16,8 +18,12 @@ pub struct ModelInfo {
     /// Trainable-parameter counts by top-level module (`backbone`, ...) and `total`; BatchNorm statistics and
     /// FrozenBN constants are buffers, not parameters, as in PyTorch.
     pub params: BTreeMap<String, i64>,
-    /// Multiply-accumulates (fvcore's "FLOPs") of one forward pass at `input`, in units of 1e9.
+    /// Multiply-accumulates (fvcore's "FLOPs") of one inference pass at `input`, in units of 1e9: the whole model
+    /// on a blank image (backbone, FPN, RPN, and the box head on the test-time proposals; the mask head runs only
+    /// on detections, which a blank image does not produce).
     pub gflops: f64,
+    /// The backbone's share of `gflops`.
+    pub gflops_backbone: f64,
     /// Input size `[height, width]` the FLOPs and feature shapes refer to.
     pub input: [i64; 2],
     /// Every backbone output as `[channels, height, width]`.
@@ -34,19 +40,26 @@ pub fn parse_size(text: &str) -> anyhow::Result<[i64; 2]> {
     parse().with_context(|| format!("size `{text}`: expected HEIGHTxWIDTH with positive integers, e.g. 800x1344"))
 }
 
-/// The model a config describes, built on a fresh var store. Until the detector lands this is the backbone.
+/// The model a config describes, built on a fresh var store.
 pub struct BuiltModel {
-    /// Owns every variable, named `backbone.*`, ...
+    /// Owns every variable: `backbone.*`, `fpn.*`, `rpn.*`, `roi_heads.*`.
     pub vs: nn::VarStore,
-    /// The backbone.
-    pub backbone: Backbone,
+    /// The whole detector.
+    pub model: MaskRcnn,
+}
+
+impl BuiltModel {
+    /// The detector's backbone.
+    pub fn backbone(&self) -> &Backbone {
+        self.model.backbone()
+    }
 }
 
 /// Builds the configured model on `device`.
 pub fn build_model(config: &Config, device: Device) -> anyhow::Result<BuiltModel> {
     let vs = nn::VarStore::new(device);
-    let backbone = Backbone::new(&(vs.root() / "backbone"), &config.model.backbone, None)?;
-    Ok(BuiltModel { vs, backbone })
+    let model = MaskRcnn::new(&vs.root(), &config.model)?;
+    Ok(BuiltModel { vs, model })
 }
 
 /// Counts parameters per top-level module and runs one forward pass at `input` to count FLOPs and shapes.
@@ -63,9 +76,13 @@ pub fn model_info(config: &Config, input: [i64; 2], device: Device) -> anyhow::R
     }
     params.insert("total".into(), total);
     let image = Tensor::zeros([1, 3, input[0], input[1]], (Kind::Float, device));
-    let (outputs, macs) = backbone::flops::count_macs(|| tch::no_grad(|| model.backbone.forward_t(&image, false)));
+    let (outputs, backbone_macs) =
+        backbone::flops::count_macs(|| tch::no_grad(|| model.backbone().forward_t(&image, false)));
+    let batch = ImageBatch { images: image.shallow_clone(), image_sizes: vec![(input[0], input[1])] };
+    let (detections, macs) = backbone::flops::count_macs(|| model.model.inference(&batch, &batch.image_sizes));
+    detections?;
     let features = model
-        .backbone
+        .backbone()
         .output_specs()
         .iter()
         .zip(&outputs)
@@ -74,7 +91,7 @@ pub fn model_info(config: &Config, input: [i64; 2], device: Device) -> anyhow::R
             (spec.name.clone(), [s[1], s[2], s[3]])
         })
         .collect();
-    Ok(ModelInfo { params, gflops: macs as f64 / 1e9, input, features })
+    Ok(ModelInfo { params, gflops: macs as f64 / 1e9, gflops_backbone: backbone_macs as f64 / 1e9, input, features })
 }
 
 /// Formats the report for people.
