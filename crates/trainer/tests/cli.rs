@@ -120,3 +120,47 @@ fn convert_imports_a_vovnet_detectron2_pth_through_the_script() {
     let message = stderr(&output);
     assert!(!output.status.success() && message.contains("wrong shape: "), "{message}");
 }
+
+#[test]
+fn data_synth_and_data_check_on_synthetic_and_real_coco() {
+    let dir = temp_dir("data");
+    let shapes = dir.join("shapes");
+    let output =
+        trainer(&["data", "synth", "--out", shapes.to_str().unwrap(), "--train", "6", "--val", "3", "--size", "64"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(shapes.join("annotations/instances_train.json").is_file());
+
+    let coco_tiny = repo_root().join("../shared/datasets/coco-tiny");
+    let config = write_config(
+        &dir,
+        &format!(
+            "[model.backbone]\nname = \"V-19\"\n[data.train]\nannotations = \"{0}/annotations/instances_train2017.json\"\n\
+             images = \"{0}/train2017\"\n[data.val]\nannotations = \"{0}/annotations/instances_val2017.json\"\n\
+             images = \"{0}/val2017\"\n",
+            coco_tiny.display()
+        ),
+    );
+    let output = trainer(&["data", "check", "--config", &config]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.contains("80"), "{report}");
+
+    // A missing image file is reported with its name, and the command fails.
+    let broken = dir.join("broken");
+    std::fs::create_dir_all(broken.join("train2017")).unwrap();
+    let config = write_config(
+        &dir,
+        &format!(
+            "[model.backbone]\nname = \"V-19\"\n[data.train]\nannotations = \"{0}/annotations/instances_train2017.json\"\n\
+             images = \"{1}\"\n[data.val]\nannotations = \"{0}/annotations/instances_val2017.json\"\n\
+             images = \"{0}/val2017\"\n",
+            coco_tiny.display(),
+            broken.join("train2017").display()
+        ),
+    );
+    let output = trainer(&["data", "check", "--config", &config]);
+    assert!(!output.status.success());
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(report.contains(".jpg"), "{report}");
+    assert!(stderr(&output).contains("problem(s) found"), "{}", stderr(&output));
+}
