@@ -262,7 +262,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         }
     }
     anyhow::ensure!(
-        solver_config.ims_per_batch % solver_config.accumulate == 0,
+        solver_config.ims_per_batch.is_multiple_of(solver_config.accumulate),
         "solver.ims_per_batch = {} is not a multiple of solver.accumulate = {}",
         solver_config.ims_per_batch,
         solver_config.accumulate
@@ -282,6 +282,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     };
     let start = solver.iteration();
     let max_iter = solver_config.max_iter;
+    if resumed.is_none() && !checkpointer.list()?.is_empty() {
+        eprintln!(
+            "warning: {} holds checkpoints of an earlier run; this run starts from iteration 0 (pass --resume to \
+             continue that run instead)",
+            output_dir.display()
+        );
+    }
 
     let data_config = config.data.as_ref().expect("checked by load_split");
     let mut sampler = TrainSampler::new(&train_set, micro_batch, 0, 1, data_config.aspect_ratio_grouping, config.seed)?;
