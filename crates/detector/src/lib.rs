@@ -7,6 +7,7 @@
 
 pub mod anchors;
 pub mod config;
+pub mod detectron2;
 pub mod fpn;
 pub mod layers;
 mod losses;
