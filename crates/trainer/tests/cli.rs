@@ -164,3 +164,17 @@ fn data_synth_and_data_check_on_synthetic_and_real_coco() {
     assert!(report.contains(".jpg"), "{report}");
     assert!(stderr(&output).contains("problem(s) found"), "{}", stderr(&output));
 }
+
+#[test]
+fn every_shipped_config_loads_and_builds() {
+    let mut count = 0;
+    for entry in std::fs::read_dir(repo_root().join("configs")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let output = trainer(&["info", "--config", path.to_str().unwrap(), "--input", "64x64", "--json"]);
+            assert!(output.status.success(), "{}: {}", path.display(), stderr(&output));
+            count += 1;
+        }
+    }
+    assert!(count >= 9, "{count} configs");
+}
