@@ -268,6 +268,18 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         solver_config.accumulate
     );
     let micro_batch = (solver_config.ims_per_batch / solver_config.accumulate) as usize;
+    let amp = solver_config.amp.enabled;
+    if amp {
+        anyhow::ensure!(
+            options.device.is_cuda(),
+            "solver.amp.enabled needs a CUDA device (this run uses {:?}); turn it off for CPU training",
+            options.device
+        );
+        anyhow::ensure!(
+            solver_config.amp.dtype == crate::solver::AmpDtype::Fp16,
+            "solver.amp.dtype = \"bf16\" is not supported yet (tch 0.24 only switches fp16 autocast); use \"fp16\""
+        );
+    }
     let mut solver = Solver::from_var_store(&vs, &solver_config)?;
     let checkpointer = Checkpointer::new(&output_dir, &config.checkpoint);
     let resumed: Option<LoadedCheckpoint> = match &options.resume {
@@ -356,7 +368,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             let batch = loader.next().context("the training loader stopped")??.to_device(options.device);
             data_seconds += fetch.elapsed().as_secs_f64();
             let (images, targets) = model_inputs(batch);
-            let losses = model.forward_train(&images, &targets)?;
+            // fp16 autocast on CUDA when AMP is on; the solver's loss scaler handles the gradients.
+            let losses = tch::autocast(amp, || model.forward_train(&images, &targets))?;
             let total = total_loss(&losses);
             let values: Vec<(String, f64)> = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
             check_losses(iteration, values.iter().map(|(k, v)| (k.as_str(), *v)))?;

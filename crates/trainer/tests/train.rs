@@ -289,4 +289,8 @@ fn missing_dataset_and_scratch_freezing_are_clear_errors() {
     let output = trainer(&["train", &config, "--set", "model.backbone.freeze_at=2"]);
     let message = stderr(&output);
     assert!(!output.status.success() && message.contains("from-scratch training"), "{message}");
+
+    let output = trainer(&["train", &config, "--set", "solver.amp.enabled=true"]);
+    let message = stderr(&output);
+    assert!(!output.status.success() && message.contains("solver.amp.enabled needs a CUDA device"), "{message}");
 }
