@@ -90,8 +90,7 @@ fn convert_imports_a_vovnet_detectron2_pth_through_the_script() {
         .status()
         .unwrap();
     assert!(status.success());
-    let config =
-        write_config(&dir, "[model.backbone]\nname = \"V-19-slim-dw\"\ngn_groups = 16\nout_features = [\"stage5\"]\n");
+    let config = write_config(&dir, "[model.backbone]\nname = \"V-19-slim-dw\"\ngn_groups = 16\n");
     let converted = dir.join("ours.safetensors");
     let output = trainer(&[
         "convert",
