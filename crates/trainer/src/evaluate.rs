@@ -20,7 +20,7 @@ use crate::visualize::{draw, DrawnDetection};
 /// What one evaluation produced.
 #[derive(Debug, Default)]
 pub struct EvalOutcome {
-    /// `bbox/AP`, `segm/AP50`, per-class `bbox/AP-name`, ... in [0, 100] like detectron2 prints them.
+    /// `bbox/AP`, `segm/AP50`, per-class `bbox/AP-name`, ... as fractions in [0, 1], as pycocotools reports them.
     pub metrics: BTreeMap<String, f64>,
     /// The pycocotools-style summaries and per-class tables, ready to print.
     pub report: String,
