@@ -414,13 +414,15 @@ impl CocoDataset {
             if ann.bbox.iter().any(|v| !v.is_finite()) {
                 return Err(err(format!("bbox {:?} has a non-finite value", ann.bbox)));
             }
-            let image = &raw.images[image_index];
-            let segmentation =
-                ann.segmentation.as_ref().map(|s| convert_segmentation(path, ann, image, s)).transpose()?;
+            // Degenerate boxes are dropped before their masks are validated, so an annotation that is dropped
+            // anyway cannot stop the load (COCO 2017 train has such slivers, e.g. annotation 918, cocoapi#355).
             if ann.bbox[2] <= 0.0 || ann.bbox[3] <= 0.0 {
                 stats.dropped_empty_boxes += 1;
                 continue;
             }
+            let image = &raw.images[image_index];
+            let segmentation =
+                ann.segmentation.as_ref().map(|s| convert_segmentation(path, ann, image, s)).transpose()?;
             per_image[image_index].push(Annotation {
                 id: ann.id,
                 category_id: ann.category_id,
