@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use backbone::layers::ConvInit;
 use tch::{nn, Kind, Reduction, Tensor};
 
-use crate::config::{BoxHeadConfig, MaskHeadConfig, RoiHeadsConfig};
+use crate::config::{BoxHeadConfig, HeadNorm, MaskHeadConfig, RoiHeadsConfig};
 use crate::layers::{ConvUnit, Deconv2x2, Linear, LinearInit};
 use crate::losses::smooth_l1_sum;
 use crate::ops::{batched_nms, box_iou, clip_boxes, subsample_labels, BoxCoder, LevelMapping, Matcher, RoiPooler};
@@ -22,6 +22,27 @@ use crate::targets::mask_targets;
 use crate::DetectorError;
 
 /// `num_conv` convolutions then `num_fc` fully connected layers, all with ReLU.
+/// `count` 3x3 conv units (MSRA init, norm, ReLU) named `{prefix}1..{prefix}count` under `path`, from `channels`
+/// to `dim` channels; returns them with the output width (`channels` when `count` is 0).
+fn conv_stack(
+    path: &nn::Path,
+    prefix: &str,
+    count: i64,
+    channels: i64,
+    dim: i64,
+    norm: HeadNorm,
+    gn_groups: i64,
+) -> Result<(Vec<ConvUnit>, i64), DetectorError> {
+    let mut convs = Vec::new();
+    let mut c = channels;
+    for i in 0..count {
+        let p = path.sub(format!("{prefix}{}", i + 1));
+        convs.push(ConvUnit::new(&p, c, dim, 3, ConvInit::MsraFanOut, norm, gn_groups, true)?);
+        c = dim;
+    }
+    Ok((convs, c))
+}
+
 #[derive(Debug)]
 struct BoxHead {
     convs: Vec<ConvUnit>,
@@ -30,22 +51,8 @@ struct BoxHead {
 
 impl BoxHead {
     fn new(path: &nn::Path, config: &BoxHeadConfig, channels: i64) -> Result<BoxHead, DetectorError> {
-        let mut convs = Vec::new();
-        let mut c = channels;
-        for i in 0..config.num_conv {
-            let p = path.sub(format!("conv{}", i + 1));
-            convs.push(ConvUnit::new(
-                &p,
-                c,
-                config.conv_dim,
-                3,
-                ConvInit::MsraFanOut,
-                config.norm,
-                config.gn_groups,
-                true,
-            )?);
-            c = config.conv_dim;
-        }
+        let (convs, c) =
+            conv_stack(path, "conv", config.num_conv, channels, config.conv_dim, config.norm, config.gn_groups)?;
         let mut width = c * config.pooler_resolution * config.pooler_resolution;
         let mut fcs = Vec::new();
         for i in 0..config.num_fc {
@@ -87,22 +94,8 @@ struct MaskHead {
 
 impl MaskHead {
     fn new(path: &nn::Path, config: &MaskHeadConfig, channels: i64, classes: i64) -> Result<MaskHead, DetectorError> {
-        let mut convs = Vec::new();
-        let mut c = channels;
-        for i in 0..config.num_conv {
-            let p = path.sub(format!("mask_fcn{}", i + 1));
-            convs.push(ConvUnit::new(
-                &p,
-                c,
-                config.conv_dim,
-                3,
-                ConvInit::MsraFanOut,
-                config.norm,
-                config.gn_groups,
-                true,
-            )?);
-            c = config.conv_dim;
-        }
+        let (convs, c) =
+            conv_stack(path, "mask_fcn", config.num_conv, channels, config.conv_dim, config.norm, config.gn_groups)?;
         let deconv = Deconv2x2::new(&path.sub("deconv"), c, config.conv_dim);
         let opts = backbone::layers::ConvOpts { bias: true, init: ConvInit::Normal(0.001), ..Default::default() };
         let predictor = backbone::layers::Conv2d::new(&path.sub("predictor"), config.conv_dim, classes, 1, opts);
@@ -442,7 +435,6 @@ fn empty_detections(device: tch::Device) -> BoxDetections {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::HeadNorm;
     use crate::structures::GtMasks;
     use tch::Device;
 
