@@ -279,3 +279,45 @@ fn missing_dataset_and_scratch_freezing_are_clear_errors() {
     let message = stderr(&output);
     assert!(!output.status.success() && message.contains("solver.amp.enabled needs a CUDA device"), "{message}");
 }
+
+/// The CI smoke version of the coco-tiny overfit run (`configs/coco_tiny_overfit.toml`): real COCO images,
+/// 80 classes, crowd regions and multi-part polygons go through training, checkpointing and COCO evaluation.
+#[test]
+fn coco_tiny_smoke_trains_and_evaluates_on_real_coco_data() {
+    let dir = temp_dir("coco-tiny");
+    let out = dir.join("run");
+    let output = trainer(&[
+        "train",
+        "configs/coco_tiny_overfit.toml",
+        "--output",
+        out.to_str().unwrap(),
+        "--quiet",
+        "--set",
+        "solver.max_iter=2",
+        "--set",
+        "solver.ims_per_batch=2",
+        "--set",
+        "eval.period=0",
+        "--set",
+        "input.min_size_train=[128]",
+        "--set",
+        "input.min_size_test=128",
+        "--set",
+        "input.max_size_test=192",
+        "--set",
+        "model.rpn.pre_nms_topk_test=200",
+        "--set",
+        "model.rpn.post_nms_topk_test=50",
+        "--set",
+        "model.roi_heads.detections_per_image=20",
+        "--set",
+        "eval.vis_images=1",
+        "--set",
+        "device=\"cpu\"",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["bbox/AP"].is_number() && last["segm/AP"].is_number(), "{last}");
+    assert!(out.join("model_0000002/model.safetensors").is_file());
+}
