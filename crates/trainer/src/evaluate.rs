@@ -11,7 +11,7 @@ use data::loader::{Loader, LoaderOptions};
 use data::transform::{decode_rgb, RgbImage};
 use detector::structures::{Detections, ImageBatch};
 use detector::MaskRcnn;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::coco_eval::{evaluate as coco_evaluate, write_detections, CompressedRle, Detection, GroundTruth, IouType};
 use crate::config::Config;
@@ -28,22 +28,50 @@ pub struct EvalOutcome {
     pub pictures: Vec<(u64, RgbImage)>,
 }
 
+/// One image's detections copied to the host once, for COCO results, drawing and prediction files.
+pub struct HostDetections {
+    /// `x1, y1, x2, y2` per detection.
+    pub boxes: Vec<[f64; 4]>,
+    /// Scores, descending.
+    pub scores: Vec<f32>,
+    /// Contiguous labels.
+    pub labels: Vec<i64>,
+    /// `[D, H, W]` u8 masks on the CPU (empty when the model predicted none).
+    masks: Tensor,
+}
+
+impl HostDetections {
+    /// Copies boxes, scores, labels and masks of `detections` to the host.
+    pub fn new(detections: &Detections) -> anyhow::Result<HostDetections> {
+        let flat = Vec::<f32>::try_from(detections.boxes.to_device(Device::Cpu).flatten(0, -1))?;
+        let boxes = flat.chunks_exact(4).map(|b| [0, 1, 2, 3].map(|k| b[k] as f64)).collect();
+        let scores = Vec::<f32>::try_from(detections.scores.to_device(Device::Cpu))?;
+        let labels = Vec::<i64>::try_from(detections.labels.to_device(Device::Cpu))?;
+        let masks = detections.masks.to_device(Device::Cpu).to_kind(Kind::Uint8);
+        Ok(HostDetections { boxes, scores, labels, masks })
+    }
+
+    /// The `[H, W]` mask of detection `i`, if the model predicted masks.
+    pub fn mask(&self, i: usize) -> Option<Tensor> {
+        (self.masks.dim() == 3 && self.masks.size()[0] > i as i64).then(|| self.masks.get(i as i64))
+    }
+
+    /// The mask of detection `i` as `H * W` row-major bytes.
+    pub fn mask_bytes(&self, i: usize) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.mask(i).map(|m| Vec::<u8>::try_from(m.flatten(0, -1))).transpose()?)
+    }
+}
+
 /// Turns one image's detections into COCO results (labels mapped back to category ids, masks RLE-encoded).
-pub fn to_coco(image_id: u64, detections: &Detections, dataset: &CocoDataset) -> anyhow::Result<Vec<Detection>> {
-    let boxes = Vec::<f32>::try_from(detections.boxes.to_device(Device::Cpu).flatten(0, -1))?;
-    let scores = Vec::<f32>::try_from(detections.scores.to_device(Device::Cpu))?;
-    let labels = Vec::<i64>::try_from(detections.labels.to_device(Device::Cpu))?;
-    let masks = detections.masks.to_device(Device::Cpu);
-    let has_masks = masks.size().first().copied().unwrap_or(0) == labels.len() as i64 && masks.dim() == 3;
-    let mut results = Vec::with_capacity(labels.len());
-    for (i, (&label, &score)) in labels.iter().zip(&scores).enumerate() {
+pub fn to_coco(image_id: u64, detections: &HostDetections, dataset: &CocoDataset) -> anyhow::Result<Vec<Detection>> {
+    let mut results = Vec::with_capacity(detections.labels.len());
+    for (i, (&label, &score)) in detections.labels.iter().zip(&detections.scores).enumerate() {
         let category_id = dataset
             .categories
             .category_id(label)
             .with_context(|| format!("the model predicted label {label}, which the dataset does not have"))?;
-        let xyxy = [0, 1, 2, 3].map(|k| boxes[4 * i + k] as f64);
-        let mask = if has_masks { Some(CompressedRle::from_tensor(&masks.get(i as i64))?) } else { None };
-        results.push(Detection::from_xyxy(image_id, category_id, xyxy, score as f64, mask));
+        let mask = detections.mask(i).map(|m| CompressedRle::from_tensor(&m)).transpose()?;
+        results.push(Detection::from_xyxy(image_id, category_id, detections.boxes[i], score as f64, mask));
     }
     Ok(results)
 }
@@ -69,11 +97,12 @@ pub fn evaluate(
         let image_batch = ImageBatch { images: batch.images.shallow_clone(), image_sizes: batch.image_sizes.clone() };
         let detections = model.inference(&image_batch, &batch.original_sizes)?;
         for (&image_id, dets) in batch.image_ids.iter().zip(&detections) {
-            let coco = to_coco(image_id, dets, &dataset)?;
+            let dets = HostDetections::new(dets)?;
+            let coco = to_coco(image_id, &dets, &dataset)?;
             if pictures.len() < config.eval.vis_images {
                 let record = dataset.images.iter().find(|r| r.image_id == image_id).context("image id in dataset")?;
                 let mut picture = decode_rgb(&record.file)?;
-                draw(&mut picture, &drawn(dets, &dataset, 0.3)?);
+                draw(&mut picture, &drawn(&dets, &dataset, 0.3)?);
                 pictures.push((image_id, picture));
             }
             results.extend(coco);
@@ -99,25 +128,22 @@ pub fn evaluate(
 }
 
 /// Detections above `min_score` as drawable items with `name score` labels.
-pub fn drawn(detections: &Detections, dataset: &CocoDataset, min_score: f64) -> anyhow::Result<Vec<DrawnDetection>> {
-    let boxes = Vec::<f32>::try_from(detections.boxes.to_device(Device::Cpu).flatten(0, -1))?;
-    let scores = Vec::<f32>::try_from(detections.scores.to_device(Device::Cpu))?;
-    let labels = Vec::<i64>::try_from(detections.labels.to_device(Device::Cpu))?;
-    let masks = detections.masks.to_device(Device::Cpu).to_kind(Kind::Uint8);
+pub fn drawn(
+    detections: &HostDetections,
+    dataset: &CocoDataset,
+    min_score: f64,
+) -> anyhow::Result<Vec<DrawnDetection>> {
     let mut out = Vec::new();
-    for (i, (&label, &score)) in labels.iter().zip(&scores).enumerate() {
+    for (i, (&label, &score)) in detections.labels.iter().zip(&detections.scores).enumerate() {
         if (score as f64) < min_score {
             continue;
         }
         let name = dataset.categories.name(label).unwrap_or("?");
-        let mask = (masks.dim() == 3 && masks.size()[0] > i as i64)
-            .then(|| Vec::<u8>::try_from(masks.get(i as i64).flatten(0, -1)))
-            .transpose()?;
         out.push(DrawnDetection {
-            bbox: [0, 1, 2, 3].map(|k| boxes[4 * i + k] as f64),
+            bbox: detections.boxes[i],
             text: format!("{name} {score:.2}"),
             class: label as usize,
-            mask,
+            mask: detections.mask_bytes(i)?,
         });
     }
     Ok(out)

@@ -12,6 +12,7 @@ use tch::{nn, Device, Kind, Tensor};
 use crate::checkpoint::init_weights;
 use crate::coco_eval::{write_detections, CompressedRle, Detection};
 use crate::config::Config;
+use crate::evaluate::HostDetections;
 use crate::events::encode_png;
 use crate::visualize::{draw, DrawnDetection};
 
@@ -111,35 +112,22 @@ pub fn predict(
         let image = Tensor::from_slice(&picture.data).view([height, width, 3]).permute([2, 0, 1]).to_kind(Kind::Float);
         let resized = resize_for_test(&image, &config.model.input);
         let batch = preprocess(&[resized], &config.model.input, device)?;
-        let detections = model.inference(&batch, &[(height, width)])?.remove(0);
+        let detections = HostDetections::new(&model.inference(&batch, &[(height, width)])?.remove(0))?;
         let image_id = image_id_from_name(file).unwrap_or(index as u64 + 1);
-        let scores = Vec::<f32>::try_from(detections.scores.to_device(Device::Cpu))?;
-        let keep: Vec<i64> = scores
-            .iter()
-            .enumerate()
-            .filter(|(_, &s)| s as f64 >= options.score_thresh)
-            .map(|(i, _)| i as i64)
-            .collect();
-        let boxes = Vec::<f32>::try_from(detections.boxes.to_device(Device::Cpu).flatten(0, -1))?;
-        let label_ids = Vec::<i64>::try_from(detections.labels.to_device(Device::Cpu))?;
-        let masks = detections.masks.to_device(Device::Cpu).to_kind(Kind::Uint8);
         let mut drawn = Vec::new();
-        for &i in &keep {
-            let label = label_ids[i as usize];
-            let bbox = [0, 1, 2, 3].map(|k| boxes[4 * i as usize + k] as f64);
-            let mask = masks.get(i);
-            results.push(Detection::from_xyxy(
-                image_id,
-                labels.id(label),
-                bbox,
-                scores[i as usize] as f64,
-                Some(CompressedRle::from_tensor(&mask)?),
-            ));
+        for (i, (&label, &score)) in detections.labels.iter().zip(&detections.scores).enumerate() {
+            if (score as f64) < options.score_thresh {
+                continue;
+            }
+            let bbox = detections.boxes[i];
+            let mask = detections.mask(i);
+            let rle = mask.as_ref().map(CompressedRle::from_tensor).transpose()?;
+            results.push(Detection::from_xyxy(image_id, labels.id(label), bbox, score as f64, rle));
             drawn.push(DrawnDetection {
                 bbox,
-                text: format!("{} {:.2}", labels.name(label), scores[i as usize]),
+                text: format!("{} {score:.2}", labels.name(label)),
                 class: label as usize,
-                mask: Some(Vec::<u8>::try_from(mask.flatten(0, -1))?),
+                mask: detections.mask_bytes(i)?,
             });
         }
         draw(&mut picture, &drawn);
