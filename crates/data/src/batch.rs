@@ -46,6 +46,10 @@ pub struct Batch {
     pub flipped: Vec<bool>,
     /// Per image targets.
     pub targets: Vec<Target>,
+    /// Per image seed from the training sampler (for the detector's per-image RPN/RoI sampling, so results do not
+    /// depend on how images are split across ranks and micro-batches); empty for batches collated outside a
+    /// training loader.
+    pub sample_seeds: Vec<u64>,
 }
 
 impl Batch {
@@ -112,6 +116,7 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
         scales: Vec::with_capacity(samples.len()),
         flipped: Vec::with_capacity(samples.len()),
         targets: Vec::with_capacity(samples.len()),
+        sample_seeds: Vec::new(),
     };
     for (n, sample) in samples.into_iter().enumerate() {
         let (h, w) = (sample.image.height as usize, sample.image.width as usize);

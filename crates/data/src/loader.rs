@@ -78,11 +78,15 @@ impl Shared {
     /// Loads and collates one batch; `None` when every sample was skipped.
     fn build(&self, batch: &SampledBatch) -> (Result<Option<Batch>, DataError>, usize) {
         let mut samples = Vec::with_capacity(batch.indices.len());
+        let mut seeds = Vec::with_capacity(batch.indices.len());
         let mut skipped = 0;
         for (&index, &seed) in batch.indices.iter().zip(&batch.seeds) {
             let record = &self.dataset.images[index];
             match load_sample(record, &self.input, self.train, &mut Rng::new(seed)) {
-                Ok(sample) => samples.push(sample),
+                Ok(sample) => {
+                    samples.push(sample);
+                    seeds.push(seed);
+                }
                 Err(e @ DataError::ImageFile { .. }) if self.missing_images == MissingImagePolicy::Skip => {
                     eprintln!("warning: skipping sample: {e}");
                     skipped += 1;
@@ -93,7 +97,8 @@ impl Shared {
         if samples.is_empty() {
             return (Ok(None), skipped);
         }
-        (collate(samples, &self.input).map(Some), skipped)
+        let collated = collate(samples, &self.input).map(|batch| Some(Batch { sample_seeds: seeds, ..batch }));
+        (collated, skipped)
     }
 }
 

@@ -23,7 +23,8 @@ pub struct SamplerState {
 pub struct SampledBatch {
     /// Indices into the dataset's images.
     pub indices: Vec<usize>,
-    /// Per-sample augmentation seeds, independent of which worker loads the sample.
+    /// Per-sample seeds (augmentation, and the detector's RPN/RoI sampling), independent of the loader worker, the
+    /// rank and the batch layout.
     pub seeds: Vec<u64>,
 }
 
@@ -97,6 +98,9 @@ impl TrainSampler {
     pub fn batches_of_epoch(&self, epoch: u64) -> Vec<Vec<usize>> {
         let mut order: Vec<usize> = (0..self.landscape.len()).collect();
         Rng::new(mix(&[self.state.seed, epoch])).shuffle(&mut order);
+        // Every rank gets a shard of the same length, so all ranks draw the same number of batches per epoch and
+        // stay in step; the few images past the last multiple of the world size wait for a later epoch.
+        order.truncate(order.len() / self.world_size * self.world_size);
         let shard = order.into_iter().skip(self.rank).step_by(self.world_size);
         let mut batches = Vec::new();
         let mut groups: [Vec<usize>; 2] = [Vec::new(), Vec::new()];
@@ -120,9 +124,9 @@ impl TrainSampler {
             self.epoch_batches = self.batches_of_epoch(self.state.epoch);
         }
         let indices = self.epoch_batches[self.state.position as usize].clone();
-        let seeds = (0..indices.len())
-            .map(|slot| mix(&[self.state.seed, self.state.epoch, self.state.position, self.rank as u64, slot as u64]))
-            .collect();
+        // Keyed by (seed, epoch, image) alone: an image gets the same augmentation and detector sampling whichever
+        // rank, batch slot or micro-batch it lands in, so N ranks x batch B train exactly like 1 rank x batch N*B.
+        let seeds = indices.iter().map(|&index| mix(&[self.state.seed, self.state.epoch, index as u64])).collect();
         self.state.position += 1;
         SampledBatch { indices, seeds }
     }
