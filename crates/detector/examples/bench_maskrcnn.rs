@@ -51,6 +51,7 @@ fn main() {
             boxes: boxes.shallow_clone(),
             labels: &labels - 1,
             masks: GtMasks::Bitmaps(masks.shallow_clone()),
+            sampling_seed: None,
         })
         .collect();
     let train_step = || {

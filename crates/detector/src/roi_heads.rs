@@ -223,8 +223,14 @@ impl RoiHeads {
             let classes = classes.masked_fill(&labels.eq(0), background).masked_fill(&labels.eq(-1), -1);
             (matched, classes)
         };
-        let (positive, negative) =
-            subsample_labels(&classes, self.config.batch_size_per_image, self.config.positive_fraction, background);
+        let (positive, negative) = subsample_labels(
+            &classes,
+            self.config.batch_size_per_image,
+            self.config.positive_fraction,
+            background,
+            // A stream apart from the RPN's, which starts from the same per-image seed.
+            target.sampling_seed.map(|seed| seed ^ 0x9e37_79b9_7f4a_7c15),
+        );
         let sampled = Tensor::cat(&[&positive, &negative], 0);
         let gt_index = matched.index_select(0, &sampled);
         let sampled_gt_boxes = if target.is_empty() {
@@ -472,6 +478,7 @@ mod tests {
                 vec![vec![10.0, 12.0, 70.0, 12.0, 10.0, 60.0]],
                 vec![vec![60.0, 50.0, 120.0, 50.0, 120.0, 124.0, 60.0, 124.0]],
             ]),
+            sampling_seed: None,
         };
         let jitter =
             Tensor::from_slice(&[-4.0f32, 3.0, 5.0, -2.0, 6.0, -5.0, -3.0, 4.0, 0.0, 0.0, 0.0, 0.0]).view([3, 1, 4]);

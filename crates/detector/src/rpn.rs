@@ -104,6 +104,11 @@ impl Rpn {
 
     /// detectron2 `find_top_rpn_proposals`: per level the top `pre_nms_topk` logits, decoded; per image clipped,
     /// non-finite and small boxes removed, NMS per level, the best `post_nms_topk` kept.
+    ///
+    /// In training the kept proposals are put in anchor order instead of score order. The RoI sampler picks
+    /// random positions in this list, so with score order two proposals whose scores differ by float rounding
+    /// (a batch of 2 vs two batches of 1, another GPU) could swap and change the whole sample; in anchor order
+    /// the sample only changes when the kept set does. Which proposals are kept is unchanged.
     fn select_proposals(
         &self,
         anchors: &[Tensor],
@@ -122,9 +127,13 @@ impl Rpn {
         let mut level_boxes = Vec::new();
         let mut level_scores = Vec::new();
         let mut level_ids = Vec::new();
+        let mut anchor_ids = Vec::new();
+        let mut first_anchor = 0;
         for (level, ((anchors, logits), deltas)) in anchors.iter().zip(logits).zip(deltas).enumerate() {
             let k = pre_nms_topk.min(logits.size()[1]);
             let (scores, index) = logits.topk(k, 1, true, true);
+            anchor_ids.push(&index + first_anchor);
+            first_anchor += logits.size()[1];
             let selected_deltas = deltas.gather(1, &index.unsqueeze(2).expand([n, k, 4], false), false);
             let selected_anchors = anchors.index_select(0, &index.reshape([-1]));
             let boxes = self.box_coder.decode(&selected_deltas.reshape([-1, 4]), &selected_anchors).view([n, k, 4]);
@@ -135,6 +144,7 @@ impl Rpn {
         let boxes = Tensor::cat(&level_boxes, 1);
         let scores = Tensor::cat(&level_scores, 1);
         let level_ids = Tensor::cat(&level_ids, 0);
+        let anchor_ids = Tensor::cat(&anchor_ids, 1);
         image_sizes
             .iter()
             .enumerate()
@@ -143,10 +153,18 @@ impl Rpn {
                 let scores = scores.get(i as i64);
                 let finite = boxes.isfinite().all_dim(1, false).logical_and(&scores.isfinite());
                 let keep = nonempty(&boxes, self.config.min_size).logical_and(&finite).nonzero().squeeze_dim(1);
-                let (boxes, scores, levels) =
-                    (boxes.index_select(0, &keep), scores.index_select(0, &keep), level_ids.index_select(0, &keep));
+                let (boxes, scores, levels, ids) = (
+                    boxes.index_select(0, &keep),
+                    scores.index_select(0, &keep),
+                    level_ids.index_select(0, &keep),
+                    anchor_ids.get(i as i64).index_select(0, &keep),
+                );
                 let keep = batched_nms(&boxes, &scores, &levels, self.config.nms_thresh);
-                let keep = keep.narrow(0, 0, post_nms_topk.min(keep.size()[0]));
+                let mut keep = keep.narrow(0, 0, post_nms_topk.min(keep.size()[0]));
+                if training {
+                    let order = ids.index_select(0, &keep).argsort(0, false);
+                    keep = keep.index_select(0, &order);
+                }
                 Proposals { boxes: boxes.index_select(0, &keep), logits: scores.index_select(0, &keep) }
             })
             .collect()
@@ -173,8 +191,13 @@ impl Rpn {
                 let iou = box_iou(&gt_boxes, &anchors);
                 self.matcher.match_quality(&iou)
             });
-            let (positive, negative) =
-                subsample_labels(&labels, self.config.batch_size_per_image, self.config.positive_fraction, 0);
+            let (positive, negative) = subsample_labels(
+                &labels,
+                self.config.batch_size_per_image,
+                self.config.positive_fraction,
+                0,
+                target.sampling_seed,
+            );
             let image_logits = logits.get(i as i64);
             let sampled = Tensor::cat(&[&positive, &negative], 0);
             let objectness_targets = Tensor::cat(

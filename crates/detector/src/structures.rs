@@ -24,6 +24,10 @@ pub struct GtInstances {
     pub labels: Tensor,
     /// One mask per instance.
     pub masks: GtMasks,
+    /// Seed for this image's RPN anchor and RoI proposal sampling (`None`: the global torch RNG as it stands).
+    /// The trainer passes the sampler's per-image seed, so an image is sampled identically whichever rank, batch
+    /// slot or micro-batch it lands in.
+    pub sampling_seed: Option<u64>,
 }
 
 impl GtInstances {
@@ -33,6 +37,7 @@ impl GtInstances {
             boxes: Tensor::zeros([0, 4], (Kind::Float, device)),
             labels: Tensor::zeros([0], (Kind::Int64, device)),
             masks: GtMasks::Polygons(Vec::new()),
+            sampling_seed: None,
         }
     }
 

@@ -17,6 +17,7 @@ fn square(x0: f64, y0: f64, x1: f64, y1: f64, label: i64) -> GtInstances {
         boxes: Tensor::from_slice(&[x0 as f32, y0 as f32, x1 as f32, y1 as f32]).view([1, 4]),
         labels: Tensor::from_slice(&[label]),
         masks: GtMasks::Polygons(vec![vec![vec![x0, y0, x1, y0, x1, y1, x0, y1]]]),
+        sampling_seed: None,
     }
 }
 

@@ -111,7 +111,7 @@ fn subsample_counts_and_membership() {
     values.extend([0; 100]);
     values.extend([-1; 20]);
     let labels = Tensor::from_slice(&values);
-    let (pos, neg) = ops::subsample_labels(&labels, 64, 0.25, 0);
+    let (pos, neg) = ops::subsample_labels(&labels, 64, 0.25, 0, None);
     assert_eq!((pos.size()[0], neg.size()[0]), (16, 48));
     assert!(to_vec_i64(&labels.index_select(0, &pos)).iter().all(|&l| l > 0));
     assert!(to_vec_i64(&labels.index_select(0, &neg)).iter().all(|&l| l == 0));
@@ -120,16 +120,21 @@ fn subsample_counts_and_membership() {
     unique.dedup();
     assert_eq!(unique.len(), 16, "positives are sampled without replacement");
     // Few positives: all of them, negatives fill up to num_samples.
-    let (pos, neg) = ops::subsample_labels(&labels, 256, 0.5, 0);
+    let (pos, neg) = ops::subsample_labels(&labels, 256, 0.5, 0, None);
     assert_eq!((pos.size()[0], neg.size()[0]), (30, 100));
     // Reproducible under the torch seed, different across draws.
     tch::manual_seed(11);
-    let first = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0).1);
+    let first = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, None).1);
     tch::manual_seed(11);
-    let again = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0).1);
+    let again = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, None).1);
     assert_eq!(first, again);
-    let other = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0).1);
+    let other = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, None).1);
     assert_ne!(first, other);
+    // A per-image seed gives the same draw whatever the global RNG did before.
+    let seeded = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, Some(5)).1);
+    let _ = Tensor::rand([3], (tch::Kind::Float, tch::Device::Cpu));
+    assert_eq!(seeded, to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, Some(5)).1));
+    assert_ne!(seeded, to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, Some(6)).1));
 }
 
 #[test]

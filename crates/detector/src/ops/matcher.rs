@@ -80,10 +80,19 @@ impl Matcher {
 
 /// detectron2 `subsample_labels`: picks at most `num_samples` entries of `labels` [N], at most
 /// `num_samples * positive_fraction` (truncated) of them positive (not -1 and not `bg_label`) and fills the rest
-/// with negatives (`bg_label`), uniformly at random with the torch RNG (`tch::manual_seed` makes it
-/// reproducible). Returns `(positive indices, negative indices)`, i64 on the labels' device. Counting the
-/// candidates copies two scalars to the host.
-pub fn subsample_labels(labels: &Tensor, num_samples: i64, positive_fraction: f64, bg_label: i64) -> (Tensor, Tensor) {
+/// with negatives (`bg_label`), uniformly at random with the torch RNG, seeded with `seed` first when given
+/// (otherwise `tch::manual_seed` beforehand makes it reproducible). Returns `(positive indices, negative
+/// indices)`, i64 on the labels' device. Counting the candidates copies two scalars to the host.
+pub fn subsample_labels(
+    labels: &Tensor,
+    num_samples: i64,
+    positive_fraction: f64,
+    bg_label: i64,
+    seed: Option<u64>,
+) -> (Tensor, Tensor) {
+    if let Some(seed) = seed {
+        tch::manual_seed(seed as i64);
+    }
     let positive = labels.ne(-1).logical_and(&labels.ne(bg_label)).nonzero().squeeze_dim(1);
     let negative = labels.eq(bg_label).nonzero().squeeze_dim(1);
     let num_positive = ((num_samples as f64 * positive_fraction) as i64).min(positive.size()[0]);

@@ -89,6 +89,7 @@ pub fn load_train_samples(image_ids: &[i64], short_side: i64) -> Vec<Sample> {
                     boxes: Tensor::from_slice(&boxes).view([k, 4]),
                     labels: Tensor::from_slice(&labels),
                     masks: GtMasks::Polygons(polygons),
+                    sampling_seed: None,
                 },
             }
         })
@@ -104,5 +105,6 @@ pub fn gt_to(gt: &GtInstances, device: Device) -> GtInstances {
             GtMasks::Polygons(p) => GtMasks::Polygons(p.clone()),
             GtMasks::Bitmaps(b) => GtMasks::Bitmaps(b.to_device(device)),
         },
+        sampling_seed: gt.sampling_seed,
     }
 }
