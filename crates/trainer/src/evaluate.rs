@@ -15,6 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::coco_eval::{evaluate as coco_evaluate, write_detections, CompressedRle, Detection, GroundTruth, IouType};
 use crate::config::Config;
+use crate::distributed::RankGroup;
 use crate::visualize::{draw, DrawnDetection};
 
 /// What one evaluation produced.
@@ -79,6 +80,10 @@ pub fn to_coco(image_id: u64, detections: &HostDetections, dataset: &CocoDataset
 /// Runs the model on every image of `dataset` (batch 1, test-time resize of `[input]`), evaluates bbox and segm
 /// against `gt`, writes `coco_instances_results.json` into `results_dir` when given, and draws the first
 /// `config.eval.vis_images` images with their predictions.
+///
+/// Distributed: each rank of `group` runs its contiguous shard of the images; rank 0 gathers the results in
+/// image order (the order one process would produce), computes the metrics once and writes the results file,
+/// and every rank returns the same metrics and report (pictures on rank 0 only).
 pub fn evaluate(
     model: &MaskRcnn,
     config: &Config,
@@ -86,10 +91,12 @@ pub fn evaluate(
     gt: &GroundTruth,
     device: Device,
     results_dir: Option<&Path>,
+    group: &RankGroup,
 ) -> anyhow::Result<EvalOutcome> {
     let data_config = config.data.as_ref().context("config has no [data] section")?;
     let options = LoaderOptions::from_config(data_config);
-    let loader = Loader::inference(dataset.clone(), config.input.clone(), 1, 0, 1, options)?;
+    let (rank, world_size) = (group.rank(), group.world_size());
+    let loader = Loader::inference(dataset.clone(), config.input.clone(), 1, rank, world_size, options)?;
     let mut results = Vec::new();
     let mut pictures = Vec::new();
     for batch in loader {
@@ -99,7 +106,7 @@ pub fn evaluate(
         for (&image_id, dets) in batch.image_ids.iter().zip(&detections) {
             let dets = HostDetections::new(dets)?;
             let coco = to_coco(image_id, &dets, &dataset)?;
-            if pictures.len() < config.eval.vis_images {
+            if group.is_main() && pictures.len() < config.eval.vis_images {
                 let record = dataset.images.iter().find(|r| r.image_id == image_id).context("image id in dataset")?;
                 let mut picture = decode_rgb(&record.file)?;
                 draw(&mut picture, &drawn(&dets, &dataset, 0.3)?);
@@ -108,11 +115,27 @@ pub fn evaluate(
             results.extend(coco);
         }
     }
+    let shards = group
+        .gather_bytes(serde_json::to_vec(&results)?)
+        .with_context(|| format!("rank {rank}: gathering detections on rank 0"))?;
+    let mut outcome = EvalOutcome { pictures, ..Default::default() };
+    if !group.is_main() {
+        let shared = group.share_from_main(Vec::new()).with_context(|| format!("rank {rank}: receiving metrics"))?;
+        let (metrics, report): (BTreeMap<String, f64>, String) = serde_json::from_slice(&shared)?;
+        outcome.metrics = metrics;
+        outcome.report = report;
+        return Ok(outcome);
+    }
+    let mut results = Vec::new();
+    for (shard_rank, shard) in shards.iter().enumerate() {
+        let detections: Vec<Detection> = serde_json::from_slice(shard)
+            .with_context(|| format!("detections gathered from rank {shard_rank} are not valid JSON"))?;
+        results.extend(detections);
+    }
     if let Some(dir) = results_dir {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         write_detections(&dir.join("coco_instances_results.json"), &results)?;
     }
-    let mut outcome = EvalOutcome { pictures, ..Default::default() };
     for iou_type in [IouType::Bbox, IouType::Segm] {
         let summary = coco_evaluate(gt, &results, iou_type, "validation")?;
         outcome.report.push_str(&format!("Evaluation results for {}:\n", iou_type.name()));
@@ -124,6 +147,9 @@ pub fn evaluate(
         outcome.report.push('\n');
         outcome.metrics.extend(summary.metrics());
     }
+    group
+        .share_from_main(serde_json::to_vec(&(&outcome.metrics, &outcome.report))?)
+        .context("rank 0: sending metrics")?;
     Ok(outcome)
 }
 

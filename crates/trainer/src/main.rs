@@ -10,6 +10,7 @@ use trainer::bench::{bench_backbone, BenchOptions};
 use trainer::config::Config;
 use trainer::convert::convert;
 use trainer::device::parse_device;
+use trainer::distributed::{join, launch, role, worker_device, LaunchArgs, RankGroup, Role};
 use trainer::info::{model_info, parse_size, render};
 use trainer::predict::{load_model, predict, LabelNames, PredictOptions};
 use trainer::train::{evaluate_weights, train, Resume, TrainOptions};
@@ -106,6 +107,8 @@ struct TrainArgs {
     /// Plain log lines instead of a progress bar (shorthand for --set log.quiet=true).
     #[arg(long)]
     quiet: bool,
+    #[command(flatten)]
+    launch: LaunchArgs,
 }
 
 #[derive(Args)]
@@ -118,6 +121,8 @@ struct EvalArgs {
     /// Print one JSON object with every metric instead of the tables.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    launch: LaunchArgs,
 }
 
 #[derive(Subcommand)]
@@ -247,13 +252,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.common.overrides.push("log.quiet=true".into());
             }
             let (config, device) = args.common.load()?;
+            let Some((device, group)) = distributed_role(&args.launch, device)? else {
+                println!("all workers finished");
+                return Ok(());
+            };
             let resume = match args.resume {
                 None => Resume::No,
                 Some(None) => Resume::Last,
                 Some(Some(path)) => Resume::From(path),
             };
-            let options = TrainOptions { resume, init_weights: args.init_weights, device };
+            let main = group.is_main();
+            let options = TrainOptions { resume, init_weights: args.init_weights, device, group };
             let outcome = train(&config, &options)?;
+            if !main {
+                return Ok(());
+            }
             if outcome.interrupted {
                 println!("stopped at iteration {}; continue with --resume", outcome.iteration);
             } else {
@@ -262,7 +275,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval(args) => {
             let (config, device) = args.common.load()?;
-            let outcome = evaluate_weights(&config, &args.weights, device)?;
+            let Some((device, group)) = distributed_role(&args.launch, device)? else {
+                return Ok(());
+            };
+            let outcome = evaluate_weights(&config, &args.weights, device, &group)?;
+            if !group.is_main() {
+                return Ok(());
+            }
             if args.json {
                 println!("{}", serde_json::to_string(&outcome.metrics)?);
             } else {
@@ -355,6 +374,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Resolves the launch flags and environment: `None` after launching (and waiting for) worker processes,
+/// otherwise the device and rank group this process runs with.
+fn distributed_role(args: &LaunchArgs, device: tch::Device) -> anyhow::Result<Option<(tch::Device, RankGroup)>> {
+    match role(args)? {
+        Role::Single => Ok(Some((device, RankGroup::single()))),
+        Role::Launcher(plan) => launch(&plan).map(|()| None),
+        Role::Worker(plan) => {
+            let device = worker_device(&plan, device)?;
+            Ok(Some((device, join(&plan, device)?)))
+        }
+    }
+}
+
 /// Subcommand names, so that `trainer CONFIG` can mean `trainer train CONFIG`.
 const SUBCOMMANDS: [&str; 9] = ["train", "eval", "data", "coco-eval", "info", "bench", "convert", "help", "predict"];
 
@@ -365,7 +397,9 @@ fn main() -> ExitCode {
             argv.insert(1, "train".into());
         }
     }
-    match run(Cli::parse_from(argv)) {
+    let cli = Cli::parse_from(argv);
+    trainer::panics::install_quiet_hook();
+    match trainer::panics::catch(|| run(cli)).and_then(|result| result) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

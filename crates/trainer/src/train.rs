@@ -23,9 +23,11 @@ use crate::checkpoint::{
 };
 use crate::coco_eval::GroundTruth;
 use crate::config::Config;
+use crate::distributed::RankGroup;
 use crate::evaluate::{evaluate, EvalOutcome};
 use crate::events::{EventWriter, MetricsWriter};
-use crate::solver::{check_losses, Solver};
+use crate::panics;
+use crate::solver::{check_losses, Solver, StepReport};
 
 /// Where training starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,6 +49,8 @@ pub struct TrainOptions {
     pub init_weights: Option<PathBuf>,
     /// Device to train on.
     pub device: Device,
+    /// The ranks of a distributed run ([`RankGroup::single`] for one process).
+    pub group: RankGroup,
 }
 
 /// How a training run ended.
@@ -108,13 +112,16 @@ pub fn fingerprint(dataset: &CocoDataset) -> String {
     format!("{:016x}", data::rng::mix(&text.bytes().map(u64::from).collect::<Vec<_>>()))
 }
 
-/// Converts the loader's batch into the detector's inputs.
+/// Converts the loader's batch into the detector's inputs (each target carries its sampler seed for the
+/// detector's per-image RPN/RoI sampling).
 pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
+    let seeds = batch.sample_seeds;
     let targets = batch
         .targets
         .into_iter()
         .zip(&batch.image_sizes)
-        .map(|(target, &(height, width))| {
+        .enumerate()
+        .map(|(i, (target, &(height, width)))| {
             let all_polygons = target.masks.iter().all(|m| matches!(m, TargetMask::Polygons(_)));
             let masks = if all_polygons {
                 GtMasks::Polygons(
@@ -136,7 +143,7 @@ pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
                     .collect();
                 GtMasks::Bitmaps(Tensor::stack(&bitmaps, 0))
             };
-            GtInstances { boxes: target.boxes, labels: target.labels, masks }
+            GtInstances { boxes: target.boxes, labels: target.labels, masks, sampling_seed: seeds.get(i).copied() }
         })
         .collect();
     (ImageBatch { images: batch.images, image_sizes: batch.image_sizes }, targets)
@@ -162,13 +169,24 @@ fn total_loss(losses: &BTreeMap<String, Tensor>) -> Tensor {
 
 /// Builds the model for `config` on `device`, checking the class count against the dataset.
 pub fn build_detector(config: &Config, num_classes: usize, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
+    build_detector_in(config, num_classes, device, &RankGroup::single())
+}
+
+/// [`build_detector`] for one rank of `group`: SyncBN layers all-reduce their batch statistics over its ranks.
+pub fn build_detector_in(
+    config: &Config,
+    num_classes: usize,
+    device: Device,
+    group: &RankGroup,
+) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
     anyhow::ensure!(
         config.model.roi_heads.num_classes == num_classes as i64,
         "model.roi_heads.num_classes = {} but the dataset has {num_classes} categories",
         config.model.roi_heads.num_classes
     );
     let vs = nn::VarStore::new(device);
-    let model = MaskRcnn::new(&vs.root(), &config.model)?;
+    let reducer = group.process_group().map(|g| g as Arc<dyn backbone::BatchStatsReducer>);
+    let model = MaskRcnn::with_reducer(&vs.root(), &config.model, reducer)?;
     Ok((vs, model))
 }
 
@@ -186,6 +204,56 @@ impl Logger {
         } else {
             self.bar.println(text);
         }
+    }
+
+    /// Writes one iteration's losses, learning rate and timing to the console, metrics.jsonl and TensorBoard.
+    #[allow(clippy::too_many_arguments)]
+    fn iteration(
+        &mut self,
+        iteration: u64,
+        max_iter: u64,
+        losses: &BTreeMap<String, f64>,
+        report: &StepReport,
+        seconds: f64,
+        data_time: f64,
+        ims_per_batch: u64,
+    ) -> anyhow::Result<()> {
+        let total: f64 = losses.values().sum();
+        let images_per_second = ims_per_batch as f64 / seconds;
+        let mut record = serde_json::Map::new();
+        record.insert("iteration".into(), json!(iteration));
+        record.insert("total_loss".into(), json!(total));
+        for (key, value) in losses {
+            record.insert(key.clone(), json!(value));
+        }
+        record.insert("lr".into(), json!(report.lr));
+        record.insert("time".into(), json!(seconds));
+        record.insert("data_time".into(), json!(data_time));
+        record.insert("images_per_second".into(), json!(images_per_second));
+        if let Some(scale) = report.loss_scale {
+            record.insert("loss_scale".into(), json!(scale));
+        }
+        let losses_text: Vec<String> = losses.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect();
+        let message = format!(
+            "iter {iteration}/{max_iter}  total_loss: {total:.4}  {}  lr: {:.6}  time: {seconds:.3}s  data: \
+             {data_time:.3}s  {images_per_second:.2} img/s",
+            losses_text.join("  "),
+            report.lr
+        );
+        self.bar.set_message(format!("loss {total:.3}"));
+        self.line(&message);
+        self.metrics.write(&serde_json::Value::Object(record.clone()))?;
+        if let Some(events) = &mut self.events {
+            let scalars: Vec<(String, f64)> = record
+                .iter()
+                .filter(|(k, _)| *k != "iteration")
+                .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
+                .collect();
+            let pairs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            events.add_scalars(iteration, &pairs)?;
+            events.flush()?;
+        }
+        Ok(())
     }
 
     fn eval(&mut self, iteration: u64, outcome: &EvalOutcome) -> anyhow::Result<()> {
@@ -215,17 +283,24 @@ impl Logger {
     }
 }
 
-/// Trains as configured; see the module documentation.
+/// Trains as configured; see the module documentation. In a distributed run every rank calls this with its
+/// [`RankGroup`]: rank 0's weights are broadcast at the start, gradients are averaged after the last micro-batch
+/// of each iteration, the ranks agree once per iteration on the logged losses and on stopping, and only rank 0
+/// writes logs, TensorBoard events, checkpoints and evaluation results.
 pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOutcome> {
     install_signal_handler();
     STOP.store(false, Ordering::SeqCst);
+    let group = &options.group;
+    let (rank, world_size, main) = (group.rank(), group.world_size(), group.is_main());
     let output_dir = config.output_dir.clone();
-    std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create {}", output_dir.display()))?;
     let config_toml = config.to_toml();
-    std::fs::write(output_dir.join("config.toml"), &config_toml)
-        .with_context(|| format!("cannot write {}", output_dir.join("config.toml").display()))?;
+    if main {
+        std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create {}", output_dir.display()))?;
+        std::fs::write(output_dir.join("config.toml"), &config_toml)
+            .with_context(|| format!("cannot write {}", output_dir.join("config.toml").display()))?;
+    }
 
-    let quiet = config.log.quiet;
+    let quiet = config.log.quiet || !main;
     let mut train_set = load_split(config, "train", !quiet)?;
     if config.data.as_ref().is_some_and(|d| d.filter_empty) {
         train_set.filter_for_training();
@@ -239,11 +314,11 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     );
 
     tch::manual_seed(config.seed as i64);
-    let (vs, model) = build_detector(config, train_set.categories.len(), options.device)?;
+    let (vs, model) = build_detector_in(config, train_set.categories.len(), options.device, group)?;
     match &options.init_weights {
         Some(path) => {
             let missing = init_weights(&vs, path)?;
-            if !missing.is_empty() {
+            if !missing.is_empty() && main {
                 eprintln!(
                     "warning: {} has no values for {} variables (kept their initialisation)",
                     path.display(),
@@ -258,16 +333,19 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     let mut solver_config = config.solver.clone();
     if solver_config.scale_lr_to_batch {
         if let Some(scaling) = solver_config.scale_to_batch(solver_config.ims_per_batch) {
-            eprintln!("{}", scaling.message);
+            if main {
+                eprintln!("{}", scaling.message);
+            }
         }
     }
+    let images_per_micro_batch = solver_config.accumulate * world_size as u64;
     anyhow::ensure!(
-        solver_config.ims_per_batch.is_multiple_of(solver_config.accumulate),
-        "solver.ims_per_batch = {} is not a multiple of solver.accumulate = {}",
+        solver_config.ims_per_batch.is_multiple_of(images_per_micro_batch),
+        "solver.ims_per_batch = {} is not a multiple of solver.accumulate ({}) x the number of processes ({world_size})",
         solver_config.ims_per_batch,
         solver_config.accumulate
     );
-    let micro_batch = (solver_config.ims_per_batch / solver_config.accumulate) as usize;
+    let micro_batch = (solver_config.ims_per_batch / images_per_micro_batch) as usize;
     let amp = solver_config.amp.enabled;
     if amp {
         anyhow::ensure!(
@@ -282,19 +360,24 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     }
     let mut solver = Solver::from_var_store(&vs, &solver_config)?;
     let checkpointer = Checkpointer::new(&output_dir, &config.checkpoint);
+    // Every rank reads the checkpoint (the output folder must be shared between machines to resume).
     let resumed: Option<LoadedCheckpoint> = match &options.resume {
         Resume::No => None,
         Resume::Last => checkpointer.resume(&vs, &mut solver)?.map(|r| {
-            for warning in &r.warnings {
+            for warning in r.warnings.iter().filter(|_| main) {
                 eprintln!("warning: {warning}");
             }
             r.checkpoint
         }),
         Resume::From(path) => Some(resume_from(path, &vs, &mut solver)?),
     };
+    let mut variables = named_variables(&vs);
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    group.broadcast_from_main(&variables.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
+    let parameters = vs.trainable_variables();
     let start = solver.iteration();
     let max_iter = solver_config.max_iter;
-    if resumed.is_none() && !checkpointer.list()?.is_empty() {
+    if main && resumed.is_none() && !checkpointer.list()?.is_empty() {
         eprintln!(
             "warning: {} holds checkpoints of an earlier run; this run starts from iteration 0 (pass --resume to \
              continue that run instead)",
@@ -303,37 +386,44 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     }
 
     let data_config = config.data.as_ref().expect("checked by load_split");
-    let mut sampler = TrainSampler::new(&train_set, micro_batch, 0, 1, data_config.aspect_ratio_grouping, config.seed)?;
+    let mut sampler =
+        TrainSampler::new(&train_set, micro_batch, rank, world_size, data_config.aspect_ratio_grouping, config.seed)?;
     if let Some(checkpoint) = &resumed {
         let state: SamplerState = serde_json::from_value(checkpoint.state.sampler.clone())
             .with_context(|| format!("checkpoint {}: sampler state", checkpoint.path.display()))?;
         sampler.restore(state);
-        eprintln!("resumed from {} at iteration {start}", checkpoint.path.display());
+        if main {
+            eprintln!("resumed from {} at iteration {start}", checkpoint.path.display());
+        }
     }
     let dataset_fingerprint = fingerprint(&train_set);
     let mut loader =
         Loader::train(Arc::new(train_set), config.input.clone(), sampler, LoaderOptions::from_config(data_config))?;
     let gt = GroundTruth::load(&val_annotations)?;
 
-    let metrics_path = output_dir.join("metrics.jsonl");
-    let metrics = if start > 0 {
-        MetricsWriter::open_resumed(&metrics_path, start)?
+    let mut logger = if main {
+        let metrics_path = output_dir.join("metrics.jsonl");
+        let metrics = if start > 0 {
+            MetricsWriter::open_resumed(&metrics_path, start)?
+        } else {
+            MetricsWriter::open(&metrics_path)?
+        };
+        let events =
+            if config.log.tensorboard { Some(EventWriter::create(&output_dir.join("tensorboard"))?) } else { None };
+        let bar = if quiet {
+            ProgressBar::hidden()
+        } else {
+            ProgressBar::with_draw_target(Some(max_iter), ProgressDrawTarget::stderr())
+        };
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template"),
+        );
+        bar.set_position(start);
+        Some(Logger { metrics, events, bar, quiet })
     } else {
-        MetricsWriter::open(&metrics_path)?
+        None
     };
-    let events =
-        if config.log.tensorboard { Some(EventWriter::create(&output_dir.join("tensorboard"))?) } else { None };
-    let bar = if quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::with_draw_target(Some(max_iter), ProgressDrawTarget::stderr())
-    };
-    bar.set_style(
-        ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
-    );
-    bar.set_position(start);
-    let mut logger = Logger { metrics, events, bar, quiet };
 
     let save = |solver: &Solver, loader: &Loader, iteration: u64| -> anyhow::Result<PathBuf> {
         let model_tensors = named_variables(&vs);
@@ -354,104 +444,111 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     let mut data_seconds = 0.0;
     let mut window_iters = 0u64;
     let mut iteration = start;
+    let mut stop_agreed = false;
     while iteration < max_iter {
-        if STOP.load(Ordering::SeqCst) {
-            let path = save(&solver, &loader, iteration)?;
-            logger.line(&format!("interrupted: saved {} at iteration {iteration}", path.display()));
-            logger.bar.abandon();
+        if stop_agreed {
+            // All ranks agreed on this iteration; the sampler state is the one after the last finished step.
+            if let Some(logger) = &logger {
+                let path = save(&solver, &loader, iteration)?;
+                logger.line(&format!("interrupted: saved {} at iteration {iteration}", path.display()));
+                logger.bar.abandon();
+            }
+            group.barrier().with_context(|| format!("rank {rank}: iteration {iteration}: stopping"))?;
             return Ok(TrainOutcome { iteration, interrupted: true, last_eval });
         }
         tch::manual_seed(torch_seed(config.seed, iteration));
-        let mut logged: BTreeMap<String, f64> = BTreeMap::new();
+        let mut loss_sums: BTreeMap<String, f64> = BTreeMap::new();
         for _ in 0..solver_config.accumulate {
             let fetch = Instant::now();
             let batch = loader.next().context("the training loader stopped")??.to_device(options.device);
             data_seconds += fetch.elapsed().as_secs_f64();
             let (images, targets) = model_inputs(batch);
             // fp16 autocast on CUDA when AMP is on; the solver's loss scaler handles the gradients.
-            let losses = tch::autocast(amp, || model.forward_train(&images, &targets))?;
-            let total = total_loss(&losses);
-            let values: Vec<(String, f64)> = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
-            check_losses(iteration, values.iter().map(|(k, v)| (k.as_str(), *v)))?;
-            (total * solver.loss_multiplier()).backward();
+            let step = || -> anyhow::Result<BTreeMap<String, f64>> {
+                let losses = tch::autocast(amp, || model.forward_train(&images, &targets))?;
+                let values = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
+                (total_loss(&losses) * solver.loss_multiplier()).backward();
+                Ok(values)
+            };
+            let values = panics::catch(step)
+                .and_then(|r| r)
+                .with_context(|| format!("rank {rank}: iteration {iteration}: forward and backward pass"))?;
             for (key, value) in values {
-                *logged.entry(key).or_default() += value / solver_config.accumulate as f64;
+                *loss_sums.entry(key).or_default() += value;
             }
         }
+        group
+            .average_gradients(&parameters)
+            .with_context(|| format!("rank {rank}: iteration {iteration}: averaging gradients"))?;
+        let local: Vec<f64> = loss_sums.values().map(|v| v / solver_config.accumulate as f64).collect();
+        let (means, stop) = group
+            .agree(&local, STOP.load(Ordering::SeqCst))
+            .with_context(|| format!("rank {rank}: iteration {iteration}: agreeing on losses"))?;
+        stop_agreed = stop;
+        let logged: BTreeMap<String, f64> = loss_sums.keys().cloned().zip(means).collect();
+        check_losses(iteration, logged.iter().map(|(k, v)| (k.as_str(), *v)))?;
         let report = solver.step()?;
         iteration += 1;
         window_iters += 1;
-        logger.bar.set_position(iteration);
 
-        if iteration % config.log.period.max(1) == 0 || iteration == max_iter {
-            let seconds = window_start.elapsed().as_secs_f64() / window_iters as f64;
-            let data_time = data_seconds / window_iters as f64;
-            let total: f64 = logged.values().sum();
-            let images_per_second = solver_config.ims_per_batch as f64 / seconds;
-            let mut record = serde_json::Map::new();
-            record.insert("iteration".into(), json!(iteration));
-            record.insert("total_loss".into(), json!(total));
-            for (key, value) in &logged {
-                record.insert(key.clone(), json!(value));
+        if let Some(logger) = &mut logger {
+            logger.bar.set_position(iteration);
+            if iteration % config.log.period.max(1) == 0 || iteration == max_iter {
+                let seconds = window_start.elapsed().as_secs_f64() / window_iters as f64;
+                let data_time = data_seconds / window_iters as f64;
+                logger.iteration(
+                    iteration,
+                    max_iter,
+                    &logged,
+                    &report,
+                    seconds,
+                    data_time,
+                    solver_config.ims_per_batch,
+                )?;
+                window_start = Instant::now();
+                data_seconds = 0.0;
+                window_iters = 0;
             }
-            record.insert("lr".into(), json!(report.lr));
-            record.insert("time".into(), json!(seconds));
-            record.insert("data_time".into(), json!(data_time));
-            record.insert("images_per_second".into(), json!(images_per_second));
-            if let Some(scale) = report.loss_scale {
-                record.insert("loss_scale".into(), json!(scale));
-            }
-            let losses_text: Vec<String> = logged.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect();
-            let message = format!(
-                "iter {iteration}/{max_iter}  total_loss: {total:.4}  {}  lr: {:.6}  time: {seconds:.3}s  data: \
-                 {data_time:.3}s  {images_per_second:.2} img/s",
-                losses_text.join("  "),
-                report.lr
-            );
-            logger.bar.set_message(format!("loss {total:.3}"));
-            logger.line(&message);
-            logger.metrics.write(&serde_json::Value::Object(record.clone()))?;
-            if let Some(events) = &mut logger.events {
-                let scalars: Vec<(String, f64)> = record
-                    .iter()
-                    .filter(|(k, _)| *k != "iteration")
-                    .filter_map(|(k, v)| v.as_f64().map(|v| (k.clone(), v)))
-                    .collect();
-                let pairs: Vec<(&str, f64)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-                events.add_scalars(iteration, &pairs)?;
-                events.flush()?;
-            }
-            window_start = Instant::now();
-            data_seconds = 0.0;
-            window_iters = 0;
         }
 
         let eval_due = (config.eval.period > 0 && iteration % config.eval.period == 0)
             || (iteration == max_iter && config.eval.at_end);
         let mut eval_metrics = None;
         if eval_due {
-            let outcome =
-                evaluate(&model, config, val_set.clone(), &gt, options.device, Some(&output_dir.join("inference")))?;
-            logger.eval(iteration, &outcome)?;
+            let results_dir = output_dir.join("inference");
+            let outcome = evaluate(&model, config, val_set.clone(), &gt, options.device, Some(&results_dir), group)
+                .with_context(|| format!("rank {rank}: iteration {iteration}: evaluation"))?;
+            if let Some(logger) = &mut logger {
+                logger.eval(iteration, &outcome)?;
+            }
             eval_metrics = Some(outcome.metrics.clone());
             last_eval = Some(outcome);
         }
-        if checkpointer.is_due(iteration, max_iter) {
+        if main && checkpointer.is_due(iteration, max_iter) {
             let path = save(&solver, &loader, iteration)?;
             if let Some(metrics) = &eval_metrics {
                 checkpointer.update_best(&path, metrics)?;
             }
         }
     }
-    logger.bar.finish_and_clear();
+    if let Some(logger) = &logger {
+        logger.bar.finish_and_clear();
+    }
+    group.barrier().with_context(|| format!("rank {rank}: iteration {iteration}: finishing"))?;
     Ok(TrainOutcome { iteration, interrupted: false, last_eval })
 }
 
-/// `trainer eval`: loads weights (a checkpoint folder or a safetensors file) and evaluates the validation split.
-pub fn evaluate_weights(config: &Config, weights: &Path, device: Device) -> anyhow::Result<EvalOutcome> {
-    let val_set = Arc::new(load_split(config, "val", !config.log.quiet)?);
+/// `trainer eval`: loads weights (a checkpoint folder or a safetensors file) and evaluates the validation split,
+/// sharded over the ranks of `group` when distributed.
+pub fn evaluate_weights(
+    config: &Config,
+    weights: &Path,
+    device: Device,
+    group: &RankGroup,
+) -> anyhow::Result<EvalOutcome> {
+    let val_set = Arc::new(load_split(config, "val", !config.log.quiet && group.is_main())?);
     let annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
-    let (vs, model) = build_detector(config, val_set.categories.len(), device)?;
+    let (vs, model) = build_detector_in(config, val_set.categories.len(), device, group)?;
     let missing = init_weights(&vs, weights)?;
     anyhow::ensure!(
         missing.is_empty(),
@@ -462,5 +559,5 @@ pub fn evaluate_weights(config: &Config, weights: &Path, device: Device) -> anyh
     );
     let gt = GroundTruth::load(&annotations)?;
     let results_dir = config.output_dir.join("inference");
-    evaluate(&model, config, val_set, &gt, device, Some(&results_dir))
+    evaluate(&model, config, val_set, &gt, device, Some(&results_dir), group)
 }
