@@ -86,7 +86,7 @@ fn max_abs_diff(name: &str, actual: &Tensor, expected: &Tensor) -> f64 {
     if actual.numel() == 0 {
         return 0.0;
     }
-    let actual = actual.to_device(Device::Cpu);
+    let (actual, expected) = (actual.to_device(Device::Cpu), expected.to_device(Device::Cpu));
     (actual.to_kind(Kind::Double) - expected.to_kind(Kind::Double)).abs().max().double_value(&[])
 }
 
@@ -263,9 +263,11 @@ fn check_pooler(case: &Case) -> (f64, f64) {
     .with_level_mapping(mapping);
     let output = pooler.forward(&features, &boxes);
     (&output * case.input("weight")).sum(Kind::Double).backward();
-    let forward = assert_close_scaled(&case.name, &output, &case.expected("output"), 2e-6);
+    // On CUDA the gradient is accumulated with atomic adds in no fixed order, hence the looser bound there.
+    let tolerance = if case.device.is_cuda() { 1e-5 } else { 2e-6 };
+    let forward = assert_close_scaled(&case.name, &output, &case.expected("output"), tolerance);
     let gradient = (0..levels as usize)
-        .map(|l| assert_close_scaled(&case.name, &features[l].grad(), &case.expected(&format!("grad_{l}")), 2e-6))
+        .map(|l| assert_close_scaled(&case.name, &features[l].grad(), &case.expected(&format!("grad_{l}")), tolerance))
         .fold(0.0, f64::max);
     (forward, gradient)
 }

@@ -93,6 +93,10 @@ pub struct Config {
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// cuDNN benchmark mode on CUDA (detectron2's `CUDNN_BENCHMARK`): faster convolutions when input sizes
+    /// repeat, a re-tuning pause for every new size otherwise. Off by default, as in detectron2.
+    #[serde(default)]
+    pub cudnn_benchmark: bool,
     /// The model (`[model]`, `[model.backbone]`, `[model.fpn]`, `[model.rpn]`, `[model.roi_heads]`, ...).
     pub model: DetectorConfig,
     /// Datasets (`data.train.*`, `data.val.*`); needed by train, eval and data check.

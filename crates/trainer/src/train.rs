@@ -313,6 +313,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         val_set.sources.len()
     );
 
+    if options.device.is_cuda() {
+        tch::Cuda::cudnn_set_benchmark(config.cudnn_benchmark);
+    }
     tch::manual_seed(config.seed as i64);
     let (vs, model) = build_detector_in(config, train_set.categories.len(), options.device, group)?;
     match &options.init_weights {
