@@ -10,6 +10,7 @@ pub mod device;
 pub mod evaluate;
 pub mod events;
 pub mod info;
+pub mod memory;
 pub mod predict;
 pub mod solver;
 pub mod train;
