@@ -73,6 +73,8 @@ pub struct BenchReport {
     pub config: String,
     /// Backbone name from the config.
     pub backbone: String,
+    /// Foreground classes of the model (the synthetic labels are drawn below it).
+    pub num_classes: i64,
     /// Images per iteration.
     pub batch: i64,
     /// Input `[height, width]`; null for `data`, whose sizes come from the config's `[input]`.
@@ -286,6 +288,7 @@ fn report(
         mode,
         config: options.config_file.clone(),
         backbone: config.model.backbone.name.clone(),
+        num_classes: config.model.roi_heads.num_classes,
         batch: options.batch,
         size: (mode != BenchMode::Data).then_some(options.size),
         device: format!("{:?}", options.device),

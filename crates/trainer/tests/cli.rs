@@ -175,6 +175,7 @@ fn bench_json(mode: &str, extra: &[&str]) -> serde_json::Value {
     assert_eq!(report["mode"], mode);
     assert_eq!(report["config"], "configs/demo_shapes.toml");
     assert_eq!(report["backbone"], "V-19-slim");
+    assert_eq!(report["num_classes"], 4);
     assert_eq!(report["device"], "Cpu");
     assert_eq!(report["amp"], false);
     assert_eq!(report["peak_memory_source"], "peak_rss");
