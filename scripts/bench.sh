@@ -47,7 +47,8 @@ common=(--size "$SIZE" --iters "$ITERS" --warmup "$WARMUP" --device "$DEVICE" --
 rows=()
 for mode in "${MODES[@]}"; do
   batch=()
-  if [ -n "$BATCH" ]; then batch=(--batch "$BATCH"); fi
+  # infer always measures batch 1.
+  if [ -n "$BATCH" ] && [ "$mode" = train ]; then batch=(--batch "$BATCH"); fi
   ours=$("$TRAINER_BIN" bench "$mode" --config "$CONFIG" "${SETS[@]}" "${common[@]}" "${batch[@]}" --json)
   classes=$(printf '%s' "$ours" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["num_classes"])')
   theirs=$("$PYTHON" scripts/bench_torchvision.py "$mode" "${common[@]}" "${batch[@]}" \

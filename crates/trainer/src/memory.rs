@@ -5,7 +5,7 @@
 use std::ffi::{c_char, CStr};
 
 use serde::Serialize;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
 
 extern "C" {
     fn vovdet_memory_free_message(message: *mut c_char);
@@ -90,7 +90,12 @@ pub enum PeakMemorySource {
 /// (Linux `clear_refs` code 5) so that it restarts from the current resident set.
 pub fn reset_peak_memory(device: Device) -> Result<(), MemoryError> {
     match device {
-        Device::Cuda(index) => reset_cuda_peak_memory(index),
+        Device::Cuda(index) => {
+            // The caching allocator sets up its per-device state on the first CUDA allocation; before that it
+            // answers "Invalid device argument".
+            let _ = Tensor::zeros([1], (Kind::Float, device));
+            reset_cuda_peak_memory(index)
+        }
         _ => std::fs::write("/proc/self/clear_refs", "5")
             .map_err(|e| MemoryError::Rss(format!("cannot reset VmHWM through /proc/self/clear_refs: {e}"))),
     }

@@ -89,7 +89,8 @@ fn roi_align_checks(cuda: Device) -> Vec<Outcome> {
     let mut outcomes = Vec::new();
     for (aligned, sampling) in [(true, 0), (false, 2), (true, 2), (false, 0)] {
         let run = |device: Device| {
-            let x = input.to_device(device).set_requires_grad(true);
+            // A leaf on each device (a copy of a leaf would not receive a gradient).
+            let x = input.to_device(device).detach().set_requires_grad(true);
             let out = roi_align(&x, &rois.to_device(device), (7, 7), 0.25, sampling, aligned);
             (&out * upstream.to_device(device)).sum(Kind::Float).backward();
             (out.detach(), x.grad())
