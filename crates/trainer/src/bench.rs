@@ -1,11 +1,47 @@
-//! `trainer bench`: speed measurements following detectron2's protocol (medians after a warm-up).
+//! `trainer bench`: speed and memory measurements following detectron2's protocol (untimed warm-up iterations,
+//! then timed ones; CUDA synchronised before every timer read).
+//!
+//! - `train`: the training step of `trainer train` (forward under fp16 autocast when `--amp`, losses read and
+//!   checked, backward, [`Solver::step`]) on one fixed synthetic batch built once (see [`SyntheticInputs`]), so
+//!   that no data loading is timed. Throughput is the mean over the timed iterations.
+//! - `infer`: batch 1; the model call (forward to detections, which includes the on-device mask pasting at the
+//!   image size, as in detectron2's and torchvision's model calls), end to end (host pixels to detections on the
+//!   host), and the mask pasting alone, each a median.
+//! - `data`: the training loader alone on the config's train split.
+//! - `backbone`: forward latency, GFLOPs, achieved GFLOP/s and parameters of the backbone.
 
 use std::time::Instant;
 
+use anyhow::Context;
+use data::loader::{Loader, LoaderOptions};
+use data::sampler::TrainSampler;
+use detector::config::OutputStyle;
+use detector::structures::{preprocess, GtInstances, GtMasks, ImageBatch};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
+use crate::evaluate::HostDetections;
+use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
+use crate::solver::{check_losses, AmpDtype, Solver};
+use crate::train::{build_detector, load_split};
+
+/// Ground-truth instances per synthetic training image.
+pub const SYNTHETIC_INSTANCES: i64 = 4;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BenchMode {
+    /// Training step throughput on fixed synthetic inputs.
+    Train,
+    /// Seconds per image at batch 1.
+    Infer,
+    /// Training loader throughput.
+    Data,
+    /// Backbone forward latency, GFLOPs and GFLOP/s.
+    Backbone,
+}
 
 /// Settings shared by the benchmark modes.
 #[derive(Debug, Clone)]
@@ -16,35 +52,99 @@ pub struct BenchOptions {
     pub warmup: usize,
     /// Images per iteration.
     pub batch: i64,
-    /// Input `[height, width]`.
+    /// Input `[height, width]` of the synthetic images (not used by `data`, which reads the config's sizes).
     pub size: [i64; 2],
     /// Where to run.
     pub device: Device,
+    /// fp16 autocast (CUDA only).
+    pub amp: bool,
+    /// Seed of the synthetic inputs and of the model's initialisation.
+    pub seed: u64,
+    /// The config file's name, for the report.
+    pub config_file: String,
 }
 
-/// Result of `trainer bench backbone`.
+/// One benchmark's result; `--json` prints it as one object.
 #[derive(Debug, Serialize)]
-pub struct BackboneBench {
+pub struct BenchReport {
+    /// What was measured.
+    pub mode: BenchMode,
+    /// The config file.
+    pub config: String,
     /// Backbone name from the config.
     pub backbone: String,
-    /// Input `[batch, height, width]`.
-    pub input: [i64; 3],
-    /// Median seconds of one forward pass (no gradients) over the timed iterations.
-    pub seconds_per_iter: f64,
-    /// Images per second at the median.
-    pub images_per_second: f64,
-    /// Multiply-accumulates of one forward pass of the whole batch, in units of 1e9.
-    pub gflops: f64,
-    /// Achieved GFLOP/s at the median time (the paper's GPU-computation efficiency).
-    pub gflops_per_second: f64,
-    /// Trainable parameters of the backbone.
-    pub params: i64,
-    /// Peak memory: `VmHWM` of the process on CPU; null on CUDA until the CUDA allocator stats are exposed.
-    pub peak_memory_bytes: Option<u64>,
+    /// Foreground classes of the model (the synthetic labels are drawn below it).
+    pub num_classes: i64,
+    /// Images per iteration.
+    pub batch: i64,
+    /// Input `[height, width]`; null for `data`, whose sizes come from the config's `[input]`.
+    pub size: Option<[i64; 2]>,
     /// Device string.
     pub device: String,
+    /// Whether fp16 autocast was on.
+    pub amp: bool,
     /// Intra-op threads libtorch used.
     pub threads: i32,
+    /// Timed iterations.
+    pub iters: usize,
+    /// Untimed warm-up iterations.
+    pub warmup: usize,
+    /// Median seconds of one timed iteration (for `infer`: of the model call on one image).
+    pub seconds_per_iter: f64,
+    /// `train` and `data`: images of all timed iterations over their total time (the mean); `infer` and
+    /// `backbone`: batch over the median.
+    pub images_per_second: f64,
+    /// Peak memory in bytes over the benchmark (model, inputs, warm-up and timed iterations); null if unreadable.
+    pub peak_memory_bytes: Option<u64>,
+    /// What `peak_memory_bytes` measures.
+    pub peak_memory_source: PeakMemorySource,
+    /// Mode-specific results.
+    #[serde(flatten)]
+    pub details: BenchDetails,
+}
+
+/// Results only some modes have.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum BenchDetails {
+    /// `train`.
+    Train {
+        /// Mean seconds per timed iteration.
+        mean_seconds_per_iter: f64,
+        /// Sum of the losses at the last timed iteration (a sanity value: finite, and falling over iterations).
+        last_total_loss: f64,
+        /// Checksum of the synthetic inputs (pixel sum plus box coordinate sum), equal in
+        /// `scripts/bench_torchvision.py` when both draw the same numbers from torch's CPU generator.
+        input_checksum: f64,
+    },
+    /// `infer`.
+    Infer {
+        /// Median seconds from host `u8` pixels to detections (boxes, scores, labels, pasted masks) on the host.
+        end_to_end_seconds_per_image: f64,
+        /// Median seconds of pasting the image's detected masks alone (part of the model call).
+        paste_masks_seconds_per_image: f64,
+        /// Mean detections per image (the test score threshold is 0, so a randomly initialised model yields
+        /// `detections_per_image` of them and the mask head and pasting are exercised).
+        detections_per_image: f64,
+        /// Checksum of the synthetic inputs, as for `train`.
+        input_checksum: f64,
+    },
+    /// `data`.
+    Data {
+        /// Loader worker threads.
+        num_workers: usize,
+    },
+    /// `backbone`.
+    Backbone {
+        /// Input `[batch, height, width]`.
+        input: [i64; 3],
+        /// Multiply-accumulates of one forward pass of the whole batch, in units of 1e9.
+        gflops: f64,
+        /// Achieved GFLOP/s at the median time (the paper's GPU-computation efficiency).
+        gflops_per_second: f64,
+        /// Trainable parameters of the backbone.
+        params: i64,
+    },
 }
 
 /// Median of a non-empty list of seconds.
@@ -58,53 +158,290 @@ pub fn median(mut seconds: Vec<f64>) -> f64 {
     }
 }
 
-/// Peak resident memory of this process (`VmHWM` from `/proc/self/status`).
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
+/// Waits for the device's queued work, so that host timers measure it.
 fn synchronize(device: Device) {
     if let Device::Cuda(index) = device {
         tch::Cuda::synchronize(index as i64);
     }
 }
 
-/// Times the backbone's forward pass (inference mode, no gradients) on random input.
-pub fn bench_backbone(config: &Config, options: &BenchOptions) -> anyhow::Result<BackboneBench> {
-    anyhow::ensure!(options.iters > 0, "--iters must be at least 1");
-    let vs = tch::nn::VarStore::new(options.device);
-    let backbone = backbone::Backbone::new(&(vs.root() / "backbone"), &config.model.backbone, None)?;
-    let params = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
-    let [h, w] = options.size;
-    let input = Tensor::randn([options.batch, 3, h, w], (Kind::Float, options.device));
-    let forward = || tch::no_grad(|| backbone.forward_t(&input, false));
-    let (_, macs) = backbone::flops::count_macs(forward);
+/// Runs `step` `warmup` times untimed, then `iters` times timed; returns the seconds of each timed run.
+fn time_iterations(options: &BenchOptions, mut step: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<Vec<f64>> {
     for _ in 0..options.warmup {
-        forward();
+        step()?;
     }
     synchronize(options.device);
     let mut times = Vec::with_capacity(options.iters);
     for _ in 0..options.iters {
         let start = Instant::now();
-        forward();
+        step()?;
         synchronize(options.device);
         times.push(start.elapsed().as_secs_f64());
     }
-    let seconds = median(times);
-    let gflops = macs as f64 / 1e9;
-    Ok(BackboneBench {
+    Ok(times)
+}
+
+fn check_options(options: &BenchOptions) -> anyhow::Result<()> {
+    anyhow::ensure!(options.iters > 0, "--iters must be at least 1");
+    anyhow::ensure!(options.batch > 0, "--batch must be at least 1");
+    anyhow::ensure!(options.size.iter().all(|&s| s > 0), "--size must be positive");
+    if options.amp {
+        anyhow::ensure!(
+            options.device.is_cuda(),
+            "--amp (fp16 autocast) needs a CUDA device; this run uses {:?}",
+            options.device
+        );
+    }
+    Ok(())
+}
+
+/// Peak memory since the benchmark's start, or null with a warning when the statistics cannot be read.
+fn measured_peak(device: Device) -> (Option<u64>, PeakMemorySource) {
+    let source = if device.is_cuda() { PeakMemorySource::CudaMaxMemoryAllocated } else { PeakMemorySource::PeakRss };
+    match peak_memory(device) {
+        Ok((bytes, source)) => (Some(bytes), source),
+        Err(e) => {
+            eprintln!("warning: {e}");
+            (None, source)
+        }
+    }
+}
+
+/// Starts the peak-memory window, warning (not failing) when it cannot be reset.
+fn start_peak_window(device: Device) {
+    if let Err(e) = reset_peak_memory(device) {
+        eprintln!("warning: {e}; the peak memory covers the whole process");
+    }
+}
+
+/// Fixed synthetic inputs, deterministic from a seed: drawn in this order from torch's CPU generator after
+/// `manual_seed(seed)`: pixels `randint(0, 256, [B, 3, H, W])` (u8 RGB), box parameters `rand([B, K, 4])` (`r`),
+/// labels `randint(0, num_classes, [B, K])`. Box `k` of image `b` has width `(0.1 + 0.4 r2) W`, height
+/// `(0.1 + 0.4 r3) H` and top-left corner `(r0 (W - width), r1 (H - height))`; its mask is the octagon inscribed
+/// in the box (vertices at angles 0, 45, ..., 315 degrees on the box's inscribed ellipse), given as a polygon.
+/// `scripts/bench_torchvision.py` follows the same recipe (rasterising the octagons for torchvision).
+pub struct SyntheticInputs {
+    /// `[3, H, W]` u8 pixels per image, on the host.
+    pub pixels: Vec<Tensor>,
+    /// The normalised, padded batch on the device.
+    pub batch: ImageBatch,
+    /// Ground truth per image, on the device.
+    pub targets: Vec<GtInstances>,
+    /// Pixel sum plus box coordinate sum.
+    pub checksum: f64,
+}
+
+impl SyntheticInputs {
+    /// Draws `batch` images of `size` with [`SYNTHETIC_INSTANCES`] instances each and moves them to `device`.
+    pub fn new(config: &Config, batch: i64, size: [i64; 2], seed: u64, device: Device) -> anyhow::Result<Self> {
+        let [h, w] = size;
+        let k = SYNTHETIC_INSTANCES;
+        tch::manual_seed(seed as i64);
+        let pixels = Tensor::randint(256, [batch, 3, h, w], (Kind::Uint8, Device::Cpu));
+        let params = Vec::<f32>::try_from(Tensor::rand([batch, k, 4], (Kind::Float, Device::Cpu)).flatten(0, -1))?;
+        let labels = Tensor::randint(config.model.roi_heads.num_classes, [batch, k], (Kind::Int64, Device::Cpu))
+            .to_device(device);
+        let (wf, hf) = (w as f64, h as f64);
+        let mut checksum = pixels.sum(Kind::Double).double_value(&[]);
+        let mut targets = Vec::with_capacity(batch as usize);
+        for (image, image_params) in params.chunks_exact(4 * k as usize).enumerate() {
+            let mut boxes = Vec::with_capacity(4 * k as usize);
+            let mut polygons = Vec::with_capacity(k as usize);
+            for r in image_params.chunks_exact(4) {
+                let [r0, r1, r2, r3] = [0, 1, 2, 3].map(|i| r[i] as f64);
+                let (bw, bh) = ((0.1 + 0.4 * r2) * wf, (0.1 + 0.4 * r3) * hf);
+                let (x1, y1) = (r0 * (wf - bw), r1 * (hf - bh));
+                let corners = [x1, y1, x1 + bw, y1 + bh];
+                checksum += corners.iter().sum::<f64>();
+                boxes.extend(corners.map(|v| v as f32));
+                let (cx, cy) = (x1 + bw / 2.0, y1 + bh / 2.0);
+                let octagon: Vec<f64> = (0..8)
+                    .flat_map(|i| {
+                        let angle = i as f64 * std::f64::consts::FRAC_PI_4;
+                        [cx + bw / 2.0 * angle.cos(), cy + bh / 2.0 * angle.sin()]
+                    })
+                    .collect();
+                polygons.push(vec![octagon]);
+            }
+            targets.push(GtInstances {
+                boxes: Tensor::from_slice(&boxes).view([k, 4]).to_device(device),
+                labels: labels.get(image as i64),
+                masks: GtMasks::Polygons(polygons),
+                // As in training: a fixed per-image sampling seed.
+                sampling_seed: Some(image as u64),
+            });
+        }
+        let pixels: Vec<Tensor> = pixels.unbind(0);
+        let batch = preprocess(&pixels, &config.model.input, device)?;
+        Ok(SyntheticInputs { pixels, batch, targets, checksum })
+    }
+}
+
+fn report(
+    mode: BenchMode,
+    config: &Config,
+    options: &BenchOptions,
+    times: &[f64],
+    images_per_second: f64,
+    details: BenchDetails,
+) -> BenchReport {
+    let (peak_memory_bytes, peak_memory_source) = measured_peak(options.device);
+    BenchReport {
+        mode,
+        config: options.config_file.clone(),
         backbone: config.model.backbone.name.clone(),
-        input: [options.batch, h, w],
-        seconds_per_iter: seconds,
-        images_per_second: options.batch as f64 / seconds,
-        gflops,
-        gflops_per_second: gflops / seconds,
-        params,
-        peak_memory_bytes: if options.device == Device::Cpu { peak_rss_bytes() } else { None },
+        num_classes: config.model.roi_heads.num_classes,
+        batch: options.batch,
+        size: (mode != BenchMode::Data).then_some(options.size),
         device: format!("{:?}", options.device),
+        amp: options.amp,
         threads: tch::get_num_threads(),
-    })
+        iters: options.iters,
+        warmup: options.warmup,
+        seconds_per_iter: median(times.to_vec()),
+        images_per_second,
+        peak_memory_bytes,
+        peak_memory_source,
+        details,
+    }
+}
+
+/// `trainer bench train`: the training step on fixed synthetic inputs; see the module documentation.
+pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    check_options(options)?;
+    start_peak_window(options.device);
+    let device = options.device;
+    tch::manual_seed(options.seed as i64);
+    let (vs, model) = build_detector(config, config.model.roi_heads.num_classes as usize, device)?;
+    backbone::freeze(&vs, "backbone.", model.backbone());
+    let mut solver_config = config.solver.clone();
+    solver_config.accumulate = 1;
+    solver_config.ims_per_batch = options.batch as u64;
+    solver_config.amp.enabled = options.amp;
+    solver_config.amp.dtype = AmpDtype::Fp16;
+    let mut solver = Solver::from_var_store(&vs, &solver_config)?;
+    let inputs = SyntheticInputs::new(config, options.batch, options.size, options.seed, device)?;
+    let mut last_total_loss = f64::NAN;
+    let times = time_iterations(options, || {
+        let losses = tch::autocast(options.amp, || model.forward_train(&inputs.batch, &inputs.targets))?;
+        // As in `trainer train`: every loss is read (one host sync) and checked before backward.
+        let values: Vec<(&str, f64)> = losses.iter().map(|(k, v)| (k.as_str(), v.double_value(&[]))).collect();
+        check_losses(solver.iteration(), values.iter().copied())?;
+        last_total_loss = values.iter().map(|(_, v)| v).sum();
+        let total = losses.values().fold(Tensor::zeros([], (Kind::Float, device)), |acc, l| acc + l);
+        (total * solver.loss_multiplier()).backward();
+        solver.step()?;
+        Ok(())
+    })?;
+    let total: f64 = times.iter().sum();
+    let details = BenchDetails::Train {
+        mean_seconds_per_iter: total / times.len() as f64,
+        last_total_loss,
+        input_checksum: inputs.checksum,
+    };
+    let images_per_second = (options.batch as usize * times.len()) as f64 / total;
+    Ok(report(BenchMode::Train, config, options, &times, images_per_second, details))
+}
+
+/// `trainer bench infer`: seconds per image at batch 1; see the module documentation.
+pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    check_options(options)?;
+    anyhow::ensure!(options.batch == 1, "bench infer measures batch 1 (detectron2's protocol); drop --batch");
+    start_peak_window(options.device);
+    let device = options.device;
+    let mut config = config.clone();
+    config.model.roi_heads.score_thresh_test = 0.0;
+    tch::manual_seed(options.seed as i64);
+    let (_vs, model) = build_detector(&config, config.model.roi_heads.num_classes as usize, device)?;
+    let inputs = SyntheticInputs::new(&config, 1, options.size, options.seed, device)?;
+    let sizes = inputs.batch.image_sizes.clone();
+    let style = config.model.roi_heads.output_style;
+    let threshold = config.model.mask_head.mask_threshold;
+    let resolution = config.model.mask_head.pooler_resolution * 2;
+
+    let mut detections = 0usize;
+    let mut model_runs = 0usize;
+    let mut boxes = Tensor::zeros([0, 4], (Kind::Float, device));
+    let model_times = time_iterations(options, || {
+        let mut output = tch::autocast(options.amp, || model.inference(&inputs.batch, &sizes))?;
+        let image = output.remove(0);
+        detections += image.boxes.size()[0] as usize;
+        model_runs += 1;
+        boxes = image.boxes;
+        Ok(())
+    })?;
+    let end_to_end_times = time_iterations(options, || {
+        let batch = preprocess(&inputs.pixels, &config.model.input, device)?;
+        let mut output = tch::autocast(options.amp, || model.inference(&batch, &sizes))?;
+        HostDetections::new(&output.remove(0))?;
+        Ok(())
+    })?;
+    // The pasting alone, on RoI mask probabilities of the model's size at the detected boxes.
+    let (h, w) = sizes[0];
+    let roi_masks = Tensor::rand([boxes.size()[0], resolution, resolution], (Kind::Float, device));
+    let paste_times = time_iterations(options, || {
+        let _ = match style {
+            OutputStyle::Detectron2 => detector::ops::paste_masks(&roi_masks, &boxes, h, w, threshold),
+            OutputStyle::Torchvision => {
+                detector::postprocess::paste_masks_torchvision(&roi_masks, &boxes, h, w, threshold)
+            }
+        };
+        Ok(())
+    })?;
+    let seconds = median(model_times.clone());
+    let details = BenchDetails::Infer {
+        end_to_end_seconds_per_image: median(end_to_end_times),
+        paste_masks_seconds_per_image: median(paste_times),
+        detections_per_image: detections as f64 / model_runs.max(1) as f64,
+        input_checksum: inputs.checksum,
+    };
+    Ok(report(BenchMode::Infer, &config, options, &model_times, 1.0 / seconds, details))
+}
+
+/// `trainer bench data`: batches per second of the training loader alone (the config's train split, sampler,
+/// augmentation, workers and prefetch), converted to images per second.
+pub fn bench_data(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    anyhow::ensure!(!options.amp, "--amp does not apply to bench data");
+    let options = BenchOptions { device: Device::Cpu, ..options.clone() };
+    check_options(&options)?;
+    start_peak_window(Device::Cpu);
+    let mut train_set = load_split(config, "train", false)?;
+    let data_config = config.data.as_ref().context("the config has no [data] section")?;
+    if data_config.filter_empty {
+        train_set.filter_for_training();
+    }
+    let sampler =
+        TrainSampler::new(&train_set, options.batch as usize, 0, 1, data_config.aspect_ratio_grouping, options.seed)?;
+    let loader_options = LoaderOptions::from_config(data_config);
+    let mut loader = Loader::train(std::sync::Arc::new(train_set), config.input.clone(), sampler, loader_options)?;
+    let times = time_iterations(&options, || {
+        loader.next().context("the training loader stopped")??;
+        Ok(())
+    })?;
+    let total: f64 = times.iter().sum();
+    let images_per_second = (options.batch as usize * times.len()) as f64 / total;
+    let details = BenchDetails::Data { num_workers: loader_options.num_workers };
+    Ok(report(BenchMode::Data, config, &options, &times, images_per_second, details))
+}
+
+/// `trainer bench backbone`: the backbone's forward pass (inference mode, no gradients) on random input.
+pub fn bench_backbone(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
+    check_options(options)?;
+    start_peak_window(options.device);
+    let vs = tch::nn::VarStore::new(options.device);
+    let backbone = backbone::Backbone::new(&(vs.root() / "backbone"), &config.model.backbone, None)?;
+    let params = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    let [h, w] = options.size;
+    let input = Tensor::randn([options.batch, 3, h, w], (Kind::Float, options.device));
+    let forward = || tch::no_grad(|| tch::autocast(options.amp, || backbone.forward_t(&input, false)));
+    let (_, macs) = backbone::flops::count_macs(forward);
+    let times = time_iterations(options, || {
+        forward();
+        Ok(())
+    })?;
+    let seconds = median(times.clone());
+    let gflops = macs as f64 / 1e9;
+    let details =
+        BenchDetails::Backbone { input: [options.batch, h, w], gflops, gflops_per_second: gflops / seconds, params };
+    Ok(report(BenchMode::Backbone, config, options, &times, options.batch as f64 / seconds, details))
 }

@@ -11,6 +11,7 @@ pub mod distributed;
 pub mod evaluate;
 pub mod events;
 pub mod info;
+pub mod memory;
 pub mod panics;
 pub mod predict;
 pub mod solver;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use backbone::WeightFormat;
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use trainer::bench::{bench_backbone, BenchOptions};
+use trainer::bench::{bench_backbone, bench_data, bench_infer, bench_train, BenchDetails, BenchOptions, BenchReport};
 use trainer::config::Config;
 use trainer::convert::convert;
 use trainer::device::parse_device;
@@ -212,6 +212,12 @@ struct InfoArgs {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum BenchMode {
+    /// Training step (forward, backward, solver step) on fixed synthetic inputs: mean images/s, median s/iter.
+    Train,
+    /// Batch-1 inference: model time, end to end (host pixels to host detections) and mask pasting, per image.
+    Infer,
+    /// The training loader alone on the config's train split: images/s.
+    Data,
     /// Forward latency, GFLOPs, GFLOP/s, parameters and peak memory of the backbone alone.
     Backbone,
 }
@@ -222,21 +228,67 @@ struct BenchArgs {
     mode: BenchMode,
     #[command(flatten)]
     common: ConfigArgs,
-    /// Timed iterations.
-    #[arg(long, default_value_t = 10)]
-    iters: usize,
-    /// Untimed warm-up iterations.
-    #[arg(long, default_value_t = 2)]
-    warmup: usize,
-    /// Images per iteration.
-    #[arg(long, default_value_t = 1)]
-    batch: i64,
-    /// Input size HxW.
+    /// Timed iterations (default: 100 on CUDA, 10 on CPU).
+    #[arg(long)]
+    iters: Option<usize>,
+    /// Untimed warm-up iterations (default: 20 on CUDA, 2 on CPU).
+    #[arg(long)]
+    warmup: Option<usize>,
+    /// Images per iteration (default: 2 for train and data, 1 for infer and backbone; infer takes only 1).
+    #[arg(long)]
+    batch: Option<i64>,
+    /// Input size HxW of the synthetic images (train, infer, backbone).
     #[arg(long, default_value = "800x1344")]
     size: String,
+    /// fp16 autocast (CUDA only), with the solver's loss scaling for train.
+    #[arg(long)]
+    amp: bool,
+    /// libtorch intra-op threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// Seed of the synthetic inputs and the model initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+}
+
+/// One human-readable line for a benchmark result.
+fn bench_summary(r: &BenchReport) -> String {
+    let memory = r.peak_memory_bytes.map_or("n/a".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
+    let size = r.size.map_or("config sizes".into(), |[h, w]| format!("{h}x{w}"));
+    let head = format!(
+        "{:?} {} batch {} {size} on {} ({} threads{}): {:.4} s/iter (median), {:.2} img/s, peak memory {memory}",
+        r.mode,
+        r.backbone,
+        r.batch,
+        r.device,
+        r.threads,
+        if r.amp { ", AMP" } else { "" },
+        r.seconds_per_iter,
+        r.images_per_second,
+    );
+    match &r.details {
+        BenchDetails::Train { mean_seconds_per_iter, last_total_loss, .. } => {
+            format!("{head}; mean {mean_seconds_per_iter:.4} s/iter, last loss {last_total_loss:.4}")
+        }
+        BenchDetails::Infer {
+            end_to_end_seconds_per_image,
+            paste_masks_seconds_per_image,
+            detections_per_image,
+            ..
+        } => {
+            format!(
+                "{head}; end to end {end_to_end_seconds_per_image:.4} s/img, mask pasting \
+                 {paste_masks_seconds_per_image:.4} s/img, {detections_per_image:.0} detections/img"
+            )
+        }
+        BenchDetails::Data { num_workers } => format!("{head}; {num_workers} loader workers"),
+        BenchDetails::Backbone { gflops, gflops_per_second, params, .. } => {
+            format!("{head}; {gflops:.1} GFLOPs, {gflops_per_second:.1} GFLOP/s, {:.2}M params", *params as f64 / 1e6)
+        }
+    }
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -346,28 +398,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(args) => {
             let (config, device) = args.common.load()?;
+            if let Some(threads) = args.threads {
+                anyhow::ensure!(threads > 0, "--threads must be at least 1");
+                tch::set_num_threads(threads);
+            }
             let size = parse_size(&args.size).context("--size")?;
-            let options = BenchOptions { iters: args.iters, warmup: args.warmup, batch: args.batch, size, device };
-            match args.mode {
-                BenchMode::Backbone => {
-                    let result = bench_backbone(&config, &options)?;
-                    if args.json {
-                        println!("{}", serde_json::to_string(&result)?);
-                    } else {
-                        println!(
-                            "{} {}x{}x{}: {:.4} s/iter, {:.2} img/s, {:.1} GFLOPs, {:.1} GFLOP/s, {:.2}M params",
-                            result.backbone,
-                            result.input[0],
-                            result.input[1],
-                            result.input[2],
-                            result.seconds_per_iter,
-                            result.images_per_second,
-                            result.gflops,
-                            result.gflops_per_second,
-                            result.params as f64 / 1e6
-                        );
-                    }
-                }
+            let cuda = device.is_cuda();
+            let default_batch = if matches!(args.mode, BenchMode::Train | BenchMode::Data) { 2 } else { 1 };
+            let config_file = args.common.config_file.as_ref().or(args.common.config.as_ref());
+            let options = BenchOptions {
+                iters: args.iters.unwrap_or(if cuda { 100 } else { 10 }),
+                warmup: args.warmup.unwrap_or(if cuda { 20 } else { 2 }),
+                batch: args.batch.unwrap_or(default_batch),
+                size,
+                device,
+                amp: args.amp,
+                seed: args.seed,
+                config_file: config_file.map(|p| p.display().to_string()).unwrap_or_default(),
+            };
+            let result = match args.mode {
+                BenchMode::Train => bench_train(&config, &options)?,
+                BenchMode::Infer => bench_infer(&config, &options)?,
+                BenchMode::Data => bench_data(&config, &options)?,
+                BenchMode::Backbone => bench_backbone(&config, &options)?,
+            };
+            if args.json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!("{}", bench_summary(&result));
             }
         }
     }

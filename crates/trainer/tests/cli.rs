@@ -163,3 +163,77 @@ fn every_shipped_config_loads_and_builds() {
     }
     assert!(count >= 9, "{count} configs");
 }
+
+/// Runs `trainer bench MODE` on the demo config with `extra` arguments and returns its JSON, checking the keys
+/// every mode reports.
+fn bench_json(mode: &str, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["bench", mode, "--config", "configs/demo_shapes.toml", "--device", "cpu", "--json"];
+    args.extend_from_slice(extra);
+    let output = trainer(&args);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["mode"], mode);
+    assert_eq!(report["config"], "configs/demo_shapes.toml");
+    assert_eq!(report["backbone"], "V-19-slim");
+    assert_eq!(report["num_classes"], 4);
+    assert_eq!(report["device"], "Cpu");
+    assert_eq!(report["amp"], false);
+    assert_eq!(report["peak_memory_source"], "peak_rss");
+    for key in ["seconds_per_iter", "images_per_second", "peak_memory_bytes", "threads", "batch", "iters"] {
+        let value = report[key].as_f64().unwrap_or_else(|| panic!("`{key}` missing or not a number in {report}"));
+        assert!(value > 0.0 && value.is_finite(), "{key} = {value}");
+    }
+    report
+}
+
+#[test]
+fn bench_train_reports_throughput_loss_and_memory_as_json() {
+    let report = bench_json("train", &["--size", "96x128", "--batch", "2", "--iters", "2", "--warmup", "1"]);
+    assert_eq!(report["size"], serde_json::json!([96, 128]));
+    assert_eq!(report["batch"], 2);
+    let loss = report["last_total_loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    let seconds = report["seconds_per_iter"].as_f64().unwrap();
+    let mean = report["mean_seconds_per_iter"].as_f64().unwrap();
+    let images_per_second = report["images_per_second"].as_f64().unwrap();
+    assert!((images_per_second - 2.0 / mean).abs() < 1e-6 * images_per_second, "{report}");
+    assert!(seconds > 0.0 && seconds <= 2.0 * mean, "{report}");
+}
+
+#[test]
+fn bench_infer_reports_model_end_to_end_and_pasting_times_as_json() {
+    let report = bench_json("infer", &["--size", "96x128", "--iters", "2", "--warmup", "1"]);
+    assert_eq!(report["batch"], 1);
+    // Score threshold 0: a randomly initialised model still returns detections_per_image (100) detections.
+    assert_eq!(report["detections_per_image"], 100.0);
+    for key in ["end_to_end_seconds_per_image", "paste_masks_seconds_per_image"] {
+        assert!(report[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {report}");
+    }
+    let output = trainer(&["bench", "infer", "configs/demo_shapes.toml", "--device", "cpu", "--batch", "2"]);
+    assert!(stderr(&output).contains("bench infer measures batch 1"), "{}", stderr(&output));
+    let output = trainer(&["bench", "train", "configs/demo_shapes.toml", "--device", "cpu", "--amp"]);
+    assert!(stderr(&output).contains("--amp (fp16 autocast) needs a CUDA device"), "{}", stderr(&output));
+}
+
+#[test]
+fn bench_data_reports_loader_throughput_as_json() {
+    let dir = temp_dir("bench-data");
+    let shapes = dir.join("shapes");
+    let set = |key: &str, value: String| format!("{key}={value:?}");
+    let overrides = [
+        set("data.synth.out", shapes.display().to_string()),
+        "data.synth.train=8".to_string(),
+        "data.synth.val=2".to_string(),
+        set("data.train.annotations", shapes.join("annotations/instances_train.json").display().to_string()),
+        set("data.train.images", shapes.join("train").display().to_string()),
+        set("data.val.annotations", shapes.join("annotations/instances_val.json").display().to_string()),
+        set("data.val.images", shapes.join("val").display().to_string()),
+    ];
+    let mut args = vec!["--iters", "3", "--warmup", "1"];
+    for value in &overrides {
+        args.extend(["--set", value.as_str()]);
+    }
+    let report = bench_json("data", &args);
+    assert_eq!(report["size"], serde_json::Value::Null);
+    assert_eq!(report["num_workers"], 1);
+}
