@@ -217,6 +217,7 @@ impl Logger {
         seconds: f64,
         data_time: f64,
         ims_per_batch: u64,
+        max_memory_bytes: Option<u64>,
     ) -> anyhow::Result<()> {
         let total: f64 = losses.values().sum();
         let images_per_second = ims_per_batch as f64 / seconds;
@@ -233,10 +234,15 @@ impl Logger {
         if let Some(scale) = report.loss_scale {
             record.insert("loss_scale".into(), json!(scale));
         }
+        if let Some(bytes) = max_memory_bytes {
+            record.insert("max_mem_mb".into(), json!(bytes as f64 / (1 << 20) as f64));
+        }
+        let memory_text =
+            max_memory_bytes.map_or(String::new(), |b| format!("  max_mem: {:.0}M", b as f64 / (1 << 20) as f64));
         let losses_text: Vec<String> = losses.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect();
         let message = format!(
             "iter {iteration}/{max_iter}  total_loss: {total:.4}  {}  lr: {:.6}  time: {seconds:.3}s  data: \
-             {data_time:.3}s  {images_per_second:.2} img/s",
+             {data_time:.3}s  {images_per_second:.2} img/s{memory_text}",
             losses_text.join("  "),
             report.lr
         );
@@ -499,6 +505,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             if iteration % config.log.period.max(1) == 0 || iteration == max_iter {
                 let seconds = window_start.elapsed().as_secs_f64() / window_iters as f64;
                 let data_time = data_seconds / window_iters as f64;
+                // CUDA: the caching allocator's peak since the start, as detectron2's `max_mem`.
+                let max_memory = match options.device {
+                    Device::Cuda(index) => {
+                        crate::memory::cuda_memory_stats(index).ok().map(|s| s.peak_allocated_bytes as u64)
+                    }
+                    _ => None,
+                };
                 logger.iteration(
                     iteration,
                     max_iter,
@@ -507,6 +520,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
                     seconds,
                     data_time,
                     solver_config.ims_per_batch,
+                    max_memory,
                 )?;
                 window_start = Instant::now();
                 data_seconds = 0.0;
