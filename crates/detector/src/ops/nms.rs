@@ -8,8 +8,32 @@ use tch::{Device, Kind, Tensor};
 
 /// Greedy suppression over boxes already sorted by decreasing score. Boxes are `[x1, y1, x2, y2]` rows in `coords`;
 /// returns positions (in sorted order) of the kept boxes. `groups`, when given, restricts suppression to boxes
-/// of the same group.
+/// of the same group: each group is suppressed on its own (the same kept set as comparing group ids inside one
+/// loop, in O(sum of squared group sizes) instead of O(total squared): 90 classes x 1000 boxes at inference).
 fn greedy_keep<T>(coords: &[T], groups: Option<&[i64]>, iou_threshold: f64) -> Vec<usize>
+where
+    T: Copy + PartialOrd + std::ops::Sub<Output = T> + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
+    T: std::ops::Add<Output = T> + Default + Into<f64>,
+{
+    let Some(groups) = groups else {
+        return greedy_keep_one_group(coords, iou_threshold);
+    };
+    // Positions of each group in sorted order (a BTreeMap keeps the grouping deterministic).
+    let mut members: std::collections::BTreeMap<i64, Vec<usize>> = std::collections::BTreeMap::new();
+    for (position, &group) in groups.iter().enumerate() {
+        members.entry(group).or_default().push(position);
+    }
+    let mut keep = Vec::new();
+    for positions in members.values() {
+        let group_coords: Vec<T> = positions.iter().flat_map(|&p| coords[4 * p..4 * p + 4].iter().copied()).collect();
+        keep.extend(greedy_keep_one_group(&group_coords, iou_threshold).into_iter().map(|k| positions[k]));
+    }
+    keep.sort_unstable();
+    keep
+}
+
+/// [`greedy_keep`] without groups.
+fn greedy_keep_one_group<T>(coords: &[T], iou_threshold: f64) -> Vec<usize>
 where
     T: Copy + PartialOrd + std::ops::Sub<Output = T> + std::ops::Mul<Output = T> + std::ops::Div<Output = T>,
     T: std::ops::Add<Output = T> + Default + Into<f64>,
@@ -29,7 +53,7 @@ where
         keep.push(i);
         let (ix1, iy1, ix2, iy2) = (coords[4 * i], coords[4 * i + 1], coords[4 * i + 2], coords[4 * i + 3]);
         for j in i + 1..count {
-            if suppressed[j] || groups.is_some_and(|g| g[i] != g[j]) {
+            if suppressed[j] {
                 continue;
             }
             let width = max(zero, min(ix2, coords[4 * j + 2]) - max(ix1, coords[4 * j]));
