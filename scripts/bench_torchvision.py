@@ -19,6 +19,7 @@ Usage: bench_torchvision.py train|infer [--size HxW] [--batch B] [--iters N] [--
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -114,6 +115,26 @@ def time_iterations(step, warmup, iters, device):
     return times
 
 
+# Operators that make the host wait for a CUDA device (as SYNCHRONISING_OPS in crates/trainer/src/op_count.rs).
+SYNCHRONISING_OPS = ["aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::unique_dim",
+                     "aten::_unique2"]
+
+
+def count_ops(step):
+    """aten operators one call of `step` dispatches, from torch.profiler (RecordFunction, as ours)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:None if os.environ.get('VOVDET_ALL_OPS') else 15]
+    return {
+        "ops_per_iter": sum(counts.values()),
+        "synchronising_ops_per_iter": sum(counts.get(op, 0) for op in SYNCHRONISING_OPS),
+        "top_ops": [list(kv) for kv in top],
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["train", "infer"])
@@ -198,7 +219,7 @@ def main():
             seconds_per_iter=statistics.median(times),
             images_per_second=batch * len(times) / total,
         )
-        details = {"mean_seconds_per_iter": total / len(times), "last_total_loss": last["loss"]}
+        details = {"mean_seconds_per_iter": total / len(times), "last_total_loss": last["loss"], **count_ops(step)}
     else:
         model.eval()
         image = pixels[0].to(device).float() / 255

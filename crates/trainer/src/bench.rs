@@ -23,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 use crate::config::Config;
 use crate::evaluate::HostDetections;
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
+use crate::op_count::{count_ops, SYNCHRONISING_OPS};
 use crate::solver::{check_losses, AmpDtype, Solver};
 use crate::train::{build_detector, load_split};
 
@@ -116,6 +117,13 @@ pub enum BenchDetails {
         /// Checksum of the synthetic inputs (pixel sum plus box coordinate sum), equal in
         /// `scripts/bench_torchvision.py` when both draw the same numbers from torch's CPU generator.
         input_checksum: f64,
+        /// libtorch operators dispatched by one more (untimed) training step, on all threads: about one kernel
+        /// launch each on CUDA.
+        ops_per_iter: u64,
+        /// Of those, the ones that make the host wait for a CUDA device (see [`SYNCHRONISING_OPS`]).
+        synchronising_ops_per_iter: u64,
+        /// The most frequent operators of that step, with their counts.
+        top_ops: Vec<(String, u64)>,
     },
     /// `infer`.
     Infer {
@@ -322,7 +330,7 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let mut solver = Solver::from_var_store(&vs, &solver_config)?;
     let inputs = SyntheticInputs::new(config, options.batch, options.size, options.seed, device)?;
     let mut last_total_loss = f64::NAN;
-    let times = time_iterations(options, || {
+    let mut step = || -> anyhow::Result<()> {
         let losses = tch::autocast(options.amp, || model.forward_train(&inputs.batch, &inputs.targets))?;
         // As in `trainer train`: every loss is read (one host sync) and checked before backward.
         let values: Vec<(&str, f64)> = losses.iter().map(|(k, v)| (k.as_str(), v.double_value(&[]))).collect();
@@ -332,12 +340,23 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
         (total * solver.loss_multiplier()).backward();
         solver.step()?;
         Ok(())
-    })?;
+    };
+    let times = time_iterations(options, &mut step)?;
+    let (counted, mut counts) = count_ops(&mut step)?;
+    counted?;
+    // aten operators only, as scripts/bench_torchvision.py counts them.
+    counts.retain(|name, _| name.starts_with("aten::"));
+    let mut top_ops: Vec<(String, u64)> = counts.iter().map(|(name, &count)| (name.clone(), count)).collect();
+    top_ops.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    top_ops.truncate(if std::env::var_os("VOVDET_ALL_OPS").is_some() { usize::MAX } else { 15 });
     let total: f64 = times.iter().sum();
     let details = BenchDetails::Train {
         mean_seconds_per_iter: total / times.len() as f64,
         last_total_loss,
         input_checksum: inputs.checksum,
+        ops_per_iter: counts.values().sum(),
+        synchronising_ops_per_iter: SYNCHRONISING_OPS.iter().map(|op| counts.get(*op).copied().unwrap_or(0)).sum(),
+        top_ops,
     };
     let images_per_second = (options.batch as usize * times.len()) as f64 / total;
     Ok(report(BenchMode::Train, config, options, &times, images_per_second, details))

@@ -12,6 +12,7 @@ pub mod evaluate;
 pub mod events;
 pub mod info;
 pub mod memory;
+pub mod op_count;
 pub mod panics;
 pub mod predict;
 pub mod solver;

@@ -27,6 +27,9 @@ pub enum SolverError {
     /// An error from libtorch.
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// An error from libtorch's multi-tensor operators (src/optim_shim.cpp).
+    #[error("optimizer tensor operation: {0}")]
+    Tensor(String),
 }
 
 /// Which decay the learning rate follows after warm-up.
@@ -410,9 +413,12 @@ struct SgdParam {
     momentum_buffer: Option<Tensor>,
 }
 
-/// SGD with momentum exactly as `torch.optim.SGD` (dampening 0, single-tensor path, same roundings): `d = g + wd*p`;
-/// first step `buf = d`, then `buf = m*buf + d`; `d = d + m*buf` (Nesterov) or `d = buf`; `p -= lr*d`.
-/// Parameters are kept in name order; tensors that do not require grad are left out.
+/// SGD with momentum exactly as `torch.optim.SGD` (dampening 0): `d = g + wd*p`; first step `buf = d`, then
+/// `buf = m*buf + d`; `d = d + m*buf` (Nesterov) or `d = buf`; `p -= lr*d`. The tensor work runs through
+/// libtorch's multi-tensor (`_foreach_*`) operators, one call per weight-decay group, as torch's `foreach=True`
+/// path (the CUDA default): a few kernel launches for all parameters instead of several per parameter. On the
+/// CPU those operators fall back to torch's single-tensor operations, so the results are bit-identical to
+/// `torch.optim.SGD` there. Parameters are kept in name order; tensors that do not require grad are left out.
 #[derive(Debug)]
 pub struct Sgd {
     params: Vec<SgdParam>,
@@ -447,93 +453,176 @@ impl Sgd {
         self.params.iter().map(|p| p.tensor.grad()).filter(Tensor::defined).collect()
     }
 
-    /// Sets every gradient to zero.
+    /// The parameters that have a gradient.
+    fn with_gradients(&self) -> Vec<Tensor> {
+        self.params.iter().filter(|p| p.tensor.grad().defined()).map(|p| p.tensor.shallow_clone()).collect()
+    }
+
+    /// Drops every gradient (`zero_grad(set_to_none=True)`, torch's default): the next backward writes fresh
+    /// gradients instead of adding to zeroed ones.
     pub fn zero_grad(&mut self) {
-        for param in &mut self.params {
-            param.tensor.zero_grad();
-        }
+        let params: Vec<Tensor> = self.params.iter().map(|p| p.tensor.shallow_clone()).collect();
+        multi_tensor::drop_grads(&params).expect("dropping gradients of parameters");
     }
 
-    /// One update with learning rate `lr` from the current gradients.
-    pub fn step(&mut self, lr: f64) {
-        let _no_grad = tch::no_grad_guard();
-        let mut scalars = ScalarCache::default();
-        for param in &mut self.params {
-            let grad = param.tensor.grad();
-            if !grad.defined() {
-                continue;
+    /// One update with learning rate `lr` from the current gradients (parameters without one are skipped).
+    pub fn step(&mut self, lr: f64) -> Result<(), SolverError> {
+        let mut decays: Vec<f64> = self.params.iter().map(|p| p.weight_decay).collect();
+        decays.sort_by(f64::total_cmp);
+        decays.dedup();
+        for decay in decays {
+            let group: Vec<&mut SgdParam> = self
+                .params
+                .iter_mut()
+                .filter(|p| p.weight_decay.to_bits() == decay.to_bits() && p.tensor.grad().defined())
+                .collect();
+            multi_tensor::sgd_step(group, lr, self.momentum, decay, self.nesterov)?;
+        }
+        Ok(())
+    }
+}
+
+/// Safe wrappers over src/optim_shim.cpp (libtorch's `_foreach_*` operators); see there.
+mod multi_tensor {
+    use std::ffi::{c_char, c_int, c_void, CStr};
+
+    use tch::Tensor;
+
+    use super::{SgdParam, SolverError};
+
+    /// An `at::Tensor*`, which is what tch's `C_tensor*` points to.
+    type RawTensor = *mut c_void;
+
+    extern "C" {
+        fn vovdet_optim_free_message(message: *mut c_char);
+        fn vovdet_sgd_step(
+            params: *const RawTensor,
+            buffers: *mut RawTensor,
+            count: i64,
+            lr: f64,
+            momentum: f64,
+            weight_decay: f64,
+            nesterov: c_int,
+        ) -> *mut c_char;
+        fn vovdet_total_grad_norm(params: *const RawTensor, count: i64, total: *mut RawTensor) -> *mut c_char;
+        fn vovdet_scale_grads(params: *const RawTensor, count: i64, coefficient: RawTensor) -> *mut c_char;
+        fn vovdet_unscale_grads(
+            params: *const RawTensor,
+            count: i64,
+            found_inf: RawTensor,
+            inverse_scale: RawTensor,
+        ) -> *mut c_char;
+        fn vovdet_drop_grads(params: *const RawTensor, count: i64) -> *mut c_char;
+    }
+
+    fn raw(tensor: &Tensor) -> RawTensor {
+        tensor.as_ptr() as RawTensor
+    }
+
+    fn raws(tensors: &[Tensor]) -> Vec<RawTensor> {
+        tensors.iter().map(raw).collect()
+    }
+
+    /// Turns the shim's result (NULL or a malloc'ed message) into a `Result`.
+    fn check(message: *mut c_char) -> Result<(), SolverError> {
+        if message.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-NULL result is a NUL-terminated string from malloc, freed exactly once here.
+        let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
+        unsafe { vovdet_optim_free_message(message) };
+        Err(SolverError::Tensor(text))
+    }
+
+    /// One SGD step over `group` (parameters with gradients and the same decay); creates missing buffers.
+    pub(super) fn sgd_step(
+        mut group: Vec<&mut SgdParam>,
+        lr: f64,
+        momentum: f64,
+        weight_decay: f64,
+        nesterov: bool,
+    ) -> Result<(), SolverError> {
+        let params: Vec<RawTensor> = group.iter().map(|p| raw(&p.tensor)).collect();
+        let mut buffers: Vec<RawTensor> =
+            group.iter().map(|p| p.momentum_buffer.as_ref().map_or(std::ptr::null_mut(), raw)).collect();
+        let had_buffer: Vec<bool> = buffers.iter().map(|b| !b.is_null()).collect();
+        // SAFETY: `params` and `buffers` hold `count` live at::Tensor pointers (or NULL buffers) for the call.
+        let result = check(unsafe {
+            vovdet_sgd_step(
+                params.as_ptr(),
+                buffers.as_mut_ptr(),
+                params.len() as i64,
+                lr,
+                momentum,
+                weight_decay,
+                c_int::from(nesterov),
+            )
+        });
+        for ((param, buffer), had) in group.iter_mut().zip(&buffers).zip(had_buffer) {
+            if !had && !buffer.is_null() {
+                // SAFETY: the shim allocated this at::Tensor for us; ownership passes to tch.
+                param.momentum_buffer = Some(unsafe { Tensor::from_ptr(buffer.cast()) });
             }
-            let mut direction = if param.weight_decay != 0.0 {
-                grad.addcmul(&param.tensor, &scalars.get(param.weight_decay, &param.tensor))
-            } else {
-                grad
-            };
-            if self.momentum != 0.0 {
-                let buffer = match param.momentum_buffer.take() {
-                    None => direction.detach().copy(),
-                    Some(mut buffer) => {
-                        let _ = buffer.g_mul_scalar_(self.momentum);
-                        let _ = buffer.g_add_(&direction);
-                        buffer
-                    }
-                };
-                direction = if self.nesterov {
-                    direction.addcmul(&buffer, &scalars.get(self.momentum, &buffer))
-                } else {
-                    buffer.shallow_clone()
-                };
-                param.momentum_buffer = Some(buffer);
-            }
-            let step = scalars.get(-lr, &param.tensor);
-            let _ = param.tensor.addcmul_(&direction, &step);
         }
+        result
+    }
+
+    /// The L2 norm of the gradients of `params` together (a 0-dim tensor on their device).
+    pub(super) fn total_grad_norm(params: &[Tensor]) -> Result<Tensor, SolverError> {
+        let raws = raws(params);
+        let mut total: RawTensor = std::ptr::null_mut();
+        // SAFETY: `raws` are live tensors; on success the shim returns a new heap tensor in `total`.
+        check(unsafe { vovdet_total_grad_norm(raws.as_ptr(), raws.len() as i64, &mut total) })?;
+        // SAFETY: allocated by the shim for us.
+        Ok(unsafe { Tensor::from_ptr(total.cast()) })
+    }
+
+    /// Multiplies the gradients of `params` by the 0-dim `coefficient`.
+    pub(super) fn scale_grads(params: &[Tensor], coefficient: &Tensor) -> Result<(), SolverError> {
+        let raws = raws(params);
+        // SAFETY: live tensors for the duration of the call.
+        check(unsafe { vovdet_scale_grads(raws.as_ptr(), raws.len() as i64, raw(coefficient)) })
+    }
+
+    /// Unscales the gradients of `params` in place and flags inf/NaN in `found_inf` (no host read).
+    pub(super) fn unscale_grads(
+        params: &[Tensor],
+        found_inf: &Tensor,
+        inverse_scale: &Tensor,
+    ) -> Result<(), SolverError> {
+        let raws = raws(params);
+        // SAFETY: live tensors for the duration of the call.
+        check(unsafe { vovdet_unscale_grads(raws.as_ptr(), raws.len() as i64, raw(found_inf), raw(inverse_scale)) })
+    }
+
+    /// Drops the gradients of `params`.
+    pub(super) fn drop_grads(params: &[Tensor]) -> Result<(), SolverError> {
+        let raws = raws(params);
+        // SAFETY: live tensors for the duration of the call.
+        check(unsafe { vovdet_drop_grads(raws.as_ptr(), raws.len() as i64) })
     }
 }
 
-/// 0-dim tensors holding the step's scalars, one per (value, device, kind).
-///
-/// `a.addcmul(b, alpha)` with a 0-dim `alpha` computes `a + alpha * b` with one rounding (a fused multiply-add),
-/// which is what torch's `a.add(b, alpha=alpha)` inside `torch.optim.SGD` computes; `a + b * alpha` would round
-/// twice and drift from torch by an ulp. (Checked bit for bit against `add(.., alpha)` on 10^7 values.)
-#[derive(Default)]
-struct ScalarCache {
-    tensors: Vec<(u64, tch::Device, Kind, Tensor)>,
-}
-
-impl ScalarCache {
-    fn get(&mut self, value: f64, like: &Tensor) -> Tensor {
-        let key = (value.to_bits(), like.device(), like.kind());
-        if let Some((.., tensor)) = self.tensors.iter().find(|(v, d, k, _)| (*v, *d, *k) == key) {
-            return tensor.shallow_clone();
-        }
-        let tensor = Tensor::from(value).to_kind(like.kind()).to_device(like.device());
-        self.tensors.push((key.0, key.1, key.2, tensor.shallow_clone()));
-        tensor
-    }
-}
-
-/// `torch.nn.utils.clip_grad_norm_` over `grads` (L2): scales every gradient in place by
-/// `min(1, max_norm / (total + 1e-6))` and returns the total norm before clipping.
-pub fn clip_grad_norm(grads: &[Tensor], max_norm: f64) -> f64 {
-    let total = total_grad_norm(grads);
-    let _no_grad = tch::no_grad_guard();
-    if let Some(total) = &total {
-        let coefficient = ((total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
-        for grad in grads {
-            let _ = grad.shallow_clone().g_mul_(&coefficient);
-        }
-    }
-    total.map_or(0.0, |t| t.double_value(&[]))
-}
-
-/// The L2 norm of all gradients together, computed as torch does (norm of the per-tensor norms).
-fn total_grad_norm(grads: &[Tensor]) -> Option<Tensor> {
-    if grads.is_empty() {
-        return None;
+/// `torch.nn.utils.clip_grad_norm_` over the gradients of `params` (L2): scales every gradient in place by
+/// `min(1, max_norm / (total + 1e-6))` and returns the total norm before clipping (one host read).
+pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> Result<f64, SolverError> {
+    if params.is_empty() {
+        return Ok(0.0);
     }
     let _no_grad = tch::no_grad_guard();
-    let norms: Vec<Tensor> = grads.iter().map(|g| g.norm().to_kind(Kind::Float)).collect();
-    Some(Tensor::stack(&norms, 0).norm())
+    let total = multi_tensor::total_grad_norm(params)?;
+    let coefficient = ((&total + 1e-6).reciprocal() * max_norm).clamp_max(1.0);
+    multi_tensor::scale_grads(params, &coefficient)?;
+    Ok(total.double_value(&[]))
+}
+
+/// The L2 norm of the gradients of `params` together, as torch computes it (norm of the per-tensor norms); one
+/// host read.
+pub fn total_grad_norm(params: &[Tensor]) -> Result<f64, SolverError> {
+    if params.is_empty() {
+        return Ok(0.0);
+    }
+    Ok(multi_tensor::total_grad_norm(params)?.double_value(&[]))
 }
 
 /// `torch.amp.GradScaler`'s dynamic loss scale: the loss is multiplied by `scale` before backward; a step whose
@@ -555,16 +644,24 @@ impl LossScaler {
         LossScaler { scale: init_scale, growth_tracker: 0, growth_interval }
     }
 
-    /// Divides the gradients by the scale in place; returns whether any is inf or NaN.
-    pub fn unscale(&self, grads: &[Tensor]) -> bool {
+    /// Divides the gradients of `params` by the scale in place (torch's fused
+    /// `_amp_foreach_non_finite_check_and_unscale_`, grouped by device); returns whether any is inf or NaN, with
+    /// one host read per device.
+    pub fn unscale(&self, params: &[Tensor]) -> Result<bool, SolverError> {
         let _no_grad = tch::no_grad_guard();
-        let inverse = (1.0 / self.scale) as f32 as f64;
+        let inverse = (1.0 / self.scale) as f32;
+        let mut devices: Vec<tch::Device> = params.iter().map(Tensor::device).collect();
+        devices.dedup();
         let mut found_non_finite = false;
-        for grad in grads {
-            let _ = grad.shallow_clone().g_mul_scalar_(inverse);
-            found_non_finite |= !bool::try_from(grad.isfinite().all()).unwrap_or(false);
+        for device in devices {
+            let on_device: Vec<Tensor> =
+                params.iter().filter(|p| p.device() == device).map(Tensor::shallow_clone).collect();
+            let found_inf = Tensor::zeros([1], (Kind::Float, device));
+            let inverse_scale = Tensor::from_slice(&[inverse]).to_device(device);
+            multi_tensor::unscale_grads(&on_device, &found_inf, &inverse_scale)?;
+            found_non_finite |= found_inf.double_value(&[0]) != 0.0;
         }
-        found_non_finite
+        Ok(found_non_finite)
     }
 
     /// Updates the scale after a step (`torch._amp_update_scale_`, growth 2, back-off 0.5).
@@ -696,21 +793,24 @@ impl Solver {
     /// Finishes the current iteration: unscale (fp16), skip on inf/NaN (fp16) or fail on them (otherwise),
     /// clip, update with the scheduled LR, advance the iteration and zero the gradients.
     pub fn step(&mut self) -> Result<StepReport, SolverError> {
-        let grads = self.sgd.gradients();
-        let found_non_finite = self.scaler.as_ref().is_some_and(|s| s.unscale(&grads));
+        let params = self.sgd.with_gradients();
+        let found_non_finite = match &self.scaler {
+            Some(scaler) => scaler.unscale(&params)?,
+            None => false,
+        };
         let lr = self.lr();
         let iteration = self.iteration;
         let mut grad_norm = f64::NAN;
         if !found_non_finite {
             grad_norm = if self.config.clip_gradients.enabled {
-                clip_grad_norm(&grads, self.config.clip_gradients.max_norm)
+                clip_grad_norm(&params, self.config.clip_gradients.max_norm)?
             } else {
-                total_grad_norm(&grads).map_or(0.0, |t| t.double_value(&[]))
+                total_grad_norm(&params)?
             };
             if !grad_norm.is_finite() {
                 return Err(SolverError::NonFiniteGradients { iteration, norm: grad_norm });
             }
-            self.sgd.step(lr);
+            self.sgd.step(lr)?;
         }
         if let Some(scaler) = &mut self.scaler {
             scaler.update(found_non_finite);
@@ -840,9 +940,14 @@ mod tests {
         assert_eq!((scaler.scale, scaler.growth_tracker), (32768.0, 1));
         scaler.update(false);
         assert_eq!((scaler.scale, scaler.growth_tracker), (65536.0, 0));
-        let grads = [Tensor::from_slice(&[65536.0f32, f32::INFINITY])];
-        assert!(scaler.unscale(&grads));
-        assert_eq!(grads[0].double_value(&[0]), 1.0);
+        // A parameter whose gradient is [65536, inf].
+        let param = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        (&param * Tensor::from_slice(&[65536.0f32, f32::INFINITY])).sum(Kind::Float).backward();
+        assert!(scaler.unscale(std::slice::from_ref(&param)).unwrap());
+        assert_eq!(param.grad().double_value(&[0]), 1.0);
+        let finite = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
+        (&finite * 65536.0).sum(Kind::Float).backward();
+        assert!(!scaler.unscale(std::slice::from_ref(&finite)).unwrap());
     }
 
     #[test]

@@ -15,6 +15,13 @@ const MIN_POLYGON_COORDS: usize = 6;
 /// 0.1), rasterises them with pycocotools' algorithm and merges them. Returns a float `[size, size]` mask of 0/1
 /// on the CPU; `size` must be at most 65535.
 pub fn polygons_to_roi_mask(polygons: &[Vec<f64>], roi: [f64; 4], size: i64) -> Tensor {
+    let mut mask = vec![0u8; (size * size) as usize];
+    rasterize_in_roi(polygons, roi, size, &mut mask);
+    Tensor::from_slice(&mask).reshape([size, size]).to_kind(Kind::Float)
+}
+
+/// Writes the row-major `size x size` 0/1 mask of [`polygons_to_roi_mask`] into `out`.
+fn rasterize_in_roi(polygons: &[Vec<f64>], roi: [f64; 4], size: i64, out: &mut [u8]) {
     let [x0, y0, x1, y1] = roi;
     let ratio_w = size as f64 / (x1 - x0).max(0.1);
     let ratio_h = size as f64 / (y1 - y0).max(0.1);
@@ -25,20 +32,27 @@ pub fn polygons_to_roi_mask(polygons: &[Vec<f64>], roi: [f64; 4], size: i64) -> 
             polygon.chunks_exact(2).flat_map(|point| [(point[0] - x0) * ratio_w, (point[1] - y0) * ratio_h]).collect()
         })
         .collect();
-    rasterize(&transformed, size)
+    rasterize(&transformed, size, out);
 }
 
-/// Rasterises polygons already in mask coordinates into a float `[size, size]` 0/1 mask (pycocotools
+/// Rasterises polygons already in mask coordinates into `out`, a row-major `size x size` 0/1 mask (pycocotools
 /// `frPyObjects` + `merge` + `decode`).
-fn rasterize(polygons: &[Vec<f64>], size: i64) -> Tensor {
+fn rasterize(polygons: &[Vec<f64>], size: i64, out: &mut [u8]) {
     let side = u32::try_from(size).expect("mask size fits in u32");
     let rle = hotcoco::mask::fr_polys(polygons, side, side).expect("mask size of at most 65535 pixels");
+    // hotcoco decodes column-major, like pycocotools.
     let column_major = hotcoco::mask::decode(&rle);
-    Tensor::from_slice(&column_major).reshape([size, size]).transpose(0, 1).to_kind(Kind::Float).contiguous()
+    let size = size as usize;
+    for (x, column) in column_major.chunks_exact(size).enumerate() {
+        for (y, &value) in column.iter().enumerate() {
+            out[y * size + x] = value;
+        }
+    }
 }
 
 /// [`polygons_to_roi_mask`] for many instances at once: `polygons[i]` are the polygons of instance `i`, `rois`
-/// is `[N, 4]`. Returns float `[N, size, size]` on `rois`' device (one host copy of the RoIs).
+/// is `[N, 4]`. Returns float `[N, size, size]` on `rois`' device: one host copy of the RoIs, all masks rasterised
+/// into one host buffer, and one copy back (a fixed handful of tensor operations whatever N is).
 pub fn polygons_to_roi_masks(polygons: &[Vec<Vec<f64>>], rois: &Tensor, size: i64) -> Tensor {
     let device = rois.device();
     if polygons.is_empty() {
@@ -46,12 +60,12 @@ pub fn polygons_to_roi_masks(polygons: &[Vec<Vec<f64>>], rois: &Tensor, size: i6
     }
     let host = Vec::<f64>::try_from(rois.to_device(Device::Cpu).to_kind(Kind::Double).contiguous().flatten(0, -1))
         .expect("f64 host copy of the RoIs");
-    let masks: Vec<Tensor> = polygons
-        .iter()
-        .zip(host.chunks_exact(4))
-        .map(|(instance, roi)| polygons_to_roi_mask(instance, [roi[0], roi[1], roi[2], roi[3]], size))
-        .collect();
-    Tensor::stack(&masks, 0).to_device(device)
+    let plane = (size * size) as usize;
+    let mut masks = vec![0u8; polygons.len() * plane];
+    for ((instance, roi), out) in polygons.iter().zip(host.chunks_exact(4)).zip(masks.chunks_exact_mut(plane)) {
+        rasterize_in_roi(instance, [roi[0], roi[1], roi[2], roi[3]], size, out);
+    }
+    Tensor::from_slice(&masks).reshape([polygons.len() as i64, size, size]).to_device(device).to_kind(Kind::Float)
 }
 
 /// detectron2 `BitMasks.crop_and_resize` for one mask: RoIAlign (aligned, adaptive sampling, scale 1) of the full

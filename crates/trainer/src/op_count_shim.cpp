@@ -1,0 +1,78 @@
+// Counts the libtorch operators dispatched while a window is open, through a global RecordFunction callback (the
+// mechanism torch.profiler uses). On CUDA each counted operator is roughly one kernel launch and some of them are
+// host-device synchronisations, so the counts of one training step show where launch and sync overhead comes from
+// without a GPU. Every C++ exception is caught here and returned as a message.
+
+#include <ATen/record_function.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace {
+
+std::mutex counts_mutex;
+std::map<std::string, int64_t> counts;
+at::CallbackHandle handle = 0;
+
+char* copy_text(const std::string& text) {
+  char* copy = static_cast<char*>(std::malloc(text.size() + 1));
+  if (copy != nullptr) {
+    std::memcpy(copy, text.c_str(), text.size() + 1);
+  }
+  return copy;
+}
+
+std::unique_ptr<at::ObserverContext> on_enter(const at::RecordFunction& fn) {
+  std::lock_guard<std::mutex> guard(counts_mutex);
+  counts[fn.name()] += 1;
+  return nullptr;
+}
+
+}  // namespace
+
+extern "C" {
+
+// Starts counting (operators only, on every thread, autograd's included). NULL on success, else a message.
+char* vovdet_op_count_start() {
+  try {
+    std::lock_guard<std::mutex> guard(counts_mutex);
+    if (handle != 0) {
+      return copy_text("an operator count is already running");
+    }
+    counts.clear();
+    handle = at::addGlobalCallback(
+        at::RecordFunctionCallback(&on_enter).needsInputs(false).scopes({at::RecordScope::FUNCTION}));
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_text(e.what());
+  }
+}
+
+// Stops counting and writes "name<TAB>count\n" lines to *out (free with vovdet_op_count_free). NULL on success.
+char* vovdet_op_count_stop(char** out) {
+  try {
+    if (handle == 0) {
+      return copy_text("no operator count is running");
+    }
+    at::removeCallback(handle);
+    handle = 0;
+    std::string text;
+    std::lock_guard<std::mutex> guard(counts_mutex);
+    for (const auto& entry : counts) {
+      text += entry.first + "\t" + std::to_string(entry.second) + "\n";
+    }
+    *out = copy_text(text);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_text(e.what());
+  }
+}
+
+void vovdet_op_count_free(char* text) { std::free(text); }
+
+}  // extern "C"

@@ -1,0 +1,146 @@
+// The optimizer's tensor work as PyTorch's multi-tensor ("foreach") paths do it: torch.optim.SGD(foreach=True),
+// clip_grad_norm_ and GradScaler.unscale_. On CUDA each foreach operator is a handful of kernel launches for all
+// parameters together instead of several per parameter, and the fp16 overflow check is one device-side flag
+// instead of one host read per gradient. On CPU the foreach operators fall back to the per-tensor operators of
+// torch's single-tensor paths, so results are bit-identical to torch.optim.SGD there.
+// Every C++ exception is caught here and returned as a malloc'ed message (NULL means success).
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+char* copy_message(const std::string& text) {
+  char* message = static_cast<char*>(std::malloc(text.size() + 1));
+  if (message != nullptr) {
+    std::memcpy(message, text.c_str(), text.size() + 1);
+  }
+  return message;
+}
+
+template <typename F>
+char* guarded(F body) {
+  try {
+    at::NoGradGuard no_grad;
+    body();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return copy_message(e.what());
+  } catch (...) {
+    return copy_message("unknown C++ exception");
+  }
+}
+
+std::vector<at::Tensor> list(at::Tensor** tensors, int64_t count) {
+  std::vector<at::Tensor> out;
+  out.reserve(count);
+  for (int64_t i = 0; i < count; ++i) {
+    out.push_back(*tensors[i]);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> grads_of(at::Tensor** params, int64_t count) {
+  std::vector<at::Tensor> out;
+  out.reserve(count);
+  for (int64_t i = 0; i < count; ++i) {
+    out.push_back(params[i]->grad());
+  }
+  return out;
+}
+
+}  // namespace
+
+extern "C" {
+
+void vovdet_optim_free_message(char* message) { std::free(message); }
+
+// One SGD step over `count` parameters (all with gradients) sharing `weight_decay`, as torch's _multi_tensor_sgd
+// with dampening 0: d = g + wd*p; buf = d (first step) or buf = m*buf + d; d = d + m*buf (Nesterov) or d = buf;
+// p -= lr*d. `buffers[i]` is NULL when parameter i has no momentum buffer yet; the new buffer is returned there
+// (a heap at::Tensor the caller owns).
+char* vovdet_sgd_step(at::Tensor** params, at::Tensor** buffers, int64_t count, double lr, double momentum,
+                      double weight_decay, int nesterov) {
+  return guarded([&] {
+    if (count == 0) {
+      return;
+    }
+    std::vector<at::Tensor> parameters = list(params, count);
+    std::vector<at::Tensor> directions = grads_of(params, count);
+    if (weight_decay != 0.0) {
+      directions = at::_foreach_add(directions, parameters, weight_decay);
+    }
+    if (momentum != 0.0) {
+      bool all_buffers = true;
+      for (int64_t i = 0; i < count; ++i) {
+        all_buffers = all_buffers && buffers[i] != nullptr;
+      }
+      std::vector<at::Tensor> bufs;
+      if (all_buffers) {
+        bufs = list(buffers, count);
+        at::_foreach_mul_(bufs, momentum);
+        at::_foreach_add_(bufs, directions, 1.0);
+      } else {
+        for (int64_t i = 0; i < count; ++i) {
+          if (buffers[i] == nullptr) {
+            buffers[i] = new at::Tensor(directions[i].clone().detach());
+          } else {
+            buffers[i]->mul_(momentum).add_(directions[i], 1.0);
+          }
+          bufs.push_back(*buffers[i]);
+        }
+      }
+      if (nesterov != 0) {
+        at::_foreach_add_(directions, bufs, momentum);
+      } else {
+        directions = bufs;
+      }
+    }
+    at::_foreach_add_(parameters, directions, -lr);
+  });
+}
+
+// The L2 norm of all gradients of `params` together, as clip_grad_norm_ computes it (the norm of the per-tensor
+// norms), returned as a new heap 0-dim tensor in *total.
+char* vovdet_total_grad_norm(at::Tensor** params, int64_t count, at::Tensor** total) {
+  return guarded([&] {
+    std::vector<at::Tensor> norms = at::_foreach_norm(grads_of(params, count), 2);
+    *total = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
+  });
+}
+
+// Multiplies every gradient of `params` by the 0-dim tensor `coefficient` (clip_grad_norm_'s _foreach_mul_).
+char* vovdet_scale_grads(at::Tensor** params, int64_t count, at::Tensor* coefficient) {
+  return guarded([&] {
+    std::vector<at::Tensor> grads = grads_of(params, count);
+    at::_foreach_mul_(grads, *coefficient);
+  });
+}
+
+// GradScaler.unscale_: multiplies every gradient by `inverse_scale` (a [1] float tensor on their device) and sets
+// `found_inf` (a [1] float tensor there) to 1 when any value is inf or NaN, with no host read.
+char* vovdet_unscale_grads(at::Tensor** params, int64_t count, at::Tensor* found_inf, at::Tensor* inverse_scale) {
+  return guarded([&] {
+    std::vector<at::Tensor> grads = grads_of(params, count);
+    at::_amp_foreach_non_finite_check_and_unscale_(grads, *found_inf, *inverse_scale);
+  });
+}
+
+// optimizer.zero_grad(set_to_none=True): drops the gradients, so the next backward writes fresh ones instead
+// of adding to zeroed buffers.
+char* vovdet_drop_grads(at::Tensor** params, int64_t count) {
+  return guarded([&] {
+    for (int64_t i = 0; i < count; ++i) {
+      params[i]->mutable_grad().reset();
+    }
+  });
+}
+
+}  // extern "C"
