@@ -19,7 +19,6 @@ Usage: bench_torchvision.py train|infer [--size HxW] [--batch B] [--iters N] [--
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -127,7 +126,7 @@ def count_ops(step):
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     counts = {e.key: e.count for e in prof.key_averages() if e.key.startswith("aten::")}
-    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:None if os.environ.get('VOVDET_ALL_OPS') else 15]
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:15]
     return {
         "ops_per_iter": sum(counts.values()),
         "synchronising_ops_per_iter": sum(counts.get(op, 0) for op in SYNCHRONISING_OPS),

@@ -348,7 +348,7 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     counts.retain(|name, _| name.starts_with("aten::"));
     let mut top_ops: Vec<(String, u64)> = counts.iter().map(|(name, &count)| (name.clone(), count)).collect();
     top_ops.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-    top_ops.truncate(if std::env::var_os("VOVDET_ALL_OPS").is_some() { usize::MAX } else { 15 });
+    top_ops.truncate(15);
     let total: f64 = times.iter().sum();
     let details = BenchDetails::Train {
         mean_seconds_per_iter: total / times.len() as f64,

@@ -24,24 +24,76 @@
 
 use tch::{Kind, Tensor};
 
+/// The pyramid levels one call pools from: the maps stacked as rows of one channels-last matrix, and per level
+/// its scale, height, width and first row there (tiny device tensors indexed by each RoI's level).
+struct Levels {
+    /// `[sum_l N * H_l * W_l, C]` in the computing precision.
+    features: Tensor,
+    /// `[L]` spatial scale per level, in the computing precision.
+    scale: Tensor,
+    /// `[L]` i64 map height per level.
+    height: Tensor,
+    /// `[L]` i64 map width per level.
+    width: Tensor,
+    /// `[L]` i64 row of `features` where each level starts.
+    base: Tensor,
+    /// Images per map.
+    batch: i64,
+}
+
+impl Levels {
+    fn new(maps: &[&Tensor], scales: &[f64], compute_kind: Kind) -> Levels {
+        let device = maps[0].device();
+        let batch = maps[0].size()[0];
+        let mut rows = Vec::with_capacity(maps.len());
+        let (mut heights, mut widths, mut bases) = (Vec::new(), Vec::new(), Vec::new());
+        let mut base = 0;
+        for map in maps {
+            let [n, c, h, w] = map.size()[..] else { panic!("roi_align expects maps of shape [N, C, H, W]") };
+            rows.push(map.permute([0, 2, 3, 1]).reshape([n * h * w, c]));
+            heights.push(h);
+            widths.push(w);
+            bases.push(base);
+            base += n * h * w;
+        }
+        let features = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 0) }.to_kind(compute_kind);
+        // One host-to-device copy for all the integer constants.
+        let constants = Tensor::from_slice(&[heights, widths, bases].concat()).to_device(device).view([3, -1]);
+        Levels {
+            features,
+            scale: Tensor::from_slice(scales).to_device(device).to_kind(compute_kind),
+            height: constants.get(0),
+            width: constants.get(1),
+            base: constants.get(2),
+            batch,
+        }
+    }
+}
+
 /// RoI geometry in the computing precision (the input's, float32 for half and bfloat16), following torchvision's
-/// kernel step by step.
+/// kernel step by step, with the map size and first row of each RoI's level.
 struct RoiGeometry {
     batch_index: Tensor,
     start_x: Tensor,
     start_y: Tensor,
     bin_w: Tensor,
     bin_h: Tensor,
+    /// `[K]` i64 height and width of the RoI's map.
+    height: Tensor,
+    width: Tensor,
+    /// `[K]` i64 first row of the RoI's map in the stacked features.
+    base: Tensor,
 }
 
 impl RoiGeometry {
-    fn new(rois: &Tensor, like: &Tensor, output_size: (i64, i64), spatial_scale: f64, aligned: bool) -> Self {
-        let rois = rois.detach().to_device(like.device()).to_kind(like.kind());
+    fn new(rois: &Tensor, level: &Tensor, levels: &Levels, output_size: (i64, i64), aligned: bool) -> Self {
+        let rois = rois.detach().to_device(levels.features.device()).to_kind(levels.features.kind());
+        let scale = levels.scale.index_select(0, level);
         let offset = if aligned { 0.5 } else { 0.0 };
-        let start_x = rois.select(1, 1) * spatial_scale - offset;
-        let start_y = rois.select(1, 2) * spatial_scale - offset;
-        let end_x = rois.select(1, 3) * spatial_scale - offset;
-        let end_y = rois.select(1, 4) * spatial_scale - offset;
+        let start_x = rois.select(1, 1) * &scale - offset;
+        let start_y = rois.select(1, 2) * &scale - offset;
+        let end_x = rois.select(1, 3) * &scale - offset;
+        let end_y = rois.select(1, 4) * &scale - offset;
         let mut roi_w = end_x - &start_x;
         let mut roi_h = end_y - &start_y;
         if !aligned {
@@ -55,6 +107,9 @@ impl RoiGeometry {
             start_y,
             bin_w: roi_w / output_size.1 as f64,
             bin_h: roi_h / output_size.0 as f64,
+            height: levels.height.index_select(0, level),
+            width: levels.width.index_select(0, level),
+            base: levels.base.index_select(0, level),
         }
     }
 }
@@ -73,8 +128,8 @@ struct AxisSamples {
 impl AxisSamples {
     /// `count` samples at `start + bin * bin_size + (i + 0.5) * bin_size / grid` (torchvision's formula, in the
     /// geometry's precision) for `bins` bins of `grid` samples each (`grid` i64 `[K]`, `count = bins * sum(grid)`)
-    /// on an axis of `size` pixels.
-    fn new(start: &Tensor, bin_size: &Tensor, bins: i64, grid: &Tensor, size: i64, count: i64) -> Self {
+    /// on an axis of `size` pixels (i64 `[K]`: the RoI's map).
+    fn new(start: &Tensor, bin_size: &Tensor, bins: i64, grid: &Tensor, size: &Tensor, count: i64) -> Self {
         let kind = start.kind();
         let device = start.device();
         let per_roi = grid * bins;
@@ -88,16 +143,16 @@ impl AxisSamples {
         let coordinate = start.index_select(0, &roi)
             + bin.to_kind(kind) * &roi_bin_size
             + (in_bin.to_kind(kind) + 0.5) * &roi_bin_size / roi_grid.to_kind(kind);
-        // torchvision's bilinear_interpolate: empty outside [-1, size], clamp below at 0, `low = floor`, and at or
-        // past the last pixel both taps are the last pixel.
-        let valid = coordinate.ge(-1.0).logical_and(&coordinate.le(size as f64));
+        // torchvision: samples beyond [-1, size] contribute nothing; the rest are clamped into the map.
+        let last = size.index_select(0, &roi) - 1;
+        let valid = coordinate.ge(-1.0).logical_and(&coordinate.le_tensor(&(&last + 1).to_kind(kind)));
         let coordinate = coordinate.clamp_min(0.0);
         let low = coordinate.floor().to_kind(Kind::Int64);
-        let at_edge = low.ge(size - 1);
-        let low = low.clamp_max(size - 1);
+        let at_edge = low.ge_tensor(&last);
+        let low = low.minimum(&last);
         let low_value = low.to_kind(kind);
         let coordinate = coordinate.where_self(&at_edge.logical_not(), &low_value);
-        let high = (&low + 1).clamp_max(size - 1);
+        let high = (&low + 1).minimum(&last);
         let fraction = coordinate - low_value;
         let scale = valid.to_kind(kind) / roi_grid.to_kind(kind);
         let weights = Tensor::stack(&[(fraction.neg() + 1.0) * &scale, fraction * scale], 1);
@@ -106,11 +161,11 @@ impl AxisSamples {
 }
 
 /// Every bilinear tap of every output bin, grouped by output row `k * oh * ow + bin_y * ow + bin_x` (bin-major,
-/// so each output row's taps are contiguous): `input_row[e]` (i64, row of the `[N * H * W, C]` input) gets
+/// so each output row's taps are contiguous): `input_row[e]` (i64, row of the stacked channels-last maps) gets
 /// `weight[e]` (torchvision's bilinear weight divided by the bin's sample count), and output row `r` sums the
 /// entries `offsets[r]..offsets[r + 1]`.
 struct BinTaps {
-    /// `[E]` i64 row of the channels-last input.
+    /// `[E]` i64 row of the stacked channels-last maps.
     input_row: Tensor,
     /// `[E]` weight in the geometry's precision.
     weight: Tensor,
@@ -125,12 +180,11 @@ impl BinTaps {
     /// read back from the device in one copy. `None` when there is no sample at all.
     fn new(
         geometry: &RoiGeometry,
-        input_shape: (i64, i64, i64),
+        batch: i64,
         output_size: (i64, i64),
         grid: (&Tensor, &Tensor),
         fixed_grid: Option<i64>,
     ) -> Option<Self> {
-        let (batch, height, width) = input_shape;
         let (oh, ow) = output_size;
         let (grid_h, grid_w) = grid;
         let num_rois = geometry.start_x.size()[0];
@@ -151,9 +205,9 @@ impl BinTaps {
         if total == 0 {
             return None;
         }
-        let rows_axis = AxisSamples::new(&geometry.start_y, &geometry.bin_h, oh, grid_h, height, row_count);
-        let columns_axis = AxisSamples::new(&geometry.start_x, &geometry.bin_w, ow, grid_w, width, column_count);
-        // 2-D samples, ordered (RoI, bin_y, bin_x, sample_y, sample_x).
+        let rows_axis = AxisSamples::new(&geometry.start_y, &geometry.bin_h, oh, grid_h, &geometry.height, row_count);
+        let columns_axis =
+            AxisSamples::new(&geometry.start_x, &geometry.bin_w, ow, grid_w, &geometry.width, column_count);
         let first = per_roi.cumsum(0, Kind::Int64) - &per_roi;
         let roi = Tensor::repeat_interleave(&per_roi, total);
         let local = Tensor::arange(total, (Kind::Int64, device)) - first.index_select(0, &roi);
@@ -171,14 +225,15 @@ impl BinTaps {
         // RoIs naming an image outside the batch contribute nothing.
         let image = geometry.batch_index.to_kind(Kind::Int64);
         let image_valid = image.ge(0).logical_and(&image.lt(batch)).to_kind(geometry.start_x.kind());
-        let image_base = image.clamp(0, (batch - 1).max(0)) * (height * width);
+        let image_base = &geometry.base + image.clamp(0, (batch - 1).max(0)) * (&geometry.height * &geometry.width);
+        let roi_width = geometry.width.index_select(0, &roi).unsqueeze(1);
         let row_base =
-            image_base.index_select(0, &roi).unsqueeze(1) + rows_axis.taps.index_select(0, &row_sample) * width;
+            image_base.index_select(0, &roi).unsqueeze(1) + rows_axis.taps.index_select(0, &row_sample) * roi_width;
         let input_row = row_base.unsqueeze(2) + columns_axis.taps.index_select(0, &column_sample).unsqueeze(1);
         let row_weights =
             rows_axis.weights.index_select(0, &row_sample) * image_valid.index_select(0, &roi).unsqueeze(1);
         let weight = row_weights.unsqueeze(2) * columns_axis.weights.index_select(0, &column_sample).unsqueeze(1);
-        // Output row `k * oh * ow + j` starts at entry 4 * (first[k] + j * per_bin[k]).
+        // The first entry of every output row (bag): its RoI's first sample plus the bins before it, 4 taps each.
         let bag = Tensor::arange(num_rois * oh * ow, (Kind::Int64, device));
         let bag_roi = bag.floor_divide_scalar(oh * ow);
         let bag_first =
@@ -201,7 +256,24 @@ pub fn roi_align(
     sampling_ratio: i64,
     aligned: bool,
 ) -> Tensor {
-    let [batch, channels, height, width] = input.size()[..] else {
+    let level = Tensor::zeros([rois.size()[0]], (Kind::Int64, input.device()));
+    roi_align_levels(&[input], &[spatial_scale], rois, &level, output_size, sampling_ratio, aligned)
+}
+
+/// [`roi_align`] over several maps at once: RoI `k` is pooled from `maps[level[k]]` at `scales[level[k]]` (all maps
+/// `[N, C, H_l, W_l]` with the same N and C). One tap construction and one reduction for every level, so a
+/// pyramid costs the operators of a single RoIAlign, with no per-level host sync.
+fn roi_align_levels(
+    maps: &[&Tensor],
+    scales: &[f64],
+    rois: &Tensor,
+    level: &Tensor,
+    output_size: (i64, i64),
+    sampling_ratio: i64,
+    aligned: bool,
+) -> Tensor {
+    let input = maps[0];
+    let [_, channels, ..] = input.size()[..] else {
         panic!("roi_align expects an input of shape [N, C, H, W], got {:?}", input.size())
     };
     let (oh, ow) = output_size;
@@ -210,9 +282,8 @@ pub fn roi_align(
         Kind::Half | Kind::BFloat16 => Kind::Float,
         kind => kind,
     };
-    // Channels last: each output row gathers whole channel vectors.
-    let features = input.permute([0, 2, 3, 1]).reshape([batch * height * width, channels]).to_kind(compute_kind);
-    if num_rois == 0 || features.size()[0] == 0 {
+    let levels = Levels::new(maps, scales, compute_kind);
+    if num_rois == 0 || levels.features.size()[0] == 0 {
         // An empty slice of the input keeps the autograd graph connected.
         let empty = input.flatten(0, -1).narrow(0, 0, 0).reshape([0, channels, oh, ow]);
         return if num_rois == 0 {
@@ -221,7 +292,8 @@ pub fn roi_align(
             Tensor::zeros([num_rois, channels, oh, ow], (input.kind(), input.device()))
         };
     }
-    let geometry = RoiGeometry::new(rois, &features, output_size, spatial_scale, aligned);
+    let level = level.to_device(input.device()).to_kind(Kind::Int64);
+    let geometry = RoiGeometry::new(rois, &level, &levels, output_size, aligned);
     let fixed_grid = (sampling_ratio > 0).then_some(sampling_ratio);
     let (grid_h, grid_w) = if sampling_ratio > 0 {
         let grid = Tensor::full([num_rois], sampling_ratio, (Kind::Int64, input.device()));
@@ -234,13 +306,19 @@ pub fn roi_align(
             geometry.bin_w.ceil().to_kind(Kind::Int64).clamp_min(0),
         )
     };
-    let Some(taps) = BinTaps::new(&geometry, (batch, height, width), output_size, (&grid_h, &grid_w), fixed_grid)
-    else {
+    let Some(taps) = BinTaps::new(&geometry, levels.batch, output_size, (&grid_h, &grid_w), fixed_grid) else {
         return Tensor::zeros([num_rois, channels, oh, ow], (input.kind(), input.device()));
     };
-    // Sum mode with the tap weights as per-sample weights; the backward pass scatters into `features`.
-    let (pooled, _, _, _) =
-        Tensor::embedding_bag(&features, &taps.input_row, &taps.offsets, false, 0, false, Some(&taps.weight), true);
+    let (pooled, _, _, _) = Tensor::embedding_bag(
+        &levels.features,
+        &taps.input_row,
+        &taps.offsets,
+        false,
+        0,
+        false,
+        Some(&taps.weight),
+        true,
+    );
     pooled.reshape([num_rois, oh, ow, channels]).permute([0, 3, 1, 2]).to_kind(input.kind()).contiguous()
 }
 
@@ -322,7 +400,7 @@ impl RoiPooler {
 
     /// Pools `boxes_per_image[i]` (`[K_i, 4]` xyxy image pixels) from image `i` of every map in `features`
     /// (`[N, C, H_l, W_l]`, one per scale). Returns `[sum K_i, C, oh, ow]` in the order of the concatenated boxes.
-    /// With several levels, finding each level's boxes costs one device-to-host sync per level.
+    /// All levels are pooled by one RoIAlign over the stacked maps (no per-level host sync).
     pub fn forward(&self, features: &[Tensor], boxes_per_image: &[Tensor]) -> Tensor {
         let first = &features[0];
         let device = first.device();
@@ -336,29 +414,13 @@ impl RoiPooler {
             })
             .collect();
         let rois = Tensor::cat(&rois, 0);
-        let (oh, ow) = self.output_size;
-        if features.len() == 1 {
-            return roi_align(first, &rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned);
-        }
-        let levels = self.assign_levels(&rois.narrow(1, 1, 4));
-        let num_rois = rois.size()[0];
-        let mut output = Tensor::zeros([num_rois, first.size()[1], oh, ow], (first.kind(), device));
-        for (level, (feature, &scale)) in features.iter().zip(&self.scales).enumerate() {
-            let index = levels.eq(level as i64).nonzero().squeeze_dim(1);
-            if index.size()[0] == 0 {
-                continue;
-            }
-            let pooled = roi_align(
-                feature,
-                &rois.index_select(0, &index),
-                self.output_size,
-                scale,
-                self.sampling_ratio,
-                self.aligned,
-            );
-            let _ = output.index_copy_(0, &index, &pooled);
-        }
-        output
+        let level = if features.len() == 1 {
+            Tensor::zeros([rois.size()[0]], (Kind::Int64, device))
+        } else {
+            self.assign_levels(&rois.narrow(1, 1, 4))
+        };
+        let maps: Vec<&Tensor> = features.iter().collect();
+        roi_align_levels(&maps, &self.scales, &rois, &level, self.output_size, self.sampling_ratio, self.aligned)
     }
 }
 
