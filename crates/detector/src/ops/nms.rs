@@ -1,8 +1,11 @@
 //! Non-maximum suppression with torchvision's semantics: candidates are visited by decreasing score (a stable
 //! sort, so equal scores keep their input order), and a box is suppressed when its IoU with an already kept box is
-//! strictly greater than the threshold. The sort runs on the tensor's device; the greedy keep loop then runs on
-//! the CPU over ONE host copy of the boxes in score order (the only device-to-host transfer, needed because the loop
-//! is inherently sequential), in the boxes' own precision (f32 or f64) so that IoU ties round as in torchvision.
+//! strictly greater than the threshold. The sort runs on the tensor's device. On the CPU the greedy keep loop runs
+//! over the boxes in score order, in their own precision (f32 or f64) so that IoU ties round as in torchvision's
+//! CPU kernel. On CUDA, as torchvision's CUDA kernel does, the device computes which later box every box would
+//! suppress (IoU above the threshold, as bits: one byte per 8 boxes), that bit matrix is copied to the host once,
+//! and the sequential greedy scan ORs the rows of kept boxes: O(n^2) parallel work on the device and O(kept x n/8)
+//! bytes on the host instead of O(n^2) IoUs on the host.
 
 use tch::{Device, Kind, Tensor};
 
@@ -78,6 +81,10 @@ fn nms_impl(boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, iou_thresh
         return Tensor::zeros([0], (Kind::Int64, device));
     }
     let order = scores.sort_stable(true, 0, true).1;
+    if device.is_cuda() && groups.is_none() {
+        let kept_positions = suppression_matrix_keep(&boxes.index_select(0, &order), iou_threshold);
+        return order.index_select(0, &kept_positions.to_device(device));
+    }
     let sorted_boxes = boxes.index_select(0, &order).to_device(Device::Cpu).contiguous();
     let sorted_groups = groups.map(|g| {
         Vec::<i64>::try_from(g.index_select(0, &order).to_device(Device::Cpu).to_kind(Kind::Int64).contiguous())
@@ -96,6 +103,48 @@ fn nms_impl(boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, iou_thresh
     order.index_select(0, &kept_positions)
 }
 
+/// Rows of the suppression matrix computed per device call (bounds the temporary IoU block to rows x N floats).
+const SUPPRESSION_ROWS_PER_BLOCK: i64 = 2048;
+
+/// Greedy NMS over `sorted` boxes (by decreasing score) through a bit matrix computed on their device: bit `j` of
+/// row `i` is set when `j > i` and IoU(i, j) > `iou_threshold` (compared in the boxes' precision, as torchvision's
+/// CUDA kernel). Returns kept positions (i64, on the CPU) in sorted order.
+fn suppression_matrix_keep(sorted: &Tensor, iou_threshold: f64) -> Tensor {
+    let count = sorted.size()[0];
+    let device = sorted.device();
+    let row_bytes = (count + 7) / 8;
+    let padded = row_bytes * 8;
+    let columns = Tensor::arange(padded, (Kind::Int64, device));
+    let bit_values = Tensor::from_slice(&[1u8, 2, 4, 8, 16, 32, 64, 128]).to_device(device);
+    let mut blocks = Vec::new();
+    let mut start = 0;
+    while start < count {
+        let rows = SUPPRESSION_ROWS_PER_BLOCK.min(count - start);
+        let iou = super::boxes::box_iou(&sorted.narrow(0, start, rows), sorted);
+        let above = iou.gt(iou_threshold).constant_pad_nd([0, padded - count]);
+        let row_index = Tensor::arange_start(start, start + rows, (Kind::Int64, device)).unsqueeze(1);
+        let later = columns.unsqueeze(0).gt_tensor(&row_index);
+        let bits = above.logical_and(&later).to_kind(Kind::Uint8).view([rows, row_bytes, 8]) * &bit_values;
+        blocks.push(bits.sum_dim_intlist(2, false, Kind::Uint8));
+        start += rows;
+    }
+    let matrix = Tensor::cat(&blocks, 0).to_device(Device::Cpu).contiguous();
+    let bytes = Vec::<u8>::try_from(matrix.flatten(0, -1)).expect("u8 host copy of the NMS suppression matrix");
+    let row_bytes = row_bytes as usize;
+    let mut suppressed = vec![0u8; row_bytes];
+    let mut keep: Vec<i64> = Vec::new();
+    for i in 0..count as usize {
+        if suppressed[i / 8] & (1 << (i % 8)) != 0 {
+            continue;
+        }
+        keep.push(i as i64);
+        for (mask, row) in suppressed.iter_mut().zip(&bytes[i * row_bytes..(i + 1) * row_bytes]) {
+            *mask |= row;
+        }
+    }
+    Tensor::from_slice(&keep)
+}
+
 /// Non-maximum suppression of `boxes` `[N, 4]` (xyxy) with `scores` `[N]`: returns the kept indices (i64, on the
 /// input's device) by decreasing score, exactly as `torchvision.ops.nms`. See the module docs for where the
 /// host copy happens.
@@ -104,6 +153,7 @@ pub fn nms(boxes: &Tensor, scores: &Tensor, iou_threshold: f64) -> Tensor {
 }
 
 /// Largest `boxes.numel()` for which torchvision's `batched_nms` uses its coordinate-offset trick (CPU / CUDA).
+/// (The offset trick also keeps CUDA inputs on the suppression-matrix path.)
 const OFFSET_TRICK_MAX_NUMEL_CPU: i64 = 4000;
 const OFFSET_TRICK_MAX_NUMEL_CUDA: i64 = 100_000;
 
@@ -128,4 +178,30 @@ pub fn batched_nms(boxes: &Tensor, scores: &Tensor, groups: &Tensor, iou_thresho
     let offsets = groups.to_kind(boxes.kind()) * (max_coordinate + 1.0);
     let shifted = boxes + offsets.unsqueeze(1);
     nms_impl(&shifted, scores, None, iou_threshold)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CUDA suppression-matrix path keeps exactly what the greedy loop keeps (run here on CPU tensors).
+    #[test]
+    fn suppression_matrix_matches_the_greedy_loop() {
+        tch::manual_seed(4);
+        for (count, threshold) in [(1usize, 0.5), (7, 0.5), (300, 0.7), (2500, 0.5), (3000, 0.3)] {
+            let n = count as i64;
+            let centres = Tensor::rand([n, 2], (Kind::Float, Device::Cpu)) * 200.0;
+            let sizes = Tensor::rand([n, 2], (Kind::Float, Device::Cpu)) * 60.0 + 1.0;
+            let boxes = Tensor::cat(&[&centres - &sizes / 2.0, &centres + &sizes / 2.0], 1);
+            // Some exact duplicates and ties in score.
+            let boxes = Tensor::cat(&[boxes.shallow_clone(), boxes.narrow(0, 0, n.min(5))], 0);
+            let scores = (Tensor::rand([boxes.size()[0]], (Kind::Float, Device::Cpu)) * 20.0).floor();
+            let order = scores.sort_stable(true, 0, true).1;
+            let sorted = boxes.index_select(0, &order);
+            let coords = Vec::<f32>::try_from(sorted.flatten(0, -1)).unwrap();
+            let expected: Vec<i64> = greedy_keep(&coords, None, threshold).into_iter().map(|p| p as i64).collect();
+            let got = Vec::<i64>::try_from(suppression_matrix_keep(&sorted, threshold)).unwrap();
+            assert_eq!(got, expected, "{count} boxes at IoU {threshold}");
+        }
+    }
 }
