@@ -9,6 +9,7 @@ fn main() {
     println!("cargo:rerun-if-changed=src/memory_shim.cpp");
     println!("cargo:rerun-if-changed=src/op_count_shim.cpp");
     println!("cargo:rerun-if-changed=src/optim_shim.cpp");
+    println!("cargo:rerun-if-changed=src/shim_common.h");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let libtorch = PathBuf::from(std::env::var_os("LIBTORCH").expect("LIBTORCH is not set; run scripts/setup"));
     cc::Build::new()

@@ -2,6 +2,8 @@
 // allocator API of torch 2.11 (c10::DeviceAllocator: getDeviceStats / resetPeakStats), so that no CUDA header is
 // needed to compile it. Every C++ exception is caught here and returned as a message (NULL means success).
 
+#include "shim_common.h"
+
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/DeviceType.h>
 
@@ -13,29 +15,9 @@
 
 namespace {
 
-char* copy_message(const std::string& text) {
-  char* message = static_cast<char*>(std::malloc(text.size() + 1));
-  if (message != nullptr) {
-    std::memcpy(message, text.c_str(), text.size() + 1);
-  }
-  return message;
-}
-
 c10::DeviceAllocator* cuda_allocator() {
   // Throws (c10::Error) when no CUDA allocator is registered, e.g. libtorch_cuda is not loaded.
   return c10::getDeviceAllocator(c10::DeviceType::CUDA);
-}
-
-template <typename F>
-char* guarded(F body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
 }
 
 }  // namespace
@@ -48,7 +30,7 @@ void vovdet_memory_free_message(char* message) { std::free(message); }
 // out[0] allocated now, out[1] peak allocated (torch.cuda.max_memory_allocated), out[2] reserved now,
 // out[3] peak reserved (torch.cuda.max_memory_reserved).
 char* vovdet_cuda_memory_stats(int8_t device, int64_t* out) {
-  return guarded([&] {
+  return vovdet::guarded([&] {
     const auto stats = cuda_allocator()->getDeviceStats(device);
     const auto all = static_cast<size_t>(c10::CachingAllocator::StatType::AGGREGATE);
     out[0] = stats.allocated_bytes[all].current;
@@ -60,7 +42,7 @@ char* vovdet_cuda_memory_stats(int8_t device, int64_t* out) {
 
 // Resets the peaks of CUDA device `device` to the current values (torch.cuda.reset_peak_memory_stats).
 char* vovdet_cuda_reset_peak_memory(int8_t device) {
-  return guarded([&] { cuda_allocator()->resetPeakStats(device); });
+  return vovdet::guarded([&] { cuda_allocator()->resetPeakStats(device); });
 }
 
 }  // extern "C"

@@ -3,6 +3,8 @@
 // host-device synchronisations, so the counts of one training step show where launch and sync overhead comes from
 // without a GPU. Every C++ exception is caught here and returned as a message.
 
+#include "shim_common.h"
+
 #include <ATen/record_function.h>
 
 #include <cstdint>
@@ -19,14 +21,6 @@ std::mutex counts_mutex;
 std::map<std::string, int64_t> counts;
 at::CallbackHandle handle = 0;
 
-char* copy_text(const std::string& text) {
-  char* copy = static_cast<char*>(std::malloc(text.size() + 1));
-  if (copy != nullptr) {
-    std::memcpy(copy, text.c_str(), text.size() + 1);
-  }
-  return copy;
-}
-
 std::unique_ptr<at::ObserverContext> on_enter(const at::RecordFunction& fn) {
   std::lock_guard<std::mutex> guard(counts_mutex);
   counts[fn.name()] += 1;
@@ -42,14 +36,14 @@ char* vovdet_op_count_start() {
   try {
     std::lock_guard<std::mutex> guard(counts_mutex);
     if (handle != 0) {
-      return copy_text("an operator count is already running");
+      return vovdet::copy_message("an operator count is already running");
     }
     counts.clear();
     handle = at::addGlobalCallback(
         at::RecordFunctionCallback(&on_enter).needsInputs(false).scopes({at::RecordScope::FUNCTION}));
     return nullptr;
   } catch (const std::exception& e) {
-    return copy_text(e.what());
+    return vovdet::copy_message(e.what());
   }
 }
 
@@ -57,7 +51,7 @@ char* vovdet_op_count_start() {
 char* vovdet_op_count_stop(char** out) {
   try {
     if (handle == 0) {
-      return copy_text("no operator count is running");
+      return vovdet::copy_message("no operator count is running");
     }
     at::removeCallback(handle);
     handle = 0;
@@ -66,10 +60,10 @@ char* vovdet_op_count_stop(char** out) {
     for (const auto& entry : counts) {
       text += entry.first + "\t" + std::to_string(entry.second) + "\n";
     }
-    *out = copy_text(text);
+    *out = vovdet::copy_message(text);
     return nullptr;
   } catch (const std::exception& e) {
-    return copy_text(e.what());
+    return vovdet::copy_message(e.what());
   }
 }
 

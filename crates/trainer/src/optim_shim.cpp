@@ -5,6 +5,8 @@
 // torch's single-tensor paths, so results are bit-identical to torch.optim.SGD there.
 // Every C++ exception is caught here and returned as a malloc'ed message (NULL means success).
 
+#include "shim_common.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
@@ -17,25 +19,13 @@
 
 namespace {
 
-char* copy_message(const std::string& text) {
-  char* message = static_cast<char*>(std::malloc(text.size() + 1));
-  if (message != nullptr) {
-    std::memcpy(message, text.c_str(), text.size() + 1);
-  }
-  return message;
-}
-
+// vovdet::guarded with autograd off (the optimizer updates leaves that require grad in place).
 template <typename F>
-char* guarded(F body) {
-  try {
+char* without_grad(F body) {
+  return vovdet::guarded([&] {
     at::NoGradGuard no_grad;
     body();
-    return nullptr;
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
+  });
 }
 
 std::vector<at::Tensor> list(at::Tensor** tensors, int64_t count) {
@@ -68,7 +58,7 @@ void vovdet_optim_free_message(char* message) { std::free(message); }
 // (a heap at::Tensor the caller owns).
 char* vovdet_sgd_step(at::Tensor** params, at::Tensor** buffers, int64_t count, double lr, double momentum,
                       double weight_decay, int nesterov) {
-  return guarded([&] {
+  return without_grad([&] {
     if (count == 0) {
       return;
     }
@@ -110,7 +100,7 @@ char* vovdet_sgd_step(at::Tensor** params, at::Tensor** buffers, int64_t count, 
 // The L2 norm of all gradients of `params` together, as clip_grad_norm_ computes it (the norm of the per-tensor
 // norms), returned as a new heap 0-dim tensor in *total.
 char* vovdet_total_grad_norm(at::Tensor** params, int64_t count, at::Tensor** total) {
-  return guarded([&] {
+  return without_grad([&] {
     std::vector<at::Tensor> norms = at::_foreach_norm(grads_of(params, count), 2);
     *total = new at::Tensor(at::linalg_vector_norm(at::stack(norms), 2));
   });
@@ -118,7 +108,7 @@ char* vovdet_total_grad_norm(at::Tensor** params, int64_t count, at::Tensor** to
 
 // Multiplies every gradient of `params` by the 0-dim tensor `coefficient` (clip_grad_norm_'s _foreach_mul_).
 char* vovdet_scale_grads(at::Tensor** params, int64_t count, at::Tensor* coefficient) {
-  return guarded([&] {
+  return without_grad([&] {
     std::vector<at::Tensor> grads = grads_of(params, count);
     at::_foreach_mul_(grads, *coefficient);
   });
@@ -127,7 +117,7 @@ char* vovdet_scale_grads(at::Tensor** params, int64_t count, at::Tensor* coeffic
 // GradScaler.unscale_: multiplies every gradient by `inverse_scale` (a [1] float tensor on their device) and sets
 // `found_inf` (a [1] float tensor there) to 1 when any value is inf or NaN, with no host read.
 char* vovdet_unscale_grads(at::Tensor** params, int64_t count, at::Tensor* found_inf, at::Tensor* inverse_scale) {
-  return guarded([&] {
+  return without_grad([&] {
     std::vector<at::Tensor> grads = grads_of(params, count);
     at::_amp_foreach_non_finite_check_and_unscale_(grads, *found_inf, *inverse_scale);
   });
@@ -136,7 +126,7 @@ char* vovdet_unscale_grads(at::Tensor** params, int64_t count, at::Tensor* found
 // optimizer.zero_grad(set_to_none=True): drops the gradients, so the next backward writes fresh ones instead
 // of adding to zeroed buffers.
 char* vovdet_drop_grads(at::Tensor** params, int64_t count) {
-  return guarded([&] {
+  return without_grad([&] {
     for (int64_t i = 0; i < count; ++i) {
       params[i]->mutable_grad().reset();
     }

@@ -1,7 +1,7 @@
 //! Helpers shared by the tests that run the `trainer` binary.
 #![allow(dead_code)] // each test binary uses a different subset
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 /// The repository root (the binary runs there, so relative config paths resolve as for users).
@@ -25,4 +25,79 @@ pub fn trainer(args: &[&str]) -> Output {
 /// The standard error of a finished command, as text.
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A tiny V-19-slim-dw Mask R-CNN on 8 synthetic 64-pixel images (generated on first use into `dir/shapes`).
+pub fn tiny_config(dir: &Path) -> String {
+    let shapes = dir.join("shapes");
+    let text = format!(
+        r#"output_dir = "{out}"
+seed = 3
+device = "cpu"
+[model.backbone]
+name = "V-19-slim-dw"
+gn_groups = 16
+[model.fpn]
+out_channels = 32
+gn_groups = 8
+[model.anchors]
+sizes = [[8.0], [16.0], [32.0], [64.0], [128.0]]
+[model.rpn]
+pre_nms_topk_train = 200
+post_nms_topk_train = 100
+pre_nms_topk_test = 100
+post_nms_topk_test = 50
+batch_size_per_image = 64
+[model.roi_heads]
+num_classes = 4
+batch_size_per_image = 32
+[model.box_head]
+conv_dim = 32
+fc_dim = 64
+gn_groups = 8
+[model.mask_head]
+conv_dim = 32
+gn_groups = 8
+[data]
+num_workers = 2
+prefetch = 2
+[data.synth]
+out = "{shapes}"
+train = 8
+val = 4
+size = 64
+seed = 1
+[data.train]
+annotations = "{shapes}/annotations/instances_train.json"
+images = "{shapes}/train"
+[data.val]
+annotations = "{shapes}/annotations/instances_val.json"
+images = "{shapes}/val"
+[input]
+min_size_train = [56, 64, 72]
+max_size_train = 128
+min_size_test = 64
+max_size_test = 128
+[solver]
+max_iter = 6
+ims_per_batch = 2
+base_lr = 0.01
+steps = [4]
+warmup_iters = 2
+[checkpoint]
+period = 2
+keep_last = 10
+[eval]
+at_end = false
+vis_images = 2
+[log]
+period = 1
+quiet = true
+"#,
+        out = dir.join("out").display(),
+        shapes = shapes.display()
+    );
+    let path = dir.join("tiny.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
 }
