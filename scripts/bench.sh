@@ -52,7 +52,7 @@ for mode in "${MODES[@]}"; do
   ours=$("$TRAINER_BIN" bench "$mode" --config "$CONFIG" "${SETS[@]}" "${common[@]}" "${batch[@]}" --json)
   classes=$(printf '%s' "$ours" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["num_classes"])')
   theirs=$("$PYTHON" scripts/bench_torchvision.py "$mode" "${common[@]}" "${batch[@]}" \
-    --num-classes "$classes" 2> >(grep -v -e 'trainable_backbone_layers' -e 'warnings.warn' >&2))
+    --num-classes "$classes" 2> >(grep -v -e 'trainable_backbone_layers' -e 'warnings.warn' -e 'Profiler clears events' -e '_warn_once' -e 'gpuGetDeviceCount' >&2))
   echo "ours:   $ours"
   echo "theirs: $theirs"
   rows+=("$ours" "$theirs")

@@ -137,8 +137,9 @@ impl MaskRcnn {
             let features = self.features(&batch.images, false);
             let (proposals, _) = self.rpn.forward(&features, padded_size(batch), &batch.image_sizes, None);
             let roi_features: Vec<Tensor> = self.roi_levels.iter().map(|&i| features[i].shallow_clone()).collect();
-            let detections = self.roi_heads.detect_boxes(&roi_features, &proposals, &batch.image_sizes);
-            let masks = self.roi_heads.detect_masks(&roi_features, &detections);
+            let rows = self.roi_heads.stack(&roi_features);
+            let detections = self.roi_heads.detect_boxes(&rows, &proposals, &batch.image_sizes);
+            let masks = self.roi_heads.detect_masks(&rows, &detections);
             Ok(detections
                 .into_iter()
                 .zip(masks)

@@ -5,7 +5,7 @@
 //!
 //! Host syncs: sampling (`nonzero` inside `ops::subsample_labels`) once per image; the mask targets read the
 //! foreground boxes to the host once per image to rasterise polygons; at test time the score filter and NMS
-//! read once per image; the multi-level pooler once per level.
+//! read once per image; RoIAlign with adaptive sampling once per pooler call.
 
 use std::collections::BTreeMap;
 
@@ -15,7 +15,9 @@ use tch::{nn, Kind, Reduction, Tensor};
 use crate::config::{BoxHeadConfig, HeadNorm, MaskHeadConfig, RoiHeadsConfig};
 use crate::layers::{ConvUnit, Deconv2x2, Linear, LinearInit};
 use crate::losses::smooth_l1_sum;
-use crate::ops::{batched_nms, box_iou, clip_boxes, subsample_labels, BoxCoder, LevelMapping, Matcher, RoiPooler};
+use crate::ops::{
+    batched_nms, box_iou, clip_boxes, subsample_labels, BoxCoder, LevelMapping, Matcher, PyramidRows, RoiPooler,
+};
 use crate::rpn::Proposals;
 use crate::structures::GtInstances;
 use crate::targets::mask_targets;
@@ -267,7 +269,9 @@ impl RoiHeads {
             return Ok(losses);
         }
         let boxes: Vec<Tensor> = sampled.iter().map(|s| s.boxes.shallow_clone()).collect();
-        let pooled = self.box_pooler.forward(features, &boxes);
+        // The box and mask poolers read the same maps at the same scales: stack them once.
+        let rows = self.stack(features);
+        let pooled = self.box_pooler.pool(&rows, &boxes);
         let hidden = self.box_head.forward(&pooled);
         let logits = self.cls_score.forward(&hidden);
         let deltas = self.bbox_pred.forward(&hidden);
@@ -316,7 +320,7 @@ impl RoiHeads {
             targets_per_image.push(mask_targets(&target.masks, &fg_boxes_of(s), &fg_index, mask_size)?);
         }
         let mask_targets = Tensor::cat(&targets_per_image, 0).to_device(device);
-        let mask_features = self.mask_pooler.forward(features, &fg_boxes);
+        let mask_features = self.mask_pooler.pool(&rows, &fg_boxes);
         let mask_logits = self.mask_head.forward(&mask_features);
         let mask_logits = self.select_class_masks(&mask_logits, &fg_classes);
         losses.insert(
@@ -336,15 +340,20 @@ impl RoiHeads {
         logits.gather(1, &index, false).squeeze_dim(1)
     }
 
+    /// The pyramid maps the heads pool from (`roi_heads.in_features`), stacked once for both poolers.
+    pub fn stack(&self, features: &[Tensor]) -> PyramidRows {
+        self.box_pooler.stack(features)
+    }
+
     /// Inference on the proposals: class scores, per-class boxes, score threshold, optional small-box removal,
     /// per-class NMS and the top `detections_per_image`.
     pub fn detect_boxes(
         &self,
-        features: &[Tensor],
+        rows: &PyramidRows,
         proposals: &[Proposals],
         image_sizes: &[(i64, i64)],
     ) -> Vec<BoxDetections> {
-        let device = features[0].device();
+        let device = rows.device();
         let boxes: Vec<Tensor> = proposals.iter().map(|p| p.boxes.shallow_clone()).collect();
         let counts: Vec<i64> = boxes.iter().map(|b| b.size()[0]).collect();
         let total: i64 = counts.iter().sum();
@@ -352,7 +361,7 @@ impl RoiHeads {
         if total == 0 {
             return image_sizes.iter().map(|_| empty_detections(device)).collect();
         }
-        let pooled = self.box_pooler.forward(features, &boxes);
+        let pooled = self.box_pooler.pool(rows, &boxes);
         let hidden = self.box_head.forward(&pooled);
         let probs = self.cls_score.forward(&hidden).softmax(-1, Kind::Float);
         let deltas = self.bbox_pred.forward(&hidden);
@@ -403,16 +412,16 @@ impl RoiHeads {
     }
 
     /// Mask probabilities `[D, M, M]` (M = 2 x mask pooler resolution) of each detection's class, per image.
-    pub fn detect_masks(&self, features: &[Tensor], detections: &[BoxDetections]) -> Vec<Tensor> {
+    pub fn detect_masks(&self, rows: &PyramidRows, detections: &[BoxDetections]) -> Vec<Tensor> {
         let counts: Vec<i64> = detections.iter().map(|d| d.boxes.size()[0]).collect();
         let m = 2 * self.mask_config.pooler_resolution;
-        let device = features[0].device();
+        let device = rows.device();
         if counts.iter().sum::<i64>() == 0 {
             return counts.iter().map(|_| Tensor::zeros([0, m, m], (Kind::Float, device))).collect();
         }
         let boxes: Vec<Tensor> = detections.iter().map(|d| d.boxes.shallow_clone()).collect();
         let labels = Tensor::cat(&detections.iter().map(|d| d.labels.shallow_clone()).collect::<Vec<_>>(), 0);
-        let logits = self.mask_head.forward(&self.mask_pooler.forward(features, &boxes));
+        let logits = self.mask_head.forward(&self.mask_pooler.pool(rows, &boxes));
         let probs = self.select_class_masks(&logits, &labels).sigmoid();
         let mut offset = 0;
         counts

@@ -448,7 +448,28 @@ fn distributed_role(args: &LaunchArgs, device: tch::Device) -> anyhow::Result<Op
 /// Subcommand names, so that `trainer CONFIG` can mean `trainer train CONFIG`.
 const SUBCOMMANDS: [&str; 9] = ["train", "eval", "data", "coco-eval", "info", "bench", "convert", "help", "predict"];
 
+/// glibc's malloc hands every freed block above its mmap threshold back to the kernel and page-faults a fresh one
+/// in at the next allocation. libtorch's CPU tensors are such blocks and a training step allocates thousands, so
+/// the step spent a third of its time in the kernel. Keeping freed memory in the heap instead measured 1.45x
+/// faster on the CPU (R-50-FPN training step at 512x512: 3.2-3.3 s to 2.2 s; peak RSS +15%; `trainer bench
+/// train`). Environment variables (`MALLOC_MMAP_THRESHOLD_`, ...) still override this, as glibc reads them first.
+fn keep_freed_memory_in_the_heap() {
+    let set_by_user = ["MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"]
+        .iter()
+        .any(|name| std::env::var_os(name).is_some());
+    if set_by_user {
+        return;
+    }
+    // SAFETY: mallopt only changes allocator tunables; called before any thread is started.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 512 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory_in_the_heap();
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(first) = argv.get(1).and_then(|a| a.to_str()) {
         if !first.starts_with('-') && !SUBCOMMANDS.contains(&first) {

@@ -17,4 +17,4 @@ pub use masks::{
 };
 pub use matcher::{subsample_labels, Matcher, MatcherError};
 pub use nms::{batched_nms, nms};
-pub use roi_align::{roi_align, LevelMapping, RoiPooler};
+pub use roi_align::{roi_align, LevelMapping, PyramidRows, RoiPooler};

@@ -24,9 +24,11 @@
 
 use tch::{Kind, Tensor};
 
-/// The pyramid levels one call pools from: the maps stacked as rows of one channels-last matrix, and per level
-/// its scale, height, width and first row there (tiny device tensors indexed by each RoI's level).
-struct Levels {
+/// Pyramid maps prepared for RoIAlign: every level's pixels as rows of one channels-last matrix (written with one
+/// copy per level), and per level its scale, height, width and first row there (tiny device tensors indexed by
+/// each RoI's level). Build it once per forward pass and pool the box and mask RoIs from it
+/// ([`RoiPooler::pool`]): the copy is then paid once, not once per head.
+pub struct PyramidRows {
     /// `[sum_l N * H_l * W_l, C]` in the computing precision.
     features: Tensor,
     /// `[L]` spatial scale per level, in the computing precision.
@@ -39,33 +41,54 @@ struct Levels {
     base: Tensor,
     /// Images per map.
     batch: i64,
+    /// Kind of the original maps (the pooled output's).
+    kind: Kind,
 }
 
-impl Levels {
-    fn new(maps: &[&Tensor], scales: &[f64], compute_kind: Kind) -> Levels {
-        let device = maps[0].device();
-        let batch = maps[0].size()[0];
-        let mut rows = Vec::with_capacity(maps.len());
+impl PyramidRows {
+    /// The device of the maps.
+    pub fn device(&self) -> tch::Device {
+        self.features.device()
+    }
+
+    /// Stacks `maps` (`[N, C, H_l, W_l]`, the same N and C) with their spatial `scales`. Half and bfloat16 maps are
+    /// stored in float32 (RoIAlign computes in float32 for them, as torchvision's autocast rule).
+    pub fn new(maps: &[&Tensor], scales: &[f64]) -> PyramidRows {
+        assert_eq!(maps.len(), scales.len(), "one scale per pyramid map");
+        let first = maps[0];
+        let device = first.device();
+        let [batch, channels, ..] = first.size()[..] else {
+            panic!("roi_align expects maps of shape [N, C, H, W], got {:?}", first.size())
+        };
+        let compute_kind = match first.kind() {
+            Kind::Half | Kind::BFloat16 => Kind::Float,
+            kind => kind,
+        };
         let (mut heights, mut widths, mut bases) = (Vec::new(), Vec::new(), Vec::new());
-        let mut base = 0;
+        let mut total = 0;
         for map in maps {
             let [n, c, h, w] = map.size()[..] else { panic!("roi_align expects maps of shape [N, C, H, W]") };
-            rows.push(map.permute([0, 2, 3, 1]).reshape([n * h * w, c]));
+            assert!(n == batch && c == channels, "pyramid maps differ in batch or channels: {:?}", map.size());
             heights.push(h);
             widths.push(w);
-            bases.push(base);
-            base += n * h * w;
+            bases.push(total);
+            total += n * h * w;
         }
-        let features = if rows.len() == 1 { rows.remove(0) } else { Tensor::cat(&rows, 0) }.to_kind(compute_kind);
+        let features = Tensor::empty([total, channels], (compute_kind, device));
+        for ((map, &h), (&w, &base)) in maps.iter().zip(&heights).zip(widths.iter().zip(&bases)) {
+            let mut slot = features.narrow(0, base, batch * h * w).view([batch, h, w, channels]);
+            slot.copy_(&map.permute([0, 2, 3, 1]));
+        }
         // One host-to-device copy for all the integer constants.
         let constants = Tensor::from_slice(&[heights, widths, bases].concat()).to_device(device).view([3, -1]);
-        Levels {
+        PyramidRows {
             features,
             scale: Tensor::from_slice(scales).to_device(device).to_kind(compute_kind),
             height: constants.get(0),
             width: constants.get(1),
             base: constants.get(2),
             batch,
+            kind: first.kind(),
         }
     }
 }
@@ -86,7 +109,7 @@ struct RoiGeometry {
 }
 
 impl RoiGeometry {
-    fn new(rois: &Tensor, level: &Tensor, levels: &Levels, output_size: (i64, i64), aligned: bool) -> Self {
+    fn new(rois: &Tensor, level: &Tensor, levels: &PyramidRows, output_size: (i64, i64), aligned: bool) -> Self {
         let rois = rois.detach().to_device(levels.features.device()).to_kind(levels.features.kind());
         let scale = levels.scale.index_select(0, level);
         let offset = if aligned { 0.5 } else { 0.0 };
@@ -257,46 +280,35 @@ pub fn roi_align(
     aligned: bool,
 ) -> Tensor {
     let level = Tensor::zeros([rois.size()[0]], (Kind::Int64, input.device()));
-    roi_align_levels(&[input], &[spatial_scale], rois, &level, output_size, sampling_ratio, aligned)
+    let levels = PyramidRows::new(&[input], &[spatial_scale]);
+    roi_align_levels(&levels, rois, &level, output_size, sampling_ratio, aligned)
 }
 
-/// [`roi_align`] over several maps at once: RoI `k` is pooled from `maps[level[k]]` at `scales[level[k]]` (all maps
-/// `[N, C, H_l, W_l]` with the same N and C). One tap construction and one reduction for every level, so a
-/// pyramid costs the operators of a single RoIAlign, with no per-level host sync.
+/// [`roi_align`] over the stacked maps of `levels`: RoI `k` is pooled from level `level[k]` at its scale. One tap
+/// construction and one reduction for every level, so a pyramid costs the operators of a single RoIAlign, with no
+/// per-level host sync.
 fn roi_align_levels(
-    maps: &[&Tensor],
-    scales: &[f64],
+    levels: &PyramidRows,
     rois: &Tensor,
     level: &Tensor,
     output_size: (i64, i64),
     sampling_ratio: i64,
     aligned: bool,
 ) -> Tensor {
-    let input = maps[0];
-    let [_, channels, ..] = input.size()[..] else {
-        panic!("roi_align expects an input of shape [N, C, H, W], got {:?}", input.size())
-    };
+    let channels = levels.features.size()[1];
+    let (kind, device) = (levels.kind, levels.features.device());
     let (oh, ow) = output_size;
     let num_rois = rois.size()[0];
-    let compute_kind = match input.kind() {
-        Kind::Half | Kind::BFloat16 => Kind::Float,
-        kind => kind,
-    };
-    let levels = Levels::new(maps, scales, compute_kind);
     if num_rois == 0 || levels.features.size()[0] == 0 {
         // An empty slice of the input keeps the autograd graph connected.
-        let empty = input.flatten(0, -1).narrow(0, 0, 0).reshape([0, channels, oh, ow]);
-        return if num_rois == 0 {
-            empty
-        } else {
-            Tensor::zeros([num_rois, channels, oh, ow], (input.kind(), input.device()))
-        };
+        let empty = levels.features.narrow(0, 0, 0).reshape([0, channels, oh, ow]).to_kind(kind);
+        return if num_rois == 0 { empty } else { Tensor::zeros([num_rois, channels, oh, ow], (kind, device)) };
     }
-    let level = level.to_device(input.device()).to_kind(Kind::Int64);
-    let geometry = RoiGeometry::new(rois, &level, &levels, output_size, aligned);
+    let level = level.to_device(device).to_kind(Kind::Int64);
+    let geometry = RoiGeometry::new(rois, &level, levels, output_size, aligned);
     let fixed_grid = (sampling_ratio > 0).then_some(sampling_ratio);
     let (grid_h, grid_w) = if sampling_ratio > 0 {
-        let grid = Tensor::full([num_rois], sampling_ratio, (Kind::Int64, input.device()));
+        let grid = Tensor::full([num_rois], sampling_ratio, (Kind::Int64, device));
         (grid.shallow_clone(), grid)
     } else {
         // Exactly torchvision's ceil(roi_size / pooled_size): the bin sizes are that quotient. Empty RoIs
@@ -307,7 +319,7 @@ fn roi_align_levels(
         )
     };
     let Some(taps) = BinTaps::new(&geometry, levels.batch, output_size, (&grid_h, &grid_w), fixed_grid) else {
-        return Tensor::zeros([num_rois, channels, oh, ow], (input.kind(), input.device()));
+        return Tensor::zeros([num_rois, channels, oh, ow], (kind, device));
     };
     let (pooled, _, _, _) = Tensor::embedding_bag(
         &levels.features,
@@ -319,7 +331,7 @@ fn roi_align_levels(
         Some(&taps.weight),
         true,
     );
-    pooled.reshape([num_rois, oh, ow, channels]).permute([0, 3, 1, 2]).to_kind(input.kind()).contiguous()
+    pooled.reshape([num_rois, oh, ow, channels]).permute([0, 3, 1, 2]).to_kind(kind).contiguous()
 }
 
 /// How [`RoiPooler`] maps a box to a pyramid level: `floor(canonical_level + log2(sqrt(area) / canonical_size))`,
@@ -402,8 +414,19 @@ impl RoiPooler {
     /// (`[N, C, H_l, W_l]`, one per scale). Returns `[sum K_i, C, oh, ow]` in the order of the concatenated boxes.
     /// All levels are pooled by one RoIAlign over the stacked maps (no per-level host sync).
     pub fn forward(&self, features: &[Tensor], boxes_per_image: &[Tensor]) -> Tensor {
-        let first = &features[0];
-        let device = first.device();
+        self.pool(&self.stack(features), boxes_per_image)
+    }
+
+    /// `features` (one map per scale of this pooler) stacked for [`RoiPooler::pool`]; poolers over the same maps
+    /// and scales (the box and mask heads') can share it and pay the copy once.
+    pub fn stack(&self, features: &[Tensor]) -> PyramidRows {
+        let maps: Vec<&Tensor> = features.iter().collect();
+        PyramidRows::new(&maps, &self.scales)
+    }
+
+    /// [`RoiPooler::forward`] from maps stacked beforehand with [`RoiPooler::stack`] (this pooler's scales).
+    pub fn pool(&self, rows: &PyramidRows, boxes_per_image: &[Tensor]) -> Tensor {
+        let device = rows.features.device();
         let rois: Vec<Tensor> = boxes_per_image
             .iter()
             .enumerate()
@@ -414,13 +437,12 @@ impl RoiPooler {
             })
             .collect();
         let rois = Tensor::cat(&rois, 0);
-        let level = if features.len() == 1 {
+        let level = if self.scales.len() == 1 {
             Tensor::zeros([rois.size()[0]], (Kind::Int64, device))
         } else {
             self.assign_levels(&rois.narrow(1, 1, 4))
         };
-        let maps: Vec<&Tensor> = features.iter().collect();
-        roi_align_levels(&maps, &self.scales, &rois, &level, self.output_size, self.sampling_ratio, self.aligned)
+        roi_align_levels(rows, &rois, &level, self.output_size, self.sampling_ratio, self.aligned)
     }
 }
 
