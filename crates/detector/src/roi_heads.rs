@@ -345,8 +345,8 @@ impl RoiHeads {
         self.box_pooler.stack(features)
     }
 
-    /// Inference on the proposals: class scores, per-class boxes, score threshold, optional small-box removal,
-    /// per-class NMS and the top `detections_per_image`.
+    /// Inference on the proposals, pooled from `rows` ([`RoiHeads::stack`]): class scores, per-class boxes, score
+    /// threshold, optional small-box removal, per-class NMS and the top `detections_per_image`.
     pub fn detect_boxes(
         &self,
         rows: &PyramidRows,
@@ -411,7 +411,8 @@ impl RoiHeads {
         }
     }
 
-    /// Mask probabilities `[D, M, M]` (M = 2 x mask pooler resolution) of each detection's class, per image.
+    /// Mask probabilities `[D, M, M]` (M = 2 x mask pooler resolution) of each detection's class, per image, pooled
+    /// from `rows` ([`RoiHeads::stack`]).
     pub fn detect_masks(&self, rows: &PyramidRows, detections: &[BoxDetections]) -> Vec<Tensor> {
         let counts: Vec<i64> = detections.iter().map(|d| d.boxes.size()[0]).collect();
         let m = 2 * self.mask_config.pooler_resolution;

@@ -78,7 +78,7 @@ impl Matcher {
     }
 }
 
-/// detectron2 `subsample_labels`: picks at most `num_samples` entries of `labels` [N], at most
+/// detectron2 `subsample_labels`: picks at most `num_samples` entries of `labels` `[N]`, at most
 /// `num_samples * positive_fraction` (truncated) of them positive (not -1 and not `bg_label`) and fills the rest
 /// with negatives (`bg_label`), uniformly at random with the torch RNG, seeded with `seed` first when given
 /// (otherwise `tch::manual_seed` beforehand makes it reproducible). Returns `(positive indices, negative
