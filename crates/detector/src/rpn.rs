@@ -124,7 +124,8 @@ impl Rpn {
         };
         let n = logits[0].size()[0];
         let device = logits[0].device();
-        let mut level_boxes = Vec::new();
+        let mut level_deltas = Vec::new();
+        let mut level_anchors = Vec::new();
         let mut level_scores = Vec::new();
         let mut level_ids = Vec::new();
         let mut anchor_ids = Vec::new();
@@ -134,14 +135,18 @@ impl Rpn {
             let (scores, index) = logits.topk(k, 1, true, true);
             anchor_ids.push(&index + first_anchor);
             first_anchor += logits.size()[1];
-            let selected_deltas = deltas.gather(1, &index.unsqueeze(2).expand([n, k, 4], false), false);
-            let selected_anchors = anchors.index_select(0, &index.reshape([-1]));
-            let boxes = self.box_coder.decode(&selected_deltas.reshape([-1, 4]), &selected_anchors).view([n, k, 4]);
-            level_boxes.push(boxes);
+            level_deltas.push(deltas.gather(1, &index.unsqueeze(2).expand([n, k, 4], false), false));
+            level_anchors.push(anchors.index_select(0, &index.reshape([-1])).view([n, k, 4]));
             level_scores.push(scores);
             level_ids.push(Tensor::full([k], level as i64, (Kind::Int64, device)));
         }
-        let boxes = Tensor::cat(&level_boxes, 1);
+        // One decode for every level and image (elementwise, so the same boxes as decoding level by level).
+        let deltas = Tensor::cat(&level_deltas, 1);
+        let selected = deltas.size()[1];
+        let boxes = self
+            .box_coder
+            .decode(&deltas.reshape([-1, 4]), &Tensor::cat(&level_anchors, 1).reshape([-1, 4]))
+            .view([n, selected, 4]);
         let scores = Tensor::cat(&level_scores, 1);
         let level_ids = Tensor::cat(&level_ids, 0);
         let anchor_ids = Tensor::cat(&anchor_ids, 1);
@@ -183,8 +188,9 @@ impl Rpn {
         let logits = Tensor::cat(logits, 1);
         let deltas = Tensor::cat(deltas, 1);
         let device = anchors.device();
-        let mut cls_loss = logits.sum(Kind::Float) * 0.0;
-        let mut loc_loss = deltas.sum(Kind::Float) * 0.0;
+        // Sampling is per image; the losses are computed once over the samples of all images.
+        let (mut sampled_logits, mut objectness_targets) = (Vec::new(), Vec::new());
+        let (mut positive_deltas, mut positive_anchors, mut positive_gt) = (Vec::new(), Vec::new(), Vec::new());
         for (i, target) in targets.iter().enumerate() {
             let gt_boxes = target.boxes.to_device(device).to_kind(Kind::Float);
             let (matched, labels) = tch::no_grad(|| {
@@ -198,28 +204,29 @@ impl Rpn {
                 0,
                 target.sampling_seed,
             );
-            let image_logits = logits.get(i as i64);
             let sampled = Tensor::cat(&[&positive, &negative], 0);
-            let objectness_targets = Tensor::cat(
-                &[
-                    Tensor::ones([positive.size()[0]], (Kind::Float, device)),
-                    Tensor::zeros([negative.size()[0]], (Kind::Float, device)),
-                ],
-                0,
-            );
-            cls_loss += image_logits.index_select(0, &sampled).binary_cross_entropy_with_logits::<Tensor>(
-                &objectness_targets,
-                None,
-                None,
-                Reduction::Sum,
-            );
+            sampled_logits.push(logits.get(i as i64).index_select(0, &sampled));
+            objectness_targets.push(Tensor::ones([positive.size()[0]], (Kind::Float, device)));
+            objectness_targets.push(Tensor::zeros([negative.size()[0]], (Kind::Float, device)));
             if positive.size()[0] > 0 {
-                let matched_boxes = gt_boxes.index_select(0, &matched.index_select(0, &positive));
-                let target_deltas = self.box_coder.encode(&anchors.index_select(0, &positive), &matched_boxes);
-                let predicted = deltas.get(i as i64).index_select(0, &positive);
-                loc_loss += smooth_l1_sum(&predicted, &target_deltas, self.config.smooth_l1_beta);
+                positive_gt.push(gt_boxes.index_select(0, &matched.index_select(0, &positive)));
+                positive_anchors.push(anchors.index_select(0, &positive));
+                positive_deltas.push(deltas.get(i as i64).index_select(0, &positive));
             }
         }
+        let cls_loss = Tensor::cat(&sampled_logits, 0).binary_cross_entropy_with_logits::<Tensor>(
+            &Tensor::cat(&objectness_targets, 0),
+            None,
+            None,
+            Reduction::Sum,
+        );
+        let loc_loss = if positive_deltas.is_empty() {
+            deltas.sum(Kind::Float) * 0.0
+        } else {
+            let target_deltas =
+                self.box_coder.encode(&Tensor::cat(&positive_anchors, 0), &Tensor::cat(&positive_gt, 0));
+            smooth_l1_sum(&Tensor::cat(&positive_deltas, 0), &target_deltas, self.config.smooth_l1_beta)
+        };
         let normalizer = (self.config.batch_size_per_image * targets.len() as i64) as f64;
         (cls_loss / normalizer, loc_loss / normalizer)
     }
