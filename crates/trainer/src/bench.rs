@@ -25,7 +25,7 @@ use crate::evaluate::HostDetections;
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
 use crate::op_count::{count_ops, SYNCHRONISING_OPS};
 use crate::solver::{check_losses, AmpDtype, Solver};
-use crate::train::{build_detector, load_split};
+use crate::train::{build_detector, forward_backward, load_split};
 
 /// Ground-truth instances per synthetic training image.
 pub const SYNTHETIC_INSTANCES: i64 = 4;
@@ -331,13 +331,10 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let inputs = SyntheticInputs::new(config, options.batch, options.size, options.seed, device)?;
     let mut last_total_loss = f64::NAN;
     let mut step = || -> anyhow::Result<()> {
-        let losses = tch::autocast(options.amp, || model.forward_train(&inputs.batch, &inputs.targets))?;
-        // As in `trainer train`: every loss is read (one host sync) and checked before backward.
-        let values: Vec<(&str, f64)> = losses.iter().map(|(k, v)| (k.as_str(), v.double_value(&[]))).collect();
-        check_losses(solver.iteration(), values.iter().copied())?;
-        last_total_loss = values.iter().map(|(_, v)| v).sum();
-        let total = losses.values().fold(Tensor::zeros([], (Kind::Float, device)), |acc, l| acc + l);
-        (total * solver.loss_multiplier()).backward();
+        // As in `trainer train`: forward and backward, every loss read (one host sync) and checked, the step.
+        let values = forward_backward(&model, &inputs.batch, &inputs.targets, options.amp, solver.loss_multiplier())?;
+        check_losses(solver.iteration(), values.iter().map(|(k, v)| (k.as_str(), *v)))?;
+        last_total_loss = values.values().sum();
         solver.step()?;
         Ok(())
     };

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use dist::{all_reduce_grads_bucketed, broadcast_parameters, Backend, InitOptions, LaunchEnv, ProcessGroup, ReduceOp};
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 /// Set by the launcher in its workers, so that a worker does not launch again (its command line still holds the
 /// launch flags).
@@ -374,7 +374,7 @@ impl RankGroup {
         };
         let mut packed = values.to_vec();
         packed.push(if stop { 1.0 } else { 0.0 });
-        let tensor = Tensor::from_slice(&packed).to_kind(Kind::Double).to_device(group.device());
+        let tensor = Tensor::from_slice(&packed).to_device(group.device());
         group.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum)?;
         let summed = Vec::<f64>::try_from(tensor.to_device(Device::Cpu))?;
         let world = group.world_size() as f64;

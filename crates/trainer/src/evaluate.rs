@@ -78,7 +78,7 @@ pub fn to_coco(image_id: u64, detections: &HostDetections, dataset: &CocoDataset
 }
 
 /// Runs the model on every image of `dataset` (batch 1, test-time resize of `[input]`), evaluates bbox and segm
-/// against `gt`, writes `coco_instances_results.json` into `results_dir` when given, and draws the first
+/// against `gt` (needed on rank 0 only), writes `coco_instances_results.json` into `results_dir` when given, and draws the first
 /// `config.eval.vis_images` images with their predictions.
 ///
 /// Distributed: each rank of `group` runs its contiguous shard of the images; rank 0 gathers the results in
@@ -88,7 +88,7 @@ pub fn evaluate(
     model: &MaskRcnn,
     config: &Config,
     dataset: Arc<CocoDataset>,
-    gt: &GroundTruth,
+    gt: Option<&GroundTruth>,
     device: Device,
     results_dir: Option<&Path>,
     group: &RankGroup,
@@ -126,6 +126,7 @@ pub fn evaluate(
         outcome.report = report;
         return Ok(outcome);
     }
+    let gt = gt.context("rank 0 evaluates and needs the ground truth")?;
     let mut results = Vec::new();
     for (shard_rank, shard) in shards.iter().enumerate() {
         let detections: Vec<Detection> = serde_json::from_slice(shard)

@@ -650,8 +650,12 @@ impl LossScaler {
     pub fn unscale(&self, params: &[Tensor]) -> Result<bool, SolverError> {
         let _no_grad = tch::no_grad_guard();
         let inverse = (1.0 / self.scale) as f32;
-        let mut devices: Vec<tch::Device> = params.iter().map(Tensor::device).collect();
-        devices.dedup();
+        let mut devices: Vec<tch::Device> = Vec::new();
+        for device in params.iter().map(Tensor::device) {
+            if !devices.contains(&device) {
+                devices.push(device);
+            }
+        }
         let mut found_non_finite = false;
         for device in devices {
             let on_device: Vec<Tensor> =

@@ -160,6 +160,24 @@ fn rasterize(parts: &[Vec<f64>], height: i64, width: i64) -> Tensor {
     }
 }
 
+/// One micro-batch of training: the forward pass (fp16 autocast on CUDA when `amp`; the solver's loss scaler
+/// handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns each loss's value
+/// (one host read); a libtorch panic becomes an error.
+pub fn forward_backward(
+    model: &MaskRcnn,
+    images: &ImageBatch,
+    targets: &[GtInstances],
+    amp: bool,
+    loss_multiplier: f64,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    panics::catch(|| -> anyhow::Result<BTreeMap<String, f64>> {
+        let losses = tch::autocast(amp, || model.forward_train(images, targets))?;
+        let values = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
+        (total_loss(&losses) * loss_multiplier).backward();
+        Ok(values)
+    })?
+}
+
 /// Sum of named losses as one scalar tensor.
 fn total_loss(losses: &BTreeMap<String, Tensor>) -> Tensor {
     let mut terms = losses.values();
@@ -380,8 +398,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         }),
         Resume::From(path) => Some(resume_from(path, &vs, &mut solver)?),
     };
-    let mut variables = named_variables(&vs);
-    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    // In name order (named_variables sorts), the same on every rank.
+    let variables = named_variables(&vs);
     group.broadcast_from_main(&variables.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
     let parameters = vs.trainable_variables();
     let start = solver.iteration();
@@ -408,7 +426,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     let dataset_fingerprint = fingerprint(&train_set);
     let mut loader =
         Loader::train(Arc::new(train_set), config.input.clone(), sampler, LoaderOptions::from_config(data_config))?;
-    let gt = GroundTruth::load(&val_annotations)?;
+    // Only rank 0 computes COCO metrics.
+    let gt = if main { Some(GroundTruth::load(&val_annotations)?) } else { None };
 
     let mut logger = if main {
         let metrics_path = output_dir.join("metrics.jsonl");
@@ -472,15 +491,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             let batch = loader.next().context("the training loader stopped")??.to_device(options.device);
             data_seconds += fetch.elapsed().as_secs_f64();
             let (images, targets) = model_inputs(batch);
-            // fp16 autocast on CUDA when AMP is on; the solver's loss scaler handles the gradients.
-            let step = || -> anyhow::Result<BTreeMap<String, f64>> {
-                let losses = tch::autocast(amp, || model.forward_train(&images, &targets))?;
-                let values = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
-                (total_loss(&losses) * solver.loss_multiplier()).backward();
-                Ok(values)
-            };
-            let values = panics::catch(step)
-                .and_then(|r| r)
+            let values = forward_backward(&model, &images, &targets, amp, solver.loss_multiplier())
                 .with_context(|| format!("rank {rank}: iteration {iteration}: forward and backward pass"))?;
             for (key, value) in values {
                 *loss_sums.entry(key).or_default() += value;
@@ -533,8 +544,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         let mut eval_metrics = None;
         if eval_due {
             let results_dir = output_dir.join("inference");
-            let outcome = evaluate(&model, config, val_set.clone(), &gt, options.device, Some(&results_dir), group)
-                .with_context(|| format!("rank {rank}: iteration {iteration}: evaluation"))?;
+            let outcome =
+                evaluate(&model, config, val_set.clone(), gt.as_ref(), options.device, Some(&results_dir), group)
+                    .with_context(|| format!("rank {rank}: iteration {iteration}: evaluation"))?;
             if let Some(logger) = &mut logger {
                 logger.eval(iteration, &outcome)?;
             }
@@ -574,7 +586,7 @@ pub fn evaluate_weights(
         missing.len(),
         missing[0]
     );
-    let gt = GroundTruth::load(&annotations)?;
+    let gt = if group.is_main() { Some(GroundTruth::load(&annotations)?) } else { None };
     let results_dir = config.output_dir.join("inference");
-    evaluate(&model, config, val_set, &gt, device, Some(&results_dir), group)
+    evaluate(&model, config, val_set, gt.as_ref(), device, Some(&results_dir), group)
 }
