@@ -165,7 +165,7 @@ fn mismatched_and_truncated_weight_files_are_reported_by_name() {
     }
     tensors.push(("stage6.extra.weight".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu))));
     tensors.push(("stem.stem_1/norm.num_batches_tracked".into(), Tensor::zeros([1], (Kind::Int64, Device::Cpu))));
-    let path = dir.join("bad.safetensors");
+    let path = dir.path().join("bad.safetensors");
     Tensor::write_safetensors(&tensors, &path).unwrap();
     let source = read_safetensors(&path).unwrap();
     let external = |ours: &str| backbone.external_name(WeightFormat::VovnetDetectron2, ours);
@@ -189,10 +189,10 @@ fn mismatched_and_truncated_weight_files_are_reported_by_name() {
     assert_eq!(report.ignored, vec!["backbone.bottom_up.stem.stem_1/norm.num_batches_tracked".to_string()]);
 
     let bytes = std::fs::read(&path).unwrap();
-    let truncated = dir.join("truncated.safetensors");
+    let truncated = dir.path().join("truncated.safetensors");
     std::fs::write(&truncated, &bytes[..bytes.len() / 2]).unwrap();
     let message = read_safetensors(&truncated).unwrap_err().to_string();
     assert!(message.contains("truncated.safetensors") && message.contains("not a valid safetensors file"), "{message}");
-    let message = read_safetensors(&dir.join("absent.safetensors")).unwrap_err().to_string();
+    let message = read_safetensors(&dir.path().join("absent.safetensors")).unwrap_err().to_string();
     assert!(message.contains("absent.safetensors: no such file"), "{message}");
 }

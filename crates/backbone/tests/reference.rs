@@ -42,7 +42,7 @@ fn relative_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn check_vovnet(name: &str, version: &str, norm: &str, groups: i64) {
     let dir = common::temp_dir(&format!("{name}-{version}-{norm}"));
-    let path = dir.join("reference.safetensors");
+    let path = dir.path().join("reference.safetensors");
     common::run_reference(&["vovnet", path.to_str().unwrap(), name, version, norm, &groups.to_string(), "75", "101"]);
     let reference = load_reference(&path);
     let mut config = BackboneConfig::new(name);
@@ -91,7 +91,7 @@ fn vovnet_v1_27_slim_with_batchnorm_matches_reference() {
 #[test]
 fn resnet50_frozen_bn_matches_torchvision() {
     let dir = common::temp_dir("r50");
-    let path = dir.join("reference.safetensors");
+    let path = dir.path().join("reference.safetensors");
     common::run_reference(&["resnet", path.to_str().unwrap(), "97", "131"]);
     let reference = load_reference(&path);
     let mut config = BackboneConfig::new("R-50");

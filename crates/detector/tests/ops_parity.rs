@@ -17,8 +17,9 @@ fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("repository root")
 }
 
-/// Runs a reference script from `tests/python` in the project's `.venv` and returns its output directory.
-fn run_reference(script: &str) -> PathBuf {
+/// Runs a reference script from `tests/python` in the project's `.venv` and returns its output directory,
+/// removed when the guard drops.
+fn run_reference(script: &str) -> tempfile::TempDir {
     let root = repo_root();
     let python = root.join(".venv/bin/python");
     assert!(
@@ -26,11 +27,11 @@ fn run_reference(script: &str) -> PathBuf {
         "{} is missing: run scripts/setup to create the Python oracle environment",
         python.display()
     );
-    let out = std::env::temp_dir().join(format!("vovdet-{}-{}", script.trim_end_matches(".py"), std::process::id()));
-    let _ = std::fs::remove_dir_all(&out);
+    let out =
+        tempfile::Builder::new().prefix(&format!("vovdet-{}-", script.trim_end_matches(".py"))).tempdir().unwrap();
     let status = Command::new(&python)
         .arg(root.join("crates/detector/tests/python").join(script))
-        .arg(&out)
+        .arg(out.path())
         .status()
         .expect("run the Python reference script");
     assert!(status.success(), "{script} failed");
@@ -217,8 +218,7 @@ fn check_all_cases(dir: &Path, device: Device) {
 #[test]
 fn ops_match_torchvision() {
     let dir = run_reference("ops_parity.py");
-    check_all_cases(&dir, Device::Cpu);
-    let _ = std::fs::remove_dir_all(&dir);
+    check_all_cases(dir.path(), Device::Cpu);
 }
 
 /// The same cases with every input on the GPU. Needs CUDA, hence ignored; run it on a GPU machine with
@@ -232,8 +232,7 @@ fn ops_match_torchvision_on_cuda() {
         Some(dir) => check_all_cases(Path::new(&dir), Device::Cuda(0)),
         None => {
             let dir = run_reference("ops_parity.py");
-            check_all_cases(&dir, Device::Cuda(0));
-            let _ = std::fs::remove_dir_all(&dir);
+            check_all_cases(dir.path(), Device::Cuda(0));
         }
     }
 }

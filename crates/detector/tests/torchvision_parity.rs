@@ -21,10 +21,9 @@ fn python() -> PathBuf {
     python
 }
 
-fn scratch_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vovdet-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh temporary folder, removed with its files when the guard drops (also when the test fails).
+fn scratch_dir(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("vovdet-{name}-")).tempdir().unwrap()
 }
 
 fn read(path: &std::path::Path) -> std::collections::HashMap<String, Tensor> {
@@ -37,7 +36,7 @@ fn matches_torchvision_maskrcnn_resnet50_fpn() {
     let dir = scratch_dir("tv-parity");
     let mut command = Command::new(python());
     command.arg(common::repo_root().join("crates/detector/tests/python/torchvision_maskrcnn.py"));
-    command.arg(&dir).arg(TORCHVISION_CLASSES.to_string());
+    command.arg(dir.path()).arg(TORCHVISION_CLASSES.to_string());
     for file in files {
         command.arg(common::coco_tiny().join("val2017").join(file));
     }
@@ -48,11 +47,11 @@ fn matches_torchvision_maskrcnn_resnet50_fpn() {
     let config = DetectorConfig::torchvision_maskrcnn_r50_fpn(TORCHVISION_CLASSES - 1);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = MaskRcnn::new(&vs.root(), &config).unwrap();
-    let report = import_torchvision(&vs, &dir.join("weights.safetensors")).unwrap();
+    let report = import_torchvision(&vs, &dir.path().join("weights.safetensors")).unwrap();
     assert!(report.loaded > 300, "{report:?}");
 
-    let inputs = read(&dir.join("inputs.safetensors"));
-    let expected = read(&dir.join("outputs.safetensors"));
+    let inputs = read(&dir.path().join("inputs.safetensors"));
+    let expected = read(&dir.path().join("outputs.safetensors"));
     let mean = Tensor::from_slice(&config.input.pixel_mean.map(|v| v as f32)).view([3, 1, 1]);
     let std = Tensor::from_slice(&config.input.pixel_std.map(|v| v as f32)).view([3, 1, 1]);
     // torchvision normalises the [0, 1] image, then resizes it, then pads the batch.
@@ -101,7 +100,6 @@ fn matches_torchvision_maskrcnn_resnet50_fpn() {
     }
     eprintln!("mask IoU > 0.99 for {good_masks} of {total} detections");
     assert!(good_masks as f64 >= 0.99 * total as f64, "mask IoU > 0.99 for only {good_masks} of {total}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// 1 where both masks are empty (IoU undefined, counted as agreeing).

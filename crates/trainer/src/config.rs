@@ -294,17 +294,17 @@ mod tests {
         path
     }
 
-    fn temp_dir(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("vovdet-config-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
+    /// A temporary folder removed when the guard drops.
+    fn temp_dir(tag: &str) -> tempfile::TempDir {
+        tempfile::Builder::new().prefix(&format!("vovdet-config-{tag}-")).tempdir().unwrap()
     }
 
     #[test]
     fn base_inheritance_and_overrides_merge_deeply() {
-        let dir = temp_dir("base");
-        write(&dir, "base.toml", "seed = 3\n[model.backbone]\nname = \"V-39\"\ngn_groups = 16\n");
-        let child = write(&dir, "child.toml", "base = \"base.toml\"\n[model.backbone]\nname = \"V-57\"\n");
+        let guard = temp_dir("base");
+        let dir = guard.path();
+        write(dir, "base.toml", "seed = 3\n[model.backbone]\nname = \"V-39\"\ngn_groups = 16\n");
+        let child = write(dir, "child.toml", "base = \"base.toml\"\n[model.backbone]\nname = \"V-57\"\n");
         let config = Config::load(&child, &["seed=7".into(), "output_dir=out/x".into()]).unwrap();
         assert_eq!(config.model.backbone.name, "V-57");
         assert_eq!(config.model.backbone.gn_groups, 16);
@@ -316,20 +316,22 @@ mod tests {
 
     #[test]
     fn unknown_keys_name_the_path_and_the_nearest_valid_key() {
-        let dir = temp_dir("unknown");
-        let path = write(&dir, "bad.toml", "[model.backbone]\nname = \"V-39\"\ngn_group = 16\n");
+        let guard = temp_dir("unknown");
+        let dir = guard.path();
+        let path = write(dir, "bad.toml", "[model.backbone]\nname = \"V-39\"\ngn_group = 16\n");
         let message = Config::load(&path, &[]).unwrap_err().to_string();
         assert!(message.contains("unknown key `model.backbone.gn_group`"), "{message}");
         assert!(message.contains("did you mean `gn_groups`?"), "{message}");
-        let good = write(&dir, "good.toml", "[model.backbone]\nname = \"V-39\"\n");
+        let good = write(dir, "good.toml", "[model.backbone]\nname = \"V-39\"\n");
         let message = Config::load(&good, &["sed=1".into()]).unwrap_err().to_string();
         assert!(message.contains("unknown key `sed`; did you mean `seed`?"), "{message}");
     }
 
     #[test]
     fn typed_overrides_reject_wrong_types_with_the_key() {
-        let dir = temp_dir("typed");
-        let path = write(&dir, "c.toml", "[model.backbone]\nname = \"V-39\"\n");
+        let guard = temp_dir("typed");
+        let dir = guard.path();
+        let path = write(dir, "c.toml", "[model.backbone]\nname = \"V-39\"\n");
         let message = Config::load(&path, &["seed=abc".into()]).unwrap_err().to_string();
         assert!(message.contains("`seed`") && message.contains("invalid type"), "{message}");
         assert!(matches!(Config::load(&path, &["seed".into()]), Err(ConfigError::SetSyntax(_))));
@@ -341,13 +343,14 @@ mod tests {
 
     #[test]
     fn base_cycles_and_missing_files_are_reported() {
-        let dir = temp_dir("cycle");
-        let a = write(&dir, "a.toml", "base = \"b.toml\"\n");
-        write(&dir, "b.toml", "base = \"a.toml\"\n");
+        let guard = temp_dir("cycle");
+        let dir = guard.path();
+        let a = write(dir, "a.toml", "base = \"b.toml\"\n");
+        write(dir, "b.toml", "base = \"a.toml\"\n");
         assert!(matches!(Config::load(&a, &[]), Err(ConfigError::BaseCycle { .. })));
         let message = Config::load(&dir.join("missing.toml"), &[]).unwrap_err().to_string();
         assert!(message.contains("missing.toml"), "{message}");
-        let syntax = write(&dir, "syntax.toml", "[model\n");
+        let syntax = write(dir, "syntax.toml", "[model\n");
         let message = Config::load(&syntax, &[]).unwrap_err().to_string();
         assert!(message.contains("syntax.toml") && message.contains("not valid TOML"), "{message}");
     }

@@ -307,9 +307,8 @@ mod tests {
     #[test]
     fn bad_images_and_records_are_errors() {
         assert!(encode_png(2, 2, &[0; 11]).unwrap_err().contains("needs 12 bytes"));
-        let dir = std::env::temp_dir().join(format!("vovdet-events-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let mut metrics = MetricsWriter::open(&dir.join("metrics.jsonl")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut metrics = MetricsWriter::open(&dir.path().join("metrics.jsonl")).unwrap();
         assert!(metrics.write(&serde_json::json!([1, 2])).is_err());
     }
 }

@@ -9,12 +9,21 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
-/// A fresh, empty temporary folder for one test.
-pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vovdet-trainer-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A fresh, empty temporary folder for one test; it is removed with everything in it when dropped, so the
+/// suite leaves nothing behind in the system's temporary folder, even when a test fails.
+pub struct TestDir(tempfile::TempDir);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+
+    fn deref(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+/// A fresh [`TestDir`] whose name starts with `tag`.
+pub fn temp_dir(tag: &str) -> TestDir {
+    TestDir(tempfile::Builder::new().prefix(&format!("vovdet-trainer-{tag}-")).tempdir().unwrap())
 }
 
 /// Runs `trainer` with `args` from the repository root.
