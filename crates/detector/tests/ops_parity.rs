@@ -292,6 +292,16 @@ fn check_masks(case: &Case) {
             let single = ops::bitmask_to_roi_mask(&masks.get(0), [roi[0], roi[1], roi[2], roi[3]], size);
             let batched = ops::bitmasks_to_roi_masks(&masks, &rois, size);
             assert_eq!(max_abs_diff(&case.name, &single, &batched.get(0)), 0.0, "{}: single vs batched", case.name);
+            let polygons: Vec<Vec<Vec<f64>>> =
+                serde_json::from_value(case.params["polygons"].clone()).expect("polygons");
+            let (height, width) =
+                (case.params["height"].as_i64().expect("h"), case.params["width"].as_i64().expect("w"));
+            for (i, instance) in polygons.iter().enumerate() {
+                let full =
+                    ops::polygons_to_bitmask(instance, height, width).to_kind(Kind::Float).to_device(masks.device());
+                let diff = max_abs_diff(&case.name, &full, &masks.get(i as i64));
+                assert_eq!(diff, 0.0, "{}: polygons_to_bitmask of instance {i} differs from pycocotools", case.name);
+            }
             batched
         }
         _ => {

@@ -12,6 +12,7 @@ use data::batch::{Batch, TargetMask};
 use data::coco::{CocoDataset, LoadOptions};
 use data::loader::{Loader, LoaderOptions};
 use data::sampler::{SamplerState, TrainSampler};
+use detector::ops::polygons_to_bitmask;
 use detector::structures::{GtInstances, GtMasks, ImageBatch};
 use detector::MaskRcnn;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -138,7 +139,7 @@ pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
                     .iter()
                     .map(|m| match m {
                         TargetMask::Bitmap(b) => b.to_device(device),
-                        TargetMask::Polygons(parts) => rasterize(parts, height, width).to_device(device),
+                        TargetMask::Polygons(parts) => polygons_to_bitmask(parts, height, width).to_device(device),
                     })
                     .collect();
                 GtMasks::Bitmaps(Tensor::stack(&bitmaps, 0))
@@ -147,17 +148,6 @@ pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
         })
         .collect();
     (ImageBatch { images: batch.images, image_sizes: batch.image_sizes }, targets)
-}
-
-/// Rasterises polygon parts into an `[height, width]` u8 bitmap with hotcoco (pycocotools-exact), for images
-/// that mix polygon and RLE instances (the detector takes one mask kind per image).
-fn rasterize(parts: &[Vec<f64>], height: i64, width: i64) -> Tensor {
-    let (h, w) = (height as u32, width as u32);
-    match hotcoco::mask::fr_polys(parts, h, w) {
-        // hotcoco decodes column-major, like pycocotools.
-        Ok(rle) => Tensor::from_slice(&hotcoco::mask::decode(&rle)).view([width, height]).transpose(0, 1).contiguous(),
-        Err(_) => Tensor::zeros([height, width], (tch::Kind::Uint8, Device::Cpu)),
-    }
 }
 
 /// One micro-batch of training: the forward pass (fp16 autocast on CUDA when `amp`; the solver's loss scaler

@@ -32,20 +32,31 @@ fn rasterize_in_roi(polygons: &[Vec<f64>], roi: [f64; 4], size: i64, out: &mut [
             polygon.chunks_exact(2).flat_map(|point| [(point[0] - x0) * ratio_w, (point[1] - y0) * ratio_h]).collect()
         })
         .collect();
-    rasterize(&transformed, size, out);
+    rasterize(&transformed, size, size, out);
 }
 
-/// Rasterises polygons already in mask coordinates into `out`, a row-major `size x size` 0/1 mask (pycocotools
-/// `frPyObjects` + `merge` + `decode`).
-fn rasterize(polygons: &[Vec<f64>], size: i64, out: &mut [u8]) {
-    let side = u32::try_from(size).expect("mask size fits in u32");
-    let rle = hotcoco::mask::fr_polys(polygons, side, side).expect("mask size of at most 65535 pixels");
+/// Rasterises an instance's polygons (flat `[x0, y0, x1, y1, ..]` image coordinates) over the whole image:
+/// a `[height, width]` u8 0/1 mask on the CPU, pycocotools-exact. Used for images whose instances mix polygons
+/// and RLE masks (the detector takes one mask kind per image). Polygons of fewer than three points are skipped
+/// as in [`polygons_to_roi_mask`]; `height * width` must fit in a u32 (pycocotools' RLE counts are 32-bit).
+pub fn polygons_to_bitmask(polygons: &[Vec<f64>], height: i64, width: i64) -> Tensor {
+    let kept: Vec<Vec<f64>> = polygons.iter().filter(|polygon| polygon.len() >= MIN_POLYGON_COORDS).cloned().collect();
+    let mut mask = vec![0u8; (height * width) as usize];
+    rasterize(&kept, height, width, &mut mask);
+    Tensor::from_slice(&mask).reshape([height, width])
+}
+
+/// Rasterises polygons already in mask coordinates into `out`, a row-major `height x width` 0/1 mask
+/// (pycocotools `frPyObjects` + `merge` + `decode`).
+fn rasterize(polygons: &[Vec<f64>], height: i64, width: i64, out: &mut [u8]) {
+    let (h, w) = (u32::try_from(height).expect("mask height fits in u32"), u32::try_from(width).expect("fits"));
+    let rle = hotcoco::mask::fr_polys(polygons, h, w).expect("mask of at most u32::MAX pixels");
     // hotcoco decodes column-major, like pycocotools.
     let column_major = hotcoco::mask::decode(&rle);
-    let size = size as usize;
-    for (x, column) in column_major.chunks_exact(size).enumerate() {
+    let width = width as usize;
+    for (x, column) in column_major.chunks_exact(height as usize).enumerate() {
         for (y, &value) in column.iter().enumerate() {
-            out[y * size + x] = value;
+            out[y * width + x] = value;
         }
     }
 }

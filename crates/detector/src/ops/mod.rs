@@ -12,8 +12,8 @@ pub mod roi_align;
 pub use box_coder::BoxCoder;
 pub use boxes::{box_area, box_ioa, box_iou, clip_boxes, nonempty, xywh_to_xyxy, xyxy_to_xywh};
 pub use masks::{
-    bitmask_to_roi_mask, bitmasks_to_roi_masks, paste_masks, paste_masks_torchvision, polygons_to_roi_mask,
-    polygons_to_roi_masks,
+    bitmask_to_roi_mask, bitmasks_to_roi_masks, paste_masks, paste_masks_torchvision, polygons_to_bitmask,
+    polygons_to_roi_mask, polygons_to_roi_masks,
 };
 pub use matcher::{subsample_labels, Matcher, MatcherError};
 pub use nms::{batched_nms, nms};

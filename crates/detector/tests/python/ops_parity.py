@@ -254,13 +254,16 @@ for index in range(40):
 add_case("polygon_roi_masks", "polygon_masks", {"polygons": instances, "size": 28},
          {"rois": torch.tensor(np.stack(rois))}, {"masks": torch.tensor(np.stack(expected_masks))})
 
-full = torch.tensor(np.stack([mask_util.decode(mask_util.merge(mask_util.frPyObjects(
-    inst if inst else [[0.0, 0.0, 1.0, 0.0, 1.0, 1.0]], 180, 230))) for inst in instances[:12]])).float()
+full_polygons = [inst if inst else [[0.0, 0.0, 1.0, 0.0, 1.0, 1.0]] for inst in instances[:12]]
+full = torch.tensor(np.stack([mask_util.decode(mask_util.merge(mask_util.frPyObjects(inst, 180, 230)))
+                              for inst in full_polygons])).float()
 bit_rois = torch.tensor(np.stack(rois[:12])).float()
 bit_rois[1] = torch.tensor([-20.0, -10.0, 300.0, 200.0])  # beyond the image
 batch = torch.arange(12, dtype=torch.float32)[:, None]
 cropped = roi_align(full[:, None], torch.cat([batch, bit_rois], 1), (28, 28), 1.0, 0, aligned=True).squeeze(1) >= 0.5
-add_case("bitmask_roi_masks", "bitmask_masks", {"size": 28}, {"masks": full, "rois": bit_rois},
+# The full-image masks double as the oracle of polygons_to_bitmask (non-square, 180x230).
+add_case("bitmask_roi_masks", "bitmask_masks", {"size": 28, "polygons": full_polygons, "height": 180, "width": 230},
+         {"masks": full, "rois": bit_rois},
          {"masks": cropped.float()})
 
 
