@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Backbone forward latency on this machine: V-39/V-57/V-99 against R-50/R-101 (all GN), at 224x224 and
-# 800x1344, with the release build of `trainer bench backbone`. Prints a Markdown table.
+# Backbone forward latency on this machine: V-39/V-57/V-99 against R-50/R-101 and DenseNet-201 (all GN), at
+# 224x224 and 800x1344, with the release build of `trainer bench backbone`. Prints a Markdown table.
 # Usage: scripts/bench_backbones.sh [--device cpu|cuda] [--iters N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,7 +16,7 @@ cargo build --release -q -p trainer
 BIN=target/release/trainer
 echo "| backbone | params (M) | input | GFLOPs | s/img (median of $ITERS) | GFLOP/s | peak RSS (GiB) |"
 echo "|---|---|---|---|---|---|---|"
-for cfg in vovnet39 vovnet57 vovnet99 r50_gn r101_gn; do
+for cfg in vovnet39 vovnet57 vovnet99 r50_gn r101_gn densenet201; do
   for size in 224x224 800x1344; do
     json=$("$BIN" bench backbone --config "configs/${cfg}_maskrcnn.toml" --device "$DEVICE" \
       --size "$size" --iters "$ITERS" --warmup 1 --json)

@@ -1,10 +1,11 @@
-//! Backbones for vovdet: VoVNet V1/V2 (every variant of `shared/notes/vovnet.md`) and ResNet-50/101 baselines,
-//! their norm layers (GroupNorm, BatchNorm, FrozenBN, SyncBN), initialisation, freezing, FLOP counting and the
+//! Backbones for vovdet: VoVNet V1/V2 (every variant of `shared/notes/vovnet.md`), ResNet-50/101 baselines and
+//! the DenseNets the VoVNet paper compares against, their norm layers (GroupNorm, BatchNorm, FrozenBN, SyncBN), initialisation, freezing, FLOP counting and the
 //! import of weights written with the authors' vovnet-detectron2 or torchvision parameter names.
 //!
 //! A backbone exposes named outputs (`stem`, `stage2`..`stage5`) with their strides and widths; the FPN reads
 //! those instead of hard-coding channel counts.
 
+pub mod densenet;
 pub mod flops;
 pub mod layers;
 pub mod norm;
@@ -18,6 +19,7 @@ use tch::{nn, Tensor};
 pub use norm::{BatchStatsReducer, NormKind, NormSpec};
 pub use weights::{ImportReport, WeightFormat};
 
+use densenet::DenseNet;
 use resnet::ResNet;
 use vovnet::VoVNet;
 
@@ -68,9 +70,10 @@ fn default_out_features() -> Vec<String> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackboneConfig {
-    /// `V-19-slim-dw`, `V-19-dw`, `V-19-slim`, `V-19`, `V-27-slim`, `V-39`, `V-57`, `V-99`, `R-50` or `R-101`.
+    /// `V-19-slim-dw`, `V-19-dw`, `V-19-slim`, `V-19`, `V-27-slim`, `V-39`, `V-57`, `V-99`, `R-50`, `R-101`,
+    /// `DenseNet-121`, `DenseNet-169`, `DenseNet-201` or `DenseNet-161`.
     pub name: String,
-    /// VoVNet version: 2 (default) turns eSE and identity mapping on, 1 turns both off.
+    /// VoVNet version: 2 (default) turns eSE and identity mapping on, 1 turns both off (ignored by other networks).
     #[serde(default = "default_version")]
     pub version: u8,
     /// Overrides the version's eSE choice (eSE in every OSA module).
@@ -125,6 +128,7 @@ impl BackboneConfig {
 pub fn backbone_names() -> Vec<&'static str> {
     let mut names: Vec<_> = vovnet::VOVNET_SPECS.iter().map(|s| s.name).collect();
     names.extend(["R-50", "R-101"]);
+    names.extend(densenet::DENSENET_SPECS.iter().map(|s| s.name));
     names
 }
 
@@ -139,10 +143,13 @@ pub struct FeatureSpec {
     pub channels: i64,
 }
 
+/// The network behind a [`Backbone`]; the variants carry the networks' own names, which all end in `Net`.
+#[allow(clippy::enum_variant_names)]
 #[derive(Debug)]
 enum Network {
     VoVNet(VoVNet, vovnet::VoVNetSpec),
     ResNet(ResNet),
+    DenseNet(DenseNet),
 }
 
 /// A backbone built from a [`BackboneConfig`], returning the configured outputs.
@@ -172,12 +179,15 @@ impl Backbone {
             Network::VoVNet(VoVNet::new(path, spec, ese, identity, &norm)?, *spec)
         } else if let Some(depths) = resnet::resnet_depths(&config.name) {
             Network::ResNet(ResNet::new(path, depths, &norm)?)
+        } else if let Some(spec) = densenet::densenet_spec(&config.name) {
+            Network::DenseNet(DenseNet::new(path, spec, &norm)?)
         } else {
             return Err(BackboneError::UnknownName { name: config.name.clone(), valid: backbone_names().join(", ") });
         };
         let all = match &network {
             Network::VoVNet(net, _) => net.feature_specs(),
             Network::ResNet(net) => net.feature_specs(),
+            Network::DenseNet(net) => net.feature_specs(),
         };
         let out_indices = config
             .out_features
@@ -202,6 +212,7 @@ impl Backbone {
         match &self.network {
             Network::VoVNet(net, _) => net.feature_specs(),
             Network::ResNet(net) => net.feature_specs(),
+            Network::DenseNet(net) => net.feature_specs(),
         }
     }
 
@@ -216,6 +227,7 @@ impl Backbone {
         let all = match &self.network {
             Network::VoVNet(net, _) => net.forward_t(x, train),
             Network::ResNet(net) => net.forward_t(x, train),
+            Network::DenseNet(net) => net.forward_t(x, train),
         };
         self.out_indices.iter().map(|&i| all[i].shallow_clone()).collect()
     }
@@ -232,6 +244,7 @@ impl Backbone {
             (_, WeightFormat::Vovdet) => Some(ours.to_string()),
             (Network::VoVNet(_, spec), WeightFormat::VovnetDetectron2) => weights::vovnet_d2_name(ours, spec.depthwise),
             (Network::ResNet(_), WeightFormat::Torchvision) => weights::torchvision_resnet_name(ours),
+            (Network::DenseNet(_), WeightFormat::Torchvision) => weights::torchvision_densenet_name(ours),
             _ => None,
         }
     }

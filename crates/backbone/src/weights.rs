@@ -22,7 +22,8 @@ pub enum WeightFormat {
     Vovdet,
     /// The VoVNet authors' detectron2 code (`stem.stem_1/conv.weight`, `stage4.OSA4_2.ese.fc.bias`, ...).
     VovnetDetectron2,
-    /// torchvision (`conv1.weight`, `layer1.0.bn1.running_mean`, ...).
+    /// torchvision (`conv1.weight`, `layer1.0.bn1.running_mean`, `features.denseblock1.denselayer1.conv1.weight`,
+    /// ...).
     Torchvision,
 }
 
@@ -181,6 +182,32 @@ pub fn torchvision_resnet_name(ours: &str) -> Option<String> {
     }
 }
 
+/// Our DenseNet name → torchvision's `densenet121/169/201/161` state-dict name. A transition's norm is our
+/// `stageK.norm` (K = 2..4; `stage5.norm` is `norm5`) and its convolution our `stageK+1.transition.conv`; dense
+/// layers are numbered from 0 here and from 1 in torchvision.
+pub fn torchvision_densenet_name(ours: &str) -> Option<String> {
+    let parts: Vec<&str> = ours.split('.').collect();
+    let name = match parts.as_slice() {
+        ["stem", "conv", param] => format!("conv0.{param}"),
+        ["stem", "norm", param] => format!("norm0.{param}"),
+        [stage, rest @ ..] => {
+            let s: usize = stage.strip_prefix("stage")?.parse().ok().filter(|s| (2..=5).contains(s))?;
+            match rest {
+                ["norm", param] if s == 5 => format!("norm5.{param}"),
+                ["norm", param] => format!("transition{}.norm.{param}", s - 1),
+                ["transition", "conv", param] if s > 2 => format!("transition{}.conv.{param}", s - 2),
+                [layer, part @ ("norm1" | "conv1" | "norm2" | "conv2"), param] => {
+                    let l: usize = layer.parse().ok()?;
+                    format!("denseblock{}.denselayer{}.{part}.{param}", s - 1, l + 1)
+                }
+                _ => return None,
+            }
+        }
+        _ => return None,
+    };
+    Some(format!("features.{name}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +244,26 @@ mod tests {
         ];
         for (ours, theirs) in cases {
             assert_eq!(torchvision_resnet_name(ours).as_deref(), Some(theirs), "{ours}");
+        }
+    }
+
+    #[test]
+    fn densenet_names_follow_torchvision() {
+        let cases = [
+            ("stem.conv.weight", "features.conv0.weight"),
+            ("stem.norm.running_mean", "features.norm0.running_mean"),
+            ("stage2.0.norm1.weight", "features.denseblock1.denselayer1.norm1.weight"),
+            ("stage4.47.conv2.weight", "features.denseblock3.denselayer48.conv2.weight"),
+            ("stage2.norm.bias", "features.transition1.norm.bias"),
+            ("stage3.transition.conv.weight", "features.transition1.conv.weight"),
+            ("stage5.transition.conv.weight", "features.transition3.conv.weight"),
+            ("stage5.norm.running_var", "features.norm5.running_var"),
+        ];
+        for (ours, theirs) in cases {
+            assert_eq!(torchvision_densenet_name(ours).as_deref(), Some(theirs), "{ours}");
+        }
+        for ours in ["stage2.transition.conv.weight", "stage6.norm.weight", "stage3.0.conv3.weight", "head.weight"] {
+            assert_eq!(torchvision_densenet_name(ours), None, "{ours}");
         }
     }
 }

@@ -57,6 +57,13 @@ fn parameter_counts_match_the_authors_implementation() {
     // torchvision's resnet50 without its classifier: 23,508,032 parameters.
     let (vs, _) = build(&BackboneConfig { norm: NormKind::BN, ..BackboneConfig::new("R-50") }).unwrap();
     assert_eq!(params(&vs), 23_508_032);
+    // torchvision's densenet201 `features` (no norm added: the stage outputs reuse torchvision's norms), from
+    // `.venv/bin/python -c "import torchvision; m = torchvision.models.densenet201(weights=None);
+    //  print(sum(p.numel() for p in m.features.parameters()))"`: 18,092,928. GN has the same parameters as BN.
+    for norm in [NormKind::BN, NormKind::GN] {
+        let (vs, _) = build(&BackboneConfig { norm, ..BackboneConfig::new("DenseNet-201") }).unwrap();
+        assert_eq!(params(&vs), 18_092_928, "{norm:?}");
+    }
 }
 
 fn output_shapes(config: &BackboneConfig, height: i64, width: i64) -> Vec<(String, Vec<i64>)> {
@@ -97,6 +104,21 @@ fn resnet_outputs_at_odd_size() {
     let shapes = output_shapes(&config, 97, 131);
     let sizes: Vec<Vec<i64>> = shapes.into_iter().map(|(_, s)| s).collect();
     assert_eq!(sizes, vec![vec![1, 256, 25, 33], vec![1, 512, 13, 17], vec![1, 1024, 7, 9], vec![1, 2048, 4, 5]]);
+}
+
+#[test]
+fn densenet_outputs_at_odd_size() {
+    let mut config = BackboneConfig::new("DenseNet-201");
+    config.out_features = ["stem", "stage2", "stage3", "stage4", "stage5"].map(String::from).to_vec();
+    let shapes = output_shapes(&config, 97, 131);
+    let sizes: Vec<Vec<i64>> = shapes.into_iter().map(|(_, s)| s).collect();
+    // Stem and max-pool round up (padding 1); the transitions' 2x2 average pools round down, as in torchvision.
+    let expected =
+        [[1, 64, 25, 33], [1, 256, 25, 33], [1, 512, 12, 16], [1, 1792, 6, 8], [1, 1920, 3, 4]].map(|s| s.to_vec());
+    assert_eq!(sizes, expected);
+    let (_, backbone) = build(&config).unwrap();
+    let strides: Vec<i64> = backbone.output_specs().iter().map(|s| s.stride).collect();
+    assert_eq!(strides, vec![4, 4, 8, 16, 32]);
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! The backbones against independent PyTorch references: VoVNet built from the spec in Python with the authors'
-//! vovnet-detectron2 parameter names (forward and gradients), and torchvision's ResNet-50 (FrozenBN, forward).
+//! vovnet-detectron2 parameter names (forward and gradients), torchvision's ResNet-50 (FrozenBN, forward) and
+//! torchvision's DenseNet-201 (BatchNorm in eval mode, forward).
 
 mod common;
 
@@ -105,5 +106,29 @@ fn resnet50_frozen_bn_matches_torchvision() {
         let diff = max_abs_diff(output, &expected);
         // torchvision ran in float32; we run the same weights in float64.
         assert!(diff < 1e-4 * scale.max(1.0), "R-50 {} differs by {diff} (scale {scale})", spec.name);
+    }
+}
+
+#[test]
+fn densenet201_batchnorm_matches_torchvision() {
+    let dir = common::temp_dir("densenet201");
+    let path = dir.path().join("reference.safetensors");
+    // An odd size, so that the transitions' floor-mode average pools drop a row and a column.
+    common::run_reference(&["densenet", path.to_str().unwrap(), "densenet201", "75", "101"]);
+    let reference = load_reference(&path);
+    let mut config = BackboneConfig::new("DenseNet-201");
+    config.norm = NormKind::BN;
+    config.out_features = ["stem", "stage2", "stage3", "stage4", "stage5"].map(String::from).to_vec();
+    let (vs, backbone) = import(&config, WeightFormat::Torchvision, &path);
+    let params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+    assert_eq!(params, reference["param_count"].int64_value(&[0]), "DenseNet-201 parameter count");
+    let input = reference["input"].to_kind(Kind::Double);
+    let outputs = tch::no_grad(|| backbone.forward_t(&input, false));
+    for (spec, output) in backbone.output_specs().iter().zip(&outputs) {
+        let expected = &reference[&format!("output/{}", spec.name)];
+        // Both sides run in float64 with the same weights; a wrong layer order, pooling or weight mapping shows up
+        // at 1e-2 or more.
+        let diff = relative_diff(output, expected);
+        assert!(diff < 1e-9, "DenseNet-201 {} differs by {diff} (relative)", spec.name);
     }
 }

@@ -5,8 +5,13 @@ vovnet-detectron2 code, randomises every weight (seeded), and writes the weights
 and the gradients of a weighted sum of the outputs.
 `resnet`: torchvision's resnet50 with random weights and BatchNorm statistics in eval mode (FrozenBN semantics),
 writing the weights (without the classifier), an input and the outputs of layer1..layer4.
+`densenet`: torchvision's densenet121/169/201/161 the same way (BatchNorm in eval mode, weights of `features`
+only), writing the stem output (after pool0) and, as stage2..stage5, ReLU(norm(dense block K)) where the norm is
+the one torchvision applies next: transitionK.norm for blocks 1..3, norm5 for block 4 (ReLU(features(x)), the
+classifier's input).
 Usage: reference.py vovnet OUT.safetensors NAME V1|V2 GN|BN GROUPS H W
        reference.py resnet OUT.safetensors H W
+       reference.py densenet OUT.safetensors densenet201 H W
 """
 import sys
 from collections import OrderedDict
@@ -156,6 +161,28 @@ def main():
             tensors[f"output/stage{i + 2}"] = o.detach()
             tensors[f"loss_weight/stage{i + 2}"] = wgt
         tensors["param_count"] = torch.tensor([sum(p.numel() for p in model.parameters())], dtype=torch.int64)
+    elif kind == "densenet":
+        import torchvision
+
+        arch, h, w = sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+        model = getattr(torchvision.models, arch)(weights=None)
+        randomise(model)
+        model.eval()
+        x = torch.randn(1, 3, h, w)
+        tensors = {"input": x}
+        with torch.no_grad():
+            y = x
+            for name, module in model.features.named_children():
+                if name.startswith("transition"):
+                    tensors[f"output/stage{int(name[len('transition'):]) + 1}"] = F.relu(module.norm(y))
+                elif name == "norm5":
+                    tensors["output/stage5"] = F.relu(module(y))
+                y = module(y)
+                if name == "pool0":
+                    tensors["output/stem"] = y
+            assert torch.equal(tensors["output/stage5"], F.relu(model.features(x)))
+        tensors.update({f"param/{k}": v for k, v in model.state_dict().items() if k.startswith("features.")})
+        tensors["param_count"] = torch.tensor([sum(p.numel() for p in model.features.parameters())], dtype=torch.int64)
     else:
         import torchvision
 
