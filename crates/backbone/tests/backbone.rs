@@ -57,13 +57,22 @@ fn parameter_counts_match_the_authors_implementation() {
     // torchvision's resnet50 without its classifier: 23,508,032 parameters.
     let (vs, _) = build(&BackboneConfig { norm: NormKind::BN, ..BackboneConfig::new("R-50") }).unwrap();
     assert_eq!(params(&vs), 23_508_032);
-    // torchvision's densenet201 `features` (no norm added: the stage outputs reuse torchvision's norms), from
-    // `.venv/bin/python -c "import torchvision; m = torchvision.models.densenet201(weights=None);
-    //  print(sum(p.numel() for p in m.features.parameters()))"`: 18,092,928. GN has the same parameters as BN.
-    for norm in [NormKind::BN, NormKind::GN] {
-        let (vs, _) = build(&BackboneConfig { norm, ..BackboneConfig::new("DenseNet-201") }).unwrap();
-        assert_eq!(params(&vs), 18_092_928, "{norm:?}");
+    // torchvision's densenet121/169/201/161 `features` (no norm added: the stage outputs reuse torchvision's
+    // norms), from `.venv/bin/python -c "import torchvision; m = torchvision.models.densenet201(weights=None);
+    //  print(sum(p.numel() for p in m.features.parameters()))"` and likewise for the others.
+    let densenets = [
+        ("DenseNet-121", 6_953_856),
+        ("DenseNet-169", 12_484_480),
+        ("DenseNet-201", 18_092_928),
+        ("DenseNet-161", 26_472_000),
+    ];
+    for (name, expected) in densenets {
+        let (vs, _) = build(&BackboneConfig { norm: NormKind::BN, ..BackboneConfig::new(name) }).unwrap();
+        assert_eq!(params(&vs), expected, "{name}");
     }
+    // GN has the same parameters as BN (DenseNet-161's widths are multiples of 16, not 32).
+    let (vs, _) = build(&BackboneConfig::new("DenseNet-201")).unwrap();
+    assert_eq!(params(&vs), 18_092_928, "DenseNet-201 GN");
 }
 
 fn output_shapes(config: &BackboneConfig, height: i64, width: i64) -> Vec<(String, Vec<i64>)> {
