@@ -9,6 +9,9 @@
 //!   host), and the mask pasting alone, each a median.
 //! - `data`: the training loader alone on the config's train split.
 //! - `backbone`: forward latency, GFLOPs, achieved GFLOP/s and parameters of the backbone.
+//!
+//! With the config's `channels_last`, `train`, `infer` and `backbone` run with channels-last (NHWC) weights and
+//! inputs, as training does.
 
 use std::time::Instant;
 
@@ -25,7 +28,9 @@ use crate::evaluate::HostDetections;
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
 use crate::op_count::{count_ops, SYNCHRONISING_OPS};
 use crate::solver::{check_losses, AmpDtype, Solver};
-use crate::train::{build_detector, forward_backward, load_split};
+use crate::train::{
+    build_detector, forward_backward, images_to_channels_last, load_split, to_channels_last, variables_to_channels_last,
+};
 
 /// Ground-truth instances per synthetic training image.
 pub const SYNTHETIC_INSTANCES: i64 = 4;
@@ -84,6 +89,8 @@ pub struct BenchReport {
     pub device: String,
     /// Whether fp16 autocast was on.
     pub amp: bool,
+    /// Whether the weights and inputs were channels-last (the config's `channels_last`).
+    pub channels_last: bool,
     /// Intra-op threads libtorch used.
     pub threads: i32,
     /// Timed iterations.
@@ -231,7 +238,7 @@ fn start_peak_window(device: Device) {
 pub struct SyntheticInputs {
     /// `[3, H, W]` u8 pixels per image, on the host.
     pub pixels: Vec<Tensor>,
-    /// The normalised, padded batch on the device.
+    /// The normalised, padded batch on the device (channels-last when the config's `channels_last` is set).
     pub batch: ImageBatch,
     /// Ground truth per image, on the device.
     pub targets: Vec<GtInstances>,
@@ -280,7 +287,10 @@ impl SyntheticInputs {
             });
         }
         let pixels: Vec<Tensor> = pixels.unbind(0);
-        let batch = preprocess(&pixels, &config.model.input, device)?;
+        let mut batch = preprocess(&pixels, &config.model.input, device)?;
+        if config.channels_last {
+            batch = images_to_channels_last(batch);
+        }
         Ok(SyntheticInputs { pixels, batch, targets, checksum })
     }
 }
@@ -303,6 +313,7 @@ fn report(
         size: (mode != BenchMode::Data).then_some(options.size),
         device: format!("{:?}", options.device),
         amp: options.amp,
+        channels_last: config.channels_last,
         threads: tch::get_num_threads(),
         iters: options.iters,
         warmup: options.warmup,
@@ -322,6 +333,9 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     tch::manual_seed(options.seed as i64);
     let (vs, model) = build_detector(config, config.model.roi_heads.num_classes as usize, device)?;
     backbone::freeze(&vs, "backbone.", model.backbone());
+    if config.channels_last {
+        variables_to_channels_last(&vs);
+    }
     let mut solver_config = config.solver.clone();
     solver_config.accumulate = 1;
     solver_config.ims_per_batch = options.batch as u64;
@@ -368,7 +382,10 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let mut config = config.clone();
     config.model.roi_heads.score_thresh_test = 0.0;
     tch::manual_seed(options.seed as i64);
-    let (_vs, model) = build_detector(&config, config.model.roi_heads.num_classes as usize, device)?;
+    let (vs, model) = build_detector(&config, config.model.roi_heads.num_classes as usize, device)?;
+    if config.channels_last {
+        variables_to_channels_last(&vs);
+    }
     let inputs = SyntheticInputs::new(&config, 1, options.size, options.seed, device)?;
     let sizes = inputs.batch.image_sizes.clone();
     let style = config.model.roi_heads.output_style;
@@ -387,7 +404,10 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
         Ok(())
     })?;
     let end_to_end_times = time_iterations(options, || {
-        let batch = preprocess(&inputs.pixels, &config.model.input, device)?;
+        let mut batch = preprocess(&inputs.pixels, &config.model.input, device)?;
+        if config.channels_last {
+            batch = images_to_channels_last(batch);
+        }
         let mut output = tch::autocast(options.amp, || model.inference(&batch, &sizes))?;
         HostDetections::new(&output.remove(0))?;
         Ok(())
@@ -448,7 +468,11 @@ pub fn bench_backbone(config: &Config, options: &BenchOptions) -> anyhow::Result
     let backbone = backbone::Backbone::new(&(vs.root() / "backbone"), &config.model.backbone, None)?;
     let params = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
     let [h, w] = options.size;
-    let input = Tensor::randn([options.batch, 3, h, w], (Kind::Float, options.device));
+    let mut input = Tensor::randn([options.batch, 3, h, w], (Kind::Float, options.device));
+    if config.channels_last {
+        variables_to_channels_last(&vs);
+        input = to_channels_last(&input);
+    }
     let forward = || tch::no_grad(|| tch::autocast(options.amp, || backbone.forward_t(&input, false)));
     let (_, macs) = backbone::flops::count_macs(forward);
     let times = time_iterations(options, || {

@@ -97,6 +97,13 @@ pub struct Config {
     /// repeat, a re-tuning pause for every new size otherwise. Off by default, as in detectron2.
     #[serde(default)]
     pub cudnn_benchmark: bool,
+    /// Channels-last (NHWC) memory format for the 4-D weights and the input images in `train`, `eval` and
+    /// `bench` (PyTorch's `model.to(memory_format=torch.channels_last)`): feature maps then stay NHWC through the
+    /// network, which cuDNN's tensor-core convolutions prefer under fp16 autocast (oneDNN's CPU convolutions gain
+    /// too). Same results up to float rounding; checkpoints are written in the standard layout. Off by default
+    /// (detectron2's layout).
+    #[serde(default)]
+    pub channels_last: bool,
     /// The model (`[model]`, `[model.backbone]`, `[model.fpn]`, `[model.rpn]`, `[model.roi_heads]`, ...).
     pub model: DetectorConfig,
     /// Datasets (`data.train.*`, `data.val.*`); needed by train, eval and data check.

@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::coco_eval::{evaluate as coco_evaluate, write_detections, CompressedRle, Detection, GroundTruth, IouType};
 use crate::config::Config;
 use crate::distributed::RankGroup;
+use crate::train::images_to_channels_last;
 use crate::visualize::{draw, DrawnDetection};
 
 /// What one evaluation produced.
@@ -101,7 +102,11 @@ pub fn evaluate(
     let mut pictures = Vec::new();
     for batch in loader {
         let batch = batch?.to_device(device);
-        let image_batch = ImageBatch { images: batch.images.shallow_clone(), image_sizes: batch.image_sizes.clone() };
+        let mut image_batch =
+            ImageBatch { images: batch.images.shallow_clone(), image_sizes: batch.image_sizes.clone() };
+        if config.channels_last {
+            image_batch = images_to_channels_last(image_batch);
+        }
         let detections = model.inference(&image_batch, &batch.original_sizes)?;
         for (&image_id, dets) in batch.image_ids.iter().zip(&detections) {
             let dets = HostDetections::new(dets)?;

@@ -259,13 +259,14 @@ fn bench_summary(r: &BenchReport) -> String {
     let memory = r.peak_memory_bytes.map_or("n/a".into(), |b| format!("{:.2} GiB", b as f64 / (1u64 << 30) as f64));
     let size = r.size.map_or("config sizes".into(), |[h, w]| format!("{h}x{w}"));
     let head = format!(
-        "{:?} {} batch {} {size} on {} ({} threads{}): {:.4} s/iter (median), {:.2} img/s, peak memory {memory}",
+        "{:?} {} batch {} {size} on {} ({} threads{}{}): {:.4} s/iter (median), {:.2} img/s, peak memory {memory}",
         r.mode,
         r.backbone,
         r.batch,
         r.device,
         r.threads,
         if r.amp { ", AMP" } else { "" },
+        if r.channels_last { ", channels-last" } else { "" },
         r.seconds_per_iter,
         r.images_per_second,
     );

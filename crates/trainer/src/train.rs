@@ -28,7 +28,7 @@ use crate::distributed::RankGroup;
 use crate::evaluate::{evaluate, EvalOutcome};
 use crate::events::{EventWriter, MetricsWriter};
 use crate::panics;
-use crate::solver::{check_losses, Solver, StepReport};
+use crate::solver::{check_losses, Solver, SolverState, StepReport};
 
 /// Where training starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -196,6 +196,59 @@ pub fn build_detector_in(
     let reducer = group.process_group().map(|g| g as Arc<dyn backbone::BatchStatsReducer>);
     let model = MaskRcnn::with_reducer(&vs.root(), &config.model, reducer)?;
     Ok((vs, model))
+}
+
+/// `tensor` laid out channels-last (NHWC) when it is 4-D `[N, C, H, W]`: same shape and values, channels
+/// innermost, with the strides of PyTorch's `tensor.contiguous(memory_format=torch.channels_last)` (so libtorch
+/// recognises the layout even for size-1 dimensions). Other tensors, and tensors already in that layout, are
+/// returned as shallow clones.
+pub fn to_channels_last(tensor: &Tensor) -> Tensor {
+    let size = tensor.size();
+    let [_, channels, height, width] = size[..] else { return tensor.shallow_clone() };
+    let strides = [height * width * channels, 1, width * channels, channels];
+    if tensor.stride() == strides {
+        return tensor.shallow_clone();
+    }
+    let mut out = Tensor::empty_strided(&size, strides, (tensor.kind(), tensor.device()));
+    out.copy_(tensor);
+    out
+}
+
+/// Re-lays out every 4-D variable of `vs` (the convolution weights) channels-last in place, as PyTorch's
+/// `model.to(memory_format=torch.channels_last)` does (`param.data = ...`): every handle on a variable (the
+/// model's layers, the solver) sees the new layout, values unchanged. Gradients and momentum buffers created
+/// afterwards follow it.
+pub fn variables_to_channels_last(vs: &nn::VarStore) {
+    let _no_grad = tch::no_grad_guard();
+    for (_, mut variable) in vs.variables() {
+        if variable.dim() == 4 {
+            let data = to_channels_last(&variable.detach());
+            variable.set_data(&data);
+        }
+    }
+}
+
+/// The images of `batch` channels-last (see [`to_channels_last`]).
+pub fn images_to_channels_last(batch: ImageBatch) -> ImageBatch {
+    ImageBatch { images: to_channels_last(&batch.images), image_sizes: batch.image_sizes }
+}
+
+/// Re-lays out the solver's momentum buffers channels-last after a resume (they are read back in the standard
+/// layout), so that they match their channels-last parameters and the multi-tensor update keeps its fast path.
+fn momentum_to_channels_last(solver: &mut Solver) -> anyhow::Result<()> {
+    let state = solver.state_dict();
+    if state.tensors.is_empty() {
+        return Ok(());
+    }
+    let tensors = state.tensors.iter().map(|(name, t)| (name.clone(), to_channels_last(t))).collect();
+    solver.load_state_dict(&SolverState { tensors, scalars: state.scalars })?;
+    Ok(())
+}
+
+/// `tensors` in the standard contiguous layout, for safetensors files (which store row-major data): the
+/// channels-last variables and momentum buffers are written exactly as standard-layout ones would be.
+fn contiguous_tensors(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    tensors.iter().map(|(name, t)| (name.clone(), t.contiguous())).collect()
 }
 
 struct Logger {
@@ -391,6 +444,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     // In name order (named_variables sorts), the same on every rank.
     let variables = named_variables(&vs);
     group.broadcast_from_main(&variables.iter().map(|(_, t)| t.shallow_clone()).collect::<Vec<_>>())?;
+    if config.channels_last {
+        variables_to_channels_last(&vs);
+        momentum_to_channels_last(&mut solver)?;
+    }
     let parameters = vs.trainable_variables();
     let start = solver.iteration();
     let max_iter = solver_config.max_iter;
@@ -444,10 +501,13 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     };
 
     let save = |solver: &Solver, loader: &Loader, iteration: u64| -> anyhow::Result<PathBuf> {
-        let model_tensors = named_variables(&vs);
+        let model_tensors = contiguous_tensors(&named_variables(&vs));
+        let solver_state = solver.state_dict();
+        let solver_state =
+            SolverState { tensors: contiguous_tensors(&solver_state.tensors), scalars: solver_state.scalars };
         let contents = CheckpointContents {
             model: &model_tensors,
-            solver: &solver.state_dict(),
+            solver: &solver_state,
             sampler: serde_json::to_value(loader.sampler_state())?,
             rng: json!({"torch": "manual_seed(torch_seed(seed, iteration)) at every iteration", "seed": config.seed}),
             config_toml: &config_toml,
@@ -480,7 +540,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             let fetch = Instant::now();
             let batch = loader.next().context("the training loader stopped")??.to_device(options.device);
             data_seconds += fetch.elapsed().as_secs_f64();
-            let (images, targets) = model_inputs(batch);
+            let (mut images, targets) = model_inputs(batch);
+            if config.channels_last {
+                images = images_to_channels_last(images);
+            }
             let values = forward_backward(&model, &images, &targets, amp, solver.loss_multiplier())
                 .with_context(|| format!("rank {rank}: iteration {iteration}: forward and backward pass"))?;
             for (key, value) in values {
@@ -576,6 +639,9 @@ pub fn evaluate_weights(
         missing.len(),
         missing[0]
     );
+    if config.channels_last {
+        variables_to_channels_last(&vs);
+    }
     let gt = if group.is_main() { Some(GroundTruth::load(&annotations)?) } else { None };
     let results_dir = config.output_dir.join("inference");
     evaluate(&model, config, val_set, gt.as_ref(), device, Some(&results_dir), group)
