@@ -4,7 +4,7 @@
 # input_checksum), size, batch, threads and device; prints both JSON objects and a ratio table (ours / theirs).
 #
 # Usage: scripts/bench.sh [--config FILE] [--mode train|infer|both] [--size HxW] [--batch B] [--iters N]
-#                         [--warmup K] [--device D] [--amp] [--threads T] [--set KEY=VALUE]...
+#                         [--warmup K] [--device D] [--amp[=fp16|bf16]] [--threads T] [--set KEY=VALUE]...
 # Defaults: configs/torchvision_maskrcnn_r50_fpn.toml made trainable like torchvision's random-init model
 # (--set model.backbone.norm="BN" --set model.backbone.freeze_at=0; torchvision uses BatchNorm when no weights are
 # given), mode both, 512x512, 5 iterations after 2 warm-up ones, cpu, threads = nproc.
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     --iters) ITERS=$2; shift 2 ;;
     --warmup) WARMUP=$2; shift 2 ;;
     --device) DEVICE=$2; shift 2 ;;
-    --amp) AMP=(--amp); shift ;;
+    --amp|--amp=*) AMP=("$1"); shift ;;
     --threads) THREADS=$2; shift 2 ;;
     --set) SETS+=(--set "$2"); shift 2 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;

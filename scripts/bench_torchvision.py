@@ -6,13 +6,14 @@ so torchvision builds it with ordinary BatchNorm), the same synthetic inputs as 
 `synthetic_inputs`), the transform's min_size/max_size set so that images are not resized, and the same
 protocol: untimed warm-up iterations, then timed ones with CUDA synchronised before each timer read.
 
-    train: forward under fp16 autocast when --amp, the summed loss read with .item() (as torchvision's reference
-           train script and `trainer train` do), backward through a GradScaler, SGD step.
+    train: forward under autocast when --amp (fp16, or bf16 with --amp=bf16; on CUDA or CPU), the summed loss read
+           with .item() (as torchvision's reference train script and `trainer train` do), backward through a
+           GradScaler (fp16 only), SGD step.
     infer: batch 1, box_score_thresh=0 so that a random model returns detections_per_img detections; the model
            call, end to end (host uint8 pixels to detections on the host) and paste_masks_in_image alone.
 
 Prints one JSON object in the shape of `trainer bench --json`.
-Usage: bench_torchvision.py train|infer [--size HxW] [--batch B] [--iters N] [--warmup K] [--device D] [--amp]
+Usage: bench_torchvision.py train|infer [--size HxW] [--batch B] [--iters N] [--warmup K] [--device D] [--amp[=DTYPE]]
        [--threads T] [--seed S] [--num-classes C]
 """
 
@@ -142,7 +143,7 @@ def main():
     parser.add_argument("--iters", type=int)
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--amp", nargs="?", const="fp16", choices=["fp16", "bf16"], help="autocast dtype (default fp16)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=90, help="foreground classes (torchvision adds 1)")
@@ -150,8 +151,6 @@ def main():
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    if args.amp and not cuda:
-        sys.exit(f"--amp (fp16 autocast) needs a CUDA device; this run uses {args.device}")
     if args.threads:
         torch.set_num_threads(args.threads)
     iters = args.iters or (100 if cuda else 10)
@@ -175,7 +174,8 @@ def main():
         box_score_thresh=0.0,
     ).to(device)
     pixels, targets, checksum = synthetic_inputs(batch, h, w, args.num_classes, args.seed)
-    autocast = lambda: torch.autocast("cuda", dtype=torch.float16, enabled=args.amp)  # noqa: E731
+    amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
+    autocast = lambda: torch.autocast(device.type, dtype=amp_dtype, enabled=args.amp is not None)  # noqa: E731
     report = {
         "mode": args.mode,
         "config": "torchvision maskrcnn_resnet50_fpn (random init, trainable_backbone_layers=5)",
@@ -197,7 +197,7 @@ def main():
         # The first warm-up LR of torchvision's reference recipe (0.02 x 0.001): a random model diverges at 0.02,
         # and the step's cost does not depend on the LR.
         optimizer = torch.optim.SGD(params, lr=0.02 * 0.001, momentum=0.9, weight_decay=1e-4)
-        scaler = torch.amp.GradScaler("cuda", enabled=args.amp)
+        scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")
         last = {}
 
         def step():

@@ -1,7 +1,7 @@
 //! `trainer bench`: speed and memory measurements following detectron2's protocol (untimed warm-up iterations,
 //! then timed ones; CUDA synchronised before every timer read).
 //!
-//! - `train`: the training step of `trainer train` (forward under fp16 autocast when `--amp`, losses read and
+//! - `train`: the training step of `trainer train` (forward under autocast when `--amp`, losses read and
 //!   checked, backward, [`Solver::step`]) on one fixed synthetic batch built once (see [`SyntheticInputs`]), so
 //!   that no data loading is timed. Throughput is the mean over the timed iterations.
 //! - `infer`: batch 1; the model call (forward to detections, which includes the on-device mask pasting at the
@@ -23,6 +23,7 @@ use detector::structures::{preprocess, GtInstances, GtMasks, ImageBatch};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::autocast::autocast;
 use crate::config::Config;
 use crate::evaluate::HostDetections;
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
@@ -62,8 +63,8 @@ pub struct BenchOptions {
     pub size: [i64; 2],
     /// Where to run.
     pub device: Device,
-    /// fp16 autocast (CUDA only).
-    pub amp: bool,
+    /// Autocast dtype (`--amp`, `--amp=bf16`), on CUDA or CPU; `None` runs in float32.
+    pub amp: Option<AmpDtype>,
     /// Seed of the synthetic inputs and of the model's initialisation.
     pub seed: u64,
     /// The config file's name, for the report.
@@ -87,8 +88,8 @@ pub struct BenchReport {
     pub size: Option<[i64; 2]>,
     /// Device string.
     pub device: String,
-    /// Whether fp16 autocast was on.
-    pub amp: bool,
+    /// The autocast dtype, null when off.
+    pub amp: Option<AmpDtype>,
     /// Whether the weights and inputs were channels-last (the config's `channels_last`).
     pub channels_last: bool,
     /// Intra-op threads libtorch used.
@@ -200,13 +201,6 @@ fn check_options(options: &BenchOptions) -> anyhow::Result<()> {
     anyhow::ensure!(options.iters > 0, "--iters must be at least 1");
     anyhow::ensure!(options.batch > 0, "--batch must be at least 1");
     anyhow::ensure!(options.size.iter().all(|&s| s > 0), "--size must be positive");
-    if options.amp {
-        anyhow::ensure!(
-            options.device.is_cuda(),
-            "--amp (fp16 autocast) needs a CUDA device; this run uses {:?}",
-            options.device
-        );
-    }
     Ok(())
 }
 
@@ -339,8 +333,8 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let mut solver_config = config.solver.clone();
     solver_config.accumulate = 1;
     solver_config.ims_per_batch = options.batch as u64;
-    solver_config.amp.enabled = options.amp;
-    solver_config.amp.dtype = AmpDtype::Fp16;
+    solver_config.amp.enabled = options.amp.is_some();
+    solver_config.amp.dtype = options.amp.unwrap_or(AmpDtype::Fp16);
     let mut solver = Solver::from_var_store(&vs, &solver_config)?;
     let inputs = SyntheticInputs::new(config, options.batch, options.size, options.seed, device)?;
     let mut last_total_loss = f64::NAN;
@@ -396,7 +390,7 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let mut model_runs = 0usize;
     let mut boxes = Tensor::zeros([0, 4], (Kind::Float, device));
     let model_times = time_iterations(options, || {
-        let mut output = tch::autocast(options.amp, || model.inference(&inputs.batch, &sizes))?;
+        let mut output = autocast(device, options.amp, || model.inference(&inputs.batch, &sizes))??;
         let image = output.remove(0);
         detections += image.boxes.size()[0] as usize;
         model_runs += 1;
@@ -408,7 +402,7 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
         if config.channels_last {
             batch = images_to_channels_last(batch);
         }
-        let mut output = tch::autocast(options.amp, || model.inference(&batch, &sizes))?;
+        let mut output = autocast(device, options.amp, || model.inference(&batch, &sizes))??;
         HostDetections::new(&output.remove(0))?;
         Ok(())
     })?;
@@ -437,7 +431,7 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
 /// `trainer bench data`: batches per second of the training loader alone (the config's train split, sampler,
 /// augmentation, workers and prefetch), converted to images per second.
 pub fn bench_data(config: &Config, options: &BenchOptions) -> anyhow::Result<BenchReport> {
-    anyhow::ensure!(!options.amp, "--amp does not apply to bench data");
+    anyhow::ensure!(options.amp.is_none(), "--amp does not apply to bench data");
     let options = BenchOptions { device: Device::Cpu, ..options.clone() };
     check_options(&options)?;
     start_peak_window(Device::Cpu);
@@ -473,10 +467,11 @@ pub fn bench_backbone(config: &Config, options: &BenchOptions) -> anyhow::Result
         variables_to_channels_last(&vs);
         input = to_channels_last(&input);
     }
-    let forward = || tch::no_grad(|| tch::autocast(options.amp, || backbone.forward_t(&input, false)));
-    let (_, macs) = backbone::flops::count_macs(forward);
+    let forward = || tch::no_grad(|| autocast(options.device, options.amp, || backbone.forward_t(&input, false)));
+    let (first, macs) = backbone::flops::count_macs(forward);
+    first?;
     let times = time_iterations(options, || {
-        forward();
+        forward()?;
         Ok(())
     })?;
     let seconds = median(times.clone());

@@ -1,6 +1,7 @@
 //! The vovdet trainer library behind the `trainer` binary: configuration, device selection, the training loop with
 //! exact resume, solver, checkpoints, logging, COCO evaluation, model analysis, conversion and benchmarks.
 
+pub mod autocast;
 pub mod bench;
 pub mod checkpoint;
 pub mod coco_eval;

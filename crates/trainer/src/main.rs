@@ -13,6 +13,7 @@ use trainer::device::parse_device;
 use trainer::distributed::{join, launch, role, worker_device, LaunchArgs, RankGroup, Role};
 use trainer::info::{model_info, parse_size, render};
 use trainer::predict::{load_model, predict, LabelNames, PredictOptions};
+use trainer::solver::AmpDtype;
 use trainer::train::{evaluate_weights, train, Resume, TrainOptions};
 
 /// vovdet: Mask R-CNN with VoVNet backbones, trained from scratch on libtorch.
@@ -240,9 +241,9 @@ struct BenchArgs {
     /// Input size HxW of the synthetic images (train, infer, backbone).
     #[arg(long, default_value = "800x1344")]
     size: String,
-    /// fp16 autocast (CUDA only), with the solver's loss scaling for train.
-    #[arg(long)]
-    amp: bool,
+    /// Autocast: `--amp` is fp16 (with the solver's loss scaling for train), `--amp=bf16` bfloat16; on CUDA or CPU.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "fp16", value_name = "DTYPE")]
+    amp: Option<AmpDtype>,
     /// libtorch intra-op threads (default: libtorch's choice).
     #[arg(long)]
     threads: Option<i32>,
@@ -265,7 +266,7 @@ fn bench_summary(r: &BenchReport) -> String {
         r.batch,
         r.device,
         r.threads,
-        if r.amp { ", AMP" } else { "" },
+        r.amp.map_or(String::new(), |dtype| format!(", AMP {dtype:?}")),
         if r.channels_last { ", channels-last" } else { "" },
         r.seconds_per_iter,
         r.images_per_second,

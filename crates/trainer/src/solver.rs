@@ -65,7 +65,7 @@ pub struct ClipGradientsConfig {
 }
 
 /// The reduced-precision type autocast runs in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AmpDtype {
     /// float16 with a dynamic loss scale.
@@ -74,11 +74,11 @@ pub enum AmpDtype {
     Bf16,
 }
 
-/// The `[solver.amp]` section: mixed precision on CUDA.
+/// The `[solver.amp]` section: mixed precision (autocast) on CUDA or CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AmpConfig {
-    /// Whether to use autocast (CUDA only).
+    /// Whether to use autocast.
     #[serde(default)]
     pub enabled: bool,
     /// fp16 or bf16.

@@ -19,6 +19,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde_json::json;
 use tch::{nn, Device, Tensor};
 
+use crate::autocast::autocast;
 use crate::checkpoint::{
     init_weights, named_variables, resume_from, torch_seed, CheckpointContents, Checkpointer, LoadedCheckpoint,
 };
@@ -28,7 +29,7 @@ use crate::distributed::RankGroup;
 use crate::evaluate::{evaluate, EvalOutcome};
 use crate::events::{EventWriter, MetricsWriter};
 use crate::panics;
-use crate::solver::{check_losses, Solver, SolverState, StepReport};
+use crate::solver::{check_losses, AmpDtype, Solver, SolverState, StepReport};
 
 /// Where training starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,18 +151,18 @@ pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
     (ImageBatch { images: batch.images, image_sizes: batch.image_sizes }, targets)
 }
 
-/// One micro-batch of training: the forward pass (fp16 autocast on CUDA when `amp`; the solver's loss scaler
-/// handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns each loss's value
-/// (one host read); a libtorch panic becomes an error.
+/// One micro-batch of training: the forward pass (under autocast in `amp`'s dtype when set; the solver's fp16
+/// loss scaler handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns each
+/// loss's value (one host read); a libtorch panic becomes an error.
 pub fn forward_backward(
     model: &MaskRcnn,
     images: &ImageBatch,
     targets: &[GtInstances],
-    amp: bool,
+    amp: Option<AmpDtype>,
     loss_multiplier: f64,
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     panics::catch(|| -> anyhow::Result<BTreeMap<String, f64>> {
-        let losses = tch::autocast(amp, || model.forward_train(images, targets))?;
+        let losses = autocast(images.images.device(), amp, || model.forward_train(images, targets))??;
         let values = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
         (total_loss(&losses) * loss_multiplier).backward();
         Ok(values)
@@ -416,18 +417,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         solver_config.accumulate
     );
     let micro_batch = (solver_config.ims_per_batch / images_per_micro_batch) as usize;
-    let amp = solver_config.amp.enabled;
-    if amp {
-        anyhow::ensure!(
-            options.device.is_cuda(),
-            "solver.amp.enabled needs a CUDA device (this run uses {:?}); turn it off for CPU training",
-            options.device
-        );
-        anyhow::ensure!(
-            solver_config.amp.dtype == crate::solver::AmpDtype::Fp16,
-            "solver.amp.dtype = \"bf16\" is not supported yet (tch 0.24 only switches fp16 autocast); use \"fp16\""
-        );
-    }
+    let amp = solver_config.amp.enabled.then_some(solver_config.amp.dtype);
     let mut solver = Solver::from_var_store(&vs, &solver_config)?;
     let checkpointer = Checkpointer::new(&output_dir, &config.checkpoint);
     // Every rank reads the checkpoint (the output folder must be shared between machines to resume).

@@ -177,7 +177,10 @@ fn bench_json(mode: &str, extra: &[&str]) -> serde_json::Value {
     assert_eq!(report["backbone"], "V-19-slim");
     assert_eq!(report["num_classes"], 4);
     assert_eq!(report["device"], "Cpu");
-    assert_eq!(report["amp"], false);
+    assert_eq!(
+        report["amp"],
+        extra.iter().find_map(|a| a.strip_prefix("--amp=")).map_or(serde_json::Value::Null, |d| d.into())
+    );
     assert_eq!(report["peak_memory_source"], "peak_rss");
     for key in ["seconds_per_iter", "images_per_second", "peak_memory_bytes", "threads", "batch", "iters"] {
         let value = report[key].as_f64().unwrap_or_else(|| panic!("`{key}` missing or not a number in {report}"));
@@ -188,7 +191,9 @@ fn bench_json(mode: &str, extra: &[&str]) -> serde_json::Value {
 
 #[test]
 fn bench_train_reports_throughput_loss_and_memory_as_json() {
-    let report = bench_json("train", &["--size", "96x128", "--batch", "2", "--iters", "2", "--warmup", "1"]);
+    // bfloat16 autocast on the CPU: the mixed-precision step that CUDA runs in fp16 or bf16.
+    let report =
+        bench_json("train", &["--size", "96x128", "--batch", "2", "--iters", "2", "--warmup", "1", "--amp=bf16"]);
     assert_eq!(report["size"], serde_json::json!([96, 128]));
     assert_eq!(report["batch"], 2);
     let loss = report["last_total_loss"].as_f64().unwrap();
@@ -211,8 +216,8 @@ fn bench_infer_reports_model_end_to_end_and_pasting_times_as_json() {
     }
     let output = trainer(&["bench", "infer", "configs/demo_shapes.toml", "--device", "cpu", "--batch", "2"]);
     assert!(stderr(&output).contains("bench infer measures batch 1"), "{}", stderr(&output));
-    let output = trainer(&["bench", "train", "configs/demo_shapes.toml", "--device", "cpu", "--amp"]);
-    assert!(stderr(&output).contains("--amp (fp16 autocast) needs a CUDA device"), "{}", stderr(&output));
+    let output = trainer(&["bench", "train", "configs/demo_shapes.toml", "--device", "cpu", "--amp=fp32"]);
+    assert!(stderr(&output).contains("invalid value 'fp32' for '--amp[=<DTYPE>]'"), "{}", stderr(&output));
 }
 
 #[test]

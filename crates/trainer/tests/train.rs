@@ -199,10 +199,38 @@ fn missing_dataset_and_scratch_freezing_are_clear_errors() {
     let output = trainer(&["train", &config, "--set", "model.backbone.freeze_at=2"]);
     let message = stderr(&output);
     assert!(!output.status.success() && message.contains("from-scratch training"), "{message}");
+}
 
-    let output = trainer(&["train", &config, "--set", "solver.amp.enabled=true"]);
-    let message = stderr(&output);
-    assert!(!output.status.success() && message.contains("solver.amp.enabled needs a CUDA device"), "{message}");
+/// Mixed precision on the CPU exercises the autocast code paths that CUDA training takes (half and bfloat16
+/// activations through the FPN, RoIAlign's float32 computation, float32 losses, the fp16 loss scaler): both
+/// dtypes train, their first losses differ from float32's (autocast was on) but stay close to them, and the fp16
+/// run logs its loss scale.
+#[test]
+fn mixed_precision_trains_in_fp16_and_bf16() {
+    let dir = temp_dir("amp");
+    let config = tiny_config(&dir);
+    let first_losses = |name: &str, amp: &[&str]| -> serde_json::Value {
+        let out = dir.join(name);
+        let mut args = vec!["train", &config, "--output", out.to_str().unwrap(), "--set", "solver.max_iter=3"];
+        args.extend_from_slice(amp);
+        let output = trainer(&args);
+        assert!(output.status.success(), "{name}: {}", stderr(&output));
+        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+        let records: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(records.len(), 3, "{name}");
+        assert!(records.iter().all(|r| r["total_loss"].as_f64().is_some_and(f64::is_finite)), "{name}: {metrics}");
+        records[0].clone()
+    };
+    let float32 = first_losses("fp32", &[]);
+    assert!(float32.get("loss_scale").is_none(), "{float32}");
+    for dtype in ["fp16", "bf16"] {
+        let dtype_key = format!("solver.amp.dtype=\"{dtype}\"");
+        let mixed = first_losses(dtype, &["--set", "solver.amp.enabled=true", "--set", &dtype_key]);
+        assert_eq!(mixed.get("loss_scale").is_some(), dtype == "fp16", "{dtype}: {mixed}");
+        let (ours, reference) = (mixed["total_loss"].as_f64().unwrap(), float32["total_loss"].as_f64().unwrap());
+        assert_ne!(ours, reference, "{dtype}: the loss is float32's exactly; autocast was not on");
+        assert!((ours - reference).abs() < 0.05 * reference, "{dtype}: {ours} vs float32 {reference}");
+    }
 }
 
 /// The CI smoke version of the coco-tiny overfit run (`configs/coco_tiny_overfit.toml`): real COCO images,
