@@ -262,8 +262,10 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
 }
 
 fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
+    // Row-major data whatever the layout in memory (channels-last weights, their momentum buffers), as
+    // safetensors stores it: files are the same in either layout.
     let on_cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu))).collect();
+        tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect();
     Tensor::write_safetensors(&on_cpu, path)
         .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
     sync_file(path)

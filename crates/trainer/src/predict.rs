@@ -14,6 +14,7 @@ use crate::coco_eval::{write_detections, CompressedRle, Detection};
 use crate::config::Config;
 use crate::evaluate::HostDetections;
 use crate::events::encode_png;
+use crate::train::{images_to_channels_last, variables_to_channels_last};
 use crate::visualize::{draw, DrawnDetection};
 
 /// Maps the model's contiguous labels to category ids and names.
@@ -68,7 +69,8 @@ pub fn image_id_from_name(path: &Path) -> Option<u64> {
     path.file_stem()?.to_str()?.parse().ok()
 }
 
-/// Builds the model of `config` with `weights` (a checkpoint folder or a safetensors file with our names).
+/// Builds the model of `config` with `weights` (a checkpoint folder or a safetensors file with our names), its
+/// convolution weights channels-last when the config's `channels_last` is set.
 pub fn load_model(config: &Config, weights: &Path, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
     let vs = nn::VarStore::new(device);
     let model = MaskRcnn::new(&vs.root(), &config.model)?;
@@ -80,6 +82,9 @@ pub fn load_model(config: &Config, weights: &Path, device: Device) -> anyhow::Re
         missing.len(),
         missing[0]
     );
+    if config.channels_last {
+        variables_to_channels_last(&vs);
+    }
     Ok((vs, model))
 }
 
@@ -111,7 +116,10 @@ pub fn predict(
         let (height, width) = (picture.height as i64, picture.width as i64);
         let image = Tensor::from_slice(&picture.data).view([height, width, 3]).permute([2, 0, 1]).to_kind(Kind::Float);
         let resized = resize_for_test(&image, &config.model.input);
-        let batch = preprocess(&[resized], &config.model.input, device)?;
+        let mut batch = preprocess(&[resized], &config.model.input, device)?;
+        if config.channels_last {
+            batch = images_to_channels_last(batch);
+        }
         let detections = HostDetections::new(&model.inference(&batch, &[(height, width)])?.remove(0))?;
         let image_id = image_id_from_name(file).unwrap_or(index as u64 + 1);
         let mut drawn = Vec::new();

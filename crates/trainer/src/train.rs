@@ -246,12 +246,6 @@ fn momentum_to_channels_last(solver: &mut Solver) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `tensors` in the standard contiguous layout, for safetensors files (which store row-major data): the
-/// channels-last variables and momentum buffers are written exactly as standard-layout ones would be.
-fn contiguous_tensors(tensors: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
-    tensors.iter().map(|(name, t)| (name.clone(), t.contiguous())).collect()
-}
-
 struct Logger {
     metrics: MetricsWriter,
     events: Option<EventWriter>,
@@ -491,13 +485,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     };
 
     let save = |solver: &Solver, loader: &Loader, iteration: u64| -> anyhow::Result<PathBuf> {
-        let model_tensors = contiguous_tensors(&named_variables(&vs));
-        let solver_state = solver.state_dict();
-        let solver_state =
-            SolverState { tensors: contiguous_tensors(&solver_state.tensors), scalars: solver_state.scalars };
+        let model_tensors = named_variables(&vs);
         let contents = CheckpointContents {
             model: &model_tensors,
-            solver: &solver_state,
+            solver: &solver.state_dict(),
             sampler: serde_json::to_value(loader.sampler_state())?,
             rng: json!({"torch": "manual_seed(torch_seed(seed, iteration)) at every iteration", "seed": config.seed}),
             config_toml: &config_toml,
