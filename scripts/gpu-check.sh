@@ -3,9 +3,10 @@
 #   1. CUDA-vs-CPU parity of the detection ops (ops-check),
 #   2. a 1-GPU NCCL world: `trainer train --num-gpus 1` with AMP on the synthetic shapes (images/s, max memory),
 #   3. `trainer bench train` for V-57 GN and R-50-FPN (BN, torchvision's random-init model) with AMP at 800x1333,
-#      batch 2 and 4, next to torchvision's maskrcnn_resnet50_fpn on the same inputs and GPU,
+#      batch 2 and 4, next to torchvision's maskrcnn_resnet50_fpn on the same inputs and GPU; R-50 at batch 2 also
+#      with channels_last and with bf16 autocast,
 #   4. `trainer bench infer` (V-57 GN, R-50-FPN) and torchvision's inference,
-#   5. the backbone efficiency table (V-39/57/99, R-50/101 GN at 800x1344).
+#   5. the backbone efficiency table (V-39/57/99, R-50/101, DenseNet-201 GN at 800x1344).
 #
 # Usage: scripts/gpu-check.sh [--device cuda:N] [--quick]
 #   --quick: a few iterations at 320x320 (a smoke run of the script itself; with --device cpu it runs anywhere,
@@ -80,11 +81,15 @@ for batch in 2 4; do
   step "train_v57_b$batch" "$TRAINER_BIN" bench train "${V57[@]}" --device "$DEVICE" --size "$SIZE" --batch "$batch" \
     "${ITERS[@]}" "${AMP[@]}" --json
 done
+step train_r50_b2_channels_last "$TRAINER_BIN" bench train "${R50[@]}" --set channels_last=true --device "$DEVICE" \
+  --size "$SIZE" --batch 2 "${ITERS[@]}" "${AMP[@]}" --json
+[ "$DEVICE" = cpu ] || step train_r50_b2_bf16 "$TRAINER_BIN" bench train "${R50[@]}" --device "$DEVICE" --size "$SIZE" \
+  --batch 2 "${ITERS[@]}" --amp=bf16 --json
 step infer_r50 "$TRAINER_BIN" bench infer "${R50[@]}" --device "$DEVICE" --size "$SIZE" "${ITERS[@]}" "${AMP[@]}" --json
 step infer_torchvision "$PYTHON" scripts/bench_torchvision.py infer --device "$DEVICE" --size "$SIZE" "${ITERS[@]}" \
   "${AMP[@]}" --num-classes 90
 step infer_v57 "$TRAINER_BIN" bench infer "${V57[@]}" --device "$DEVICE" --size "$SIZE" "${ITERS[@]}" "${AMP[@]}" --json
-for cfg in vovnet39 vovnet57 vovnet99 r50_gn r101_gn; do
+for cfg in vovnet39 vovnet57 vovnet99 r50_gn r101_gn densenet201; do
   step "backbone_$cfg" "$TRAINER_BIN" bench backbone "configs/${cfg}_maskrcnn.toml" --device "$DEVICE" \
     --size "$([ "$QUICK" = 1 ] && echo 320x320 || echo 800x1344)" "${ITERS[@]}" --json
 done
