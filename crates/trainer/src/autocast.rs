@@ -2,14 +2,14 @@
 //! tch 0.24's `tch::autocast` only switches CUDA fp16 autocast; a small C++ shim (src/autocast_shim.cpp) sets
 //! libtorch's per-device-type autocast state and dtype, and restores them when the region ends (also on panic).
 
-use std::ffi::{c_char, c_int, CStr};
+use std::ffi::{c_char, c_int};
 
 use tch::Device;
 
+use crate::shim::take_message;
 use crate::solver::AmpDtype;
 
 extern "C" {
-    fn vovdet_autocast_free_message(message: *mut c_char);
     fn vovdet_autocast_enter(
         cuda: c_int,
         bf16: c_int,
@@ -29,17 +29,6 @@ pub struct AutocastError {
     pub dtype: AmpDtype,
     /// libtorch's message.
     pub message: String,
-}
-
-/// Takes the shim's malloc'ed message, if any.
-fn take_message(message: *mut c_char) -> Option<String> {
-    if message.is_null() {
-        return None;
-    }
-    // SAFETY: a non-NULL result is a NUL-terminated string from malloc, freed exactly once here.
-    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
-    unsafe { vovdet_autocast_free_message(message) };
-    Some(text)
 }
 
 /// An open autocast region; dropping it restores the state from before.

@@ -13,8 +13,6 @@ at::DeviceType device_type(int cuda) { return cuda != 0 ? at::kCUDA : at::kCPU; 
 
 extern "C" {
 
-void vovdet_autocast_free_message(char* message) { std::free(message); }
-
 // Enters an autocast region on CUDA (`cuda` != 0) or CPU with `bf16` != 0 ? bfloat16 : float16. Writes the
 // previous enabled flag and dtype (as a c10::ScalarType integer) for the matching exit.
 char* vovdet_autocast_enter(int cuda, int bf16, int* previous_enabled, int* previous_dtype) {

@@ -16,6 +16,7 @@ pub mod memory;
 pub mod op_count;
 pub mod panics;
 pub mod predict;
+mod shim;
 pub mod solver;
 pub mod train;
 pub mod visualize;

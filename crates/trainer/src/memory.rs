@@ -2,13 +2,14 @@
 //! `torch.cuda.max_memory_allocated` reports), read through a small C++ shim (src/memory_shim.cpp) over torch's
 //! device-generic allocator API; on CPU the peak resident set of the process (`VmHWM`).
 
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
 
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::shim::take_message;
+
 extern "C" {
-    fn vovdet_memory_free_message(message: *mut c_char);
     fn vovdet_cuda_memory_stats(device: i8, out: *mut i64) -> *mut c_char;
     fn vovdet_cuda_reset_peak_memory(device: i8) -> *mut c_char;
 }
@@ -31,13 +32,10 @@ pub enum MemoryError {
 
 /// Turns the shim's result (NULL or a malloc'ed message) into a `Result`.
 fn check(device: usize, message: *mut c_char) -> Result<(), MemoryError> {
-    if message.is_null() {
-        return Ok(());
+    match take_message(message) {
+        None => Ok(()),
+        Some(message) => Err(MemoryError::Allocator { device, message }),
     }
-    // SAFETY: a non-NULL result is a NUL-terminated string from malloc, freed exactly once here.
-    let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
-    unsafe { vovdet_memory_free_message(message) };
-    Err(MemoryError::Allocator { device, message: text })
 }
 
 /// Allocated and reserved bytes of one CUDA device's caching allocator, summed over its pools.

@@ -24,8 +24,6 @@ c10::DeviceAllocator* cuda_allocator() {
 
 extern "C" {
 
-void vovdet_memory_free_message(char* message) { std::free(message); }
-
 // Writes the aggregate (all pools) allocated and reserved bytes of CUDA device `device`:
 // out[0] allocated now, out[1] peak allocated (torch.cuda.max_memory_allocated), out[2] reserved now,
 // out[3] peak reserved (torch.cuda.max_memory_reserved).

@@ -4,12 +4,13 @@
 //! `aten::nonzero`, ...) stall the host, so the counts show launch and sync overhead on any machine.
 
 use std::collections::BTreeMap;
-use std::ffi::{c_char, CStr};
+use std::ffi::c_char;
+
+use crate::shim::{take_message, take_string};
 
 extern "C" {
     fn vovdet_op_count_start() -> *mut c_char;
     fn vovdet_op_count_stop(out: *mut *mut c_char) -> *mut c_char;
-    fn vovdet_op_count_free(text: *mut c_char);
 }
 
 /// Operators that make the host wait for the device on CUDA (scalar reads, data-dependent output sizes).
@@ -21,28 +22,19 @@ pub const SYNCHRONISING_OPS: [&str; 5] =
 #[error("operator count: {0}")]
 pub struct OpCountError(String);
 
-fn take(text: *mut c_char) -> String {
-    // SAFETY: `text` is a NUL-terminated string malloc'ed by the shim, freed exactly once here.
-    let owned = unsafe { CStr::from_ptr(text) }.to_string_lossy().into_owned();
-    unsafe { vovdet_op_count_free(text) };
-    owned
-}
-
 /// Counts every operator `f` dispatches (on all threads) and returns `f`'s result with the counts by name.
 pub fn count_ops<T>(f: impl FnOnce() -> T) -> Result<(T, BTreeMap<String, u64>), OpCountError> {
     // SAFETY: plain call; a non-NULL result is an error message.
-    let error = unsafe { vovdet_op_count_start() };
-    if !error.is_null() {
-        return Err(OpCountError(take(error)));
+    if let Some(message) = take_message(unsafe { vovdet_op_count_start() }) {
+        return Err(OpCountError(message));
     }
     let result = f();
     let mut out: *mut c_char = std::ptr::null_mut();
     // SAFETY: the shim sets `out` to a malloc'ed string on success.
-    let error = unsafe { vovdet_op_count_stop(&mut out) };
-    if !error.is_null() {
-        return Err(OpCountError(take(error)));
+    if let Some(message) = take_message(unsafe { vovdet_op_count_stop(&mut out) }) {
+        return Err(OpCountError(message));
     }
-    let text = take(out);
+    let text = take_string(out);
     let counts = text
         .lines()
         .filter_map(|line| line.split_once('\t'))

@@ -47,7 +47,7 @@ char* vovdet_op_count_start() {
   }
 }
 
-// Stops counting and writes "name<TAB>count\n" lines to *out (free with vovdet_op_count_free). NULL on success.
+// Stops counting and writes "name<TAB>count\n" lines to *out (free with vovdet_free_message). NULL on success.
 char* vovdet_op_count_stop(char** out) {
   try {
     if (handle == 0) {
@@ -66,7 +66,5 @@ char* vovdet_op_count_stop(char** out) {
     return vovdet::copy_message(e.what());
   }
 }
-
-void vovdet_op_count_free(char* text) { std::free(text); }
 
 }  // extern "C"

@@ -50,8 +50,6 @@ std::vector<at::Tensor> grads_of(at::Tensor** params, int64_t count) {
 
 extern "C" {
 
-void vovdet_optim_free_message(char* message) { std::free(message); }
-
 // One SGD step over `count` parameters (all with gradients) sharing `weight_decay`, as torch's _multi_tensor_sgd
 // with dampening 0: d = g + wd*p; buf = d (first step) or buf = m*buf + d; d = d + m*buf (Nesterov) or d = buf;
 // p -= lr*d. `buffers[i]` is NULL when parameter i has no momentum buffer yet; the new buffer is returned there

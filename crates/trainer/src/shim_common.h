@@ -1,5 +1,6 @@
 // Shared by the trainer's C++ shims: every C++ exception is caught at the boundary and handed to Rust as a
-// malloc'ed message (NULL means success), which the Rust side frees through the shim's free function.
+// malloc'ed message (NULL means success), which the Rust side frees through
+// vovdet_free_message (shim_common.cpp).
 #pragma once
 
 #include <cstdlib>

@@ -484,17 +484,17 @@ impl Sgd {
 
 /// Safe wrappers over src/optim_shim.cpp (libtorch's `_foreach_*` operators); see there.
 mod multi_tensor {
-    use std::ffi::{c_char, c_int, c_void, CStr};
+    use std::ffi::{c_char, c_int, c_void};
 
     use tch::Tensor;
 
     use super::{SgdParam, SolverError};
+    use crate::shim::take_message;
 
     /// An `at::Tensor*`, which is what tch's `C_tensor*` points to.
     type RawTensor = *mut c_void;
 
     extern "C" {
-        fn vovdet_optim_free_message(message: *mut c_char);
         fn vovdet_sgd_step(
             params: *const RawTensor,
             buffers: *mut RawTensor,
@@ -525,13 +525,7 @@ mod multi_tensor {
 
     /// Turns the shim's result (NULL or a malloc'ed message) into a `Result`.
     fn check(message: *mut c_char) -> Result<(), SolverError> {
-        if message.is_null() {
-            return Ok(());
-        }
-        // SAFETY: a non-NULL result is a NUL-terminated string from malloc, freed exactly once here.
-        let text = unsafe { CStr::from_ptr(message) }.to_string_lossy().into_owned();
-        unsafe { vovdet_optim_free_message(message) };
-        Err(SolverError::Tensor(text))
+        take_message(message).map_or(Ok(()), |text| Err(SolverError::Tensor(text)))
     }
 
     /// One SGD step over `group` (parameters with gradients and the same decay); creates missing buffers.
