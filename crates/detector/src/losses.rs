@@ -1,15 +1,12 @@
 //! Loss helpers shared by the RPN and the box head.
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 /// Summed smooth-L1 loss of `input - target` (detectron2 `smooth_l1_loss`): `|x| - beta / 2` above `beta`,
 /// `x^2 / (2 beta)` below; `beta` under 1e-5 is the L1 loss.
 pub fn smooth_l1_sum(input: &Tensor, target: &Tensor, beta: f64) -> Tensor {
     // fp16/bf16 predictions (under autocast) are compared in float32, as autocast runs torch's smooth_l1_loss.
-    let kind = match input.kind() {
-        Kind::Half | Kind::BFloat16 => Kind::Float,
-        kind => kind,
-    };
+    let kind = crate::ops::widened_kind(input.kind());
     let diff = (input.to_kind(kind) - target.to_kind(kind)).abs();
     if beta < 1e-5 {
         diff.sum(diff.kind())

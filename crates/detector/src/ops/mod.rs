@@ -18,3 +18,12 @@ pub use masks::{
 pub use matcher::{subsample_labels, Matcher, MatcherError};
 pub use nms::{batched_nms, nms};
 pub use roi_align::{roi_align, LevelMapping, PyramidRows, RoiPooler};
+
+/// The kind an operator computes in for inputs of `kind`: float32 for half and bfloat16 (what autocast does for
+/// RoIAlign and the regression losses, which lose too much in 16 bits), otherwise `kind` itself.
+pub(crate) fn widened_kind(kind: tch::Kind) -> tch::Kind {
+    match kind {
+        tch::Kind::Half | tch::Kind::BFloat16 => tch::Kind::Float,
+        kind => kind,
+    }
+}

@@ -60,10 +60,7 @@ impl PyramidRows {
         let [batch, channels, ..] = first.size()[..] else {
             panic!("roi_align expects maps of shape [N, C, H, W], got {:?}", first.size())
         };
-        let compute_kind = match first.kind() {
-            Kind::Half | Kind::BFloat16 => Kind::Float,
-            kind => kind,
-        };
+        let compute_kind = super::widened_kind(first.kind());
         let (mut heights, mut widths, mut bases) = (Vec::new(), Vec::new(), Vec::new());
         let mut total = 0;
         for map in maps {
