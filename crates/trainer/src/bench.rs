@@ -30,7 +30,8 @@ use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
 use crate::op_count::{count_ops, SYNCHRONISING_OPS};
 use crate::solver::{check_losses, AmpDtype, Solver};
 use crate::train::{
-    build_detector, forward_backward, images_to_channels_last, load_split, to_channels_last, variables_to_channels_last,
+    build_detector, forward_backward, images_to_channels_last, load_train_split, to_channels_last,
+    variables_to_channels_last,
 };
 
 /// Ground-truth instances per synthetic training image.
@@ -435,11 +436,8 @@ pub fn bench_data(config: &Config, options: &BenchOptions) -> anyhow::Result<Ben
     let options = BenchOptions { device: Device::Cpu, ..options.clone() };
     check_options(&options)?;
     start_peak_window(Device::Cpu);
-    let mut train_set = load_split(config, "train", false)?;
+    let train_set = load_train_split(config, false)?;
     let data_config = config.data.as_ref().context("the config has no [data] section")?;
-    if data_config.filter_empty {
-        train_set.filter_for_training();
-    }
     let sampler =
         TrainSampler::new(&train_set, options.batch as usize, 0, 1, data_config.aspect_ratio_grouping, options.seed)?;
     let loader_options = LoaderOptions::from_config(data_config);

@@ -9,12 +9,11 @@ use detector::structures::{preprocess, resize_for_test};
 use detector::MaskRcnn;
 use tch::{nn, Device, Kind, Tensor};
 
-use crate::checkpoint::init_weights;
 use crate::coco_eval::{write_detections, CompressedRle, Detection};
 use crate::config::Config;
 use crate::evaluate::HostDetections;
 use crate::events::encode_png;
-use crate::train::{images_to_channels_last, variables_to_channels_last};
+use crate::train::{images_to_channels_last, load_weights};
 use crate::visualize::{draw, DrawnDetection};
 
 /// Maps the model's contiguous labels to category ids and names.
@@ -74,17 +73,7 @@ pub fn image_id_from_name(path: &Path) -> Option<u64> {
 pub fn load_model(config: &Config, weights: &Path, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
     let vs = nn::VarStore::new(device);
     let model = MaskRcnn::new(&vs.root(), &config.model)?;
-    let missing = init_weights(&vs, weights)?;
-    anyhow::ensure!(
-        missing.is_empty(),
-        "{} lacks {} model variables (e.g. `{}`); convert foreign weights with `trainer convert`",
-        weights.display(),
-        missing.len(),
-        missing[0]
-    );
-    if config.channels_last {
-        variables_to_channels_last(&vs);
-    }
+    load_weights(config, &vs, weights)?;
     Ok((vs, model))
 }
 

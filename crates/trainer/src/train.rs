@@ -114,6 +114,16 @@ pub fn fingerprint(dataset: &CocoDataset) -> String {
     format!("{:016x}", data::rng::mix(&text.bytes().map(u64::from).collect::<Vec<_>>()))
 }
 
+/// The training split as training reads it: [`load_split`], then, with `data.filter_empty`, without the images
+/// that have no non-crowd annotation.
+pub fn load_train_split(config: &Config, progress: bool) -> anyhow::Result<CocoDataset> {
+    let mut train_set = load_split(config, "train", progress)?;
+    if config.data.as_ref().is_some_and(|d| d.filter_empty) {
+        train_set.filter_for_training();
+    }
+    Ok(train_set)
+}
+
 /// Converts the loader's batch into the detector's inputs (each target carries its sampler seed for the
 /// detector's per-image RPN/RoI sampling).
 pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
@@ -363,10 +373,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     }
 
     let quiet = config.log.quiet || !main;
-    let mut train_set = load_split(config, "train", !quiet)?;
-    if config.data.as_ref().is_some_and(|d| d.filter_empty) {
-        train_set.filter_for_training();
-    }
+    let train_set = load_train_split(config, !quiet)?;
     let val_set = Arc::new(load_split(config, "val", !quiet)?);
     let val_annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
     anyhow::ensure!(
@@ -601,6 +608,24 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     Ok(TrainOutcome { iteration, interrupted: false, last_eval })
 }
 
+/// Loads `weights` (a checkpoint folder or a safetensors file with our names) into the model variables of `vs`,
+/// refusing a file that lacks any of them, then lays the convolution weights out channels-last when the config's
+/// `channels_last` is set. For evaluation and prediction, which need every weight.
+pub fn load_weights(config: &Config, vs: &nn::VarStore, weights: &Path) -> anyhow::Result<()> {
+    let missing = init_weights(vs, weights)?;
+    anyhow::ensure!(
+        missing.is_empty(),
+        "{} lacks {} model variables (e.g. `{}`); convert foreign weights with `trainer convert`",
+        weights.display(),
+        missing.len(),
+        missing[0]
+    );
+    if config.channels_last {
+        variables_to_channels_last(vs);
+    }
+    Ok(())
+}
+
 /// `trainer eval`: loads weights (a checkpoint folder or a safetensors file) and evaluates the validation split,
 /// sharded over the ranks of `group` when distributed.
 pub fn evaluate_weights(
@@ -612,17 +637,7 @@ pub fn evaluate_weights(
     let val_set = Arc::new(load_split(config, "val", !config.log.quiet && group.is_main())?);
     let annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
     let (vs, model) = build_detector_in(config, val_set.categories.len(), device, group)?;
-    let missing = init_weights(&vs, weights)?;
-    anyhow::ensure!(
-        missing.is_empty(),
-        "{} lacks {} model variables, e.g. {}",
-        weights.display(),
-        missing.len(),
-        missing[0]
-    );
-    if config.channels_last {
-        variables_to_channels_last(&vs);
-    }
+    load_weights(config, &vs, weights)?;
     let gt = if group.is_main() { Some(GroundTruth::load(&annotations)?) } else { None };
     let results_dir = config.output_dir.join("inference");
     evaluate(&model, config, val_set, gt.as_ref(), device, Some(&results_dir), group)
