@@ -13,21 +13,13 @@ use trainer::train::{build_detector, images_to_channels_last, to_channels_last, 
 
 mod common;
 
-use common::{stderr, temp_dir, tiny_config, trainer};
-
-fn weights(checkpoint: &Path) -> Vec<(String, Tensor)> {
-    let mut tensors = Tensor::read_safetensors(checkpoint.join("model.safetensors")).unwrap();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    tensors
-}
+use common::{checkpoint_weights, metrics, stderr, temp_dir, tiny_config, trainer};
 
 /// Every loss of every logged iteration, by iteration.
 fn losses(run: &Path) -> Vec<BTreeMap<String, f64>> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| {
-            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+    metrics(run)
+        .iter()
+        .map(|record| {
             record
                 .as_object()
                 .unwrap()
@@ -56,8 +48,7 @@ fn channels_last_training_matches_the_standard_layout_and_resumes_exactly() {
     train(&config, &standard, &[]);
     // Evaluation at the end runs channels-last too.
     train(&config, &nhwc, &["--set", "channels_last=true", "--set", "eval.at_end=true"]);
-    let evaluated = std::fs::read_to_string(nhwc.join("metrics.jsonl")).unwrap();
-    let last: serde_json::Value = serde_json::from_str(evaluated.lines().last().unwrap()).unwrap();
+    let last = metrics(&nhwc).pop().unwrap();
     assert!(last["segm/AP"].is_number() && last["bbox/AP"].is_number(), "{last}");
 
     let (a, b) = (losses(&standard), losses(&nhwc));
@@ -73,7 +64,8 @@ fn channels_last_training_matches_the_standard_layout_and_resumes_exactly() {
     // The checkpoint holds the standard layout: the same weights as the standard run up to rounding (a raw
     // channels-last dump would permute every 3x3 kernel, changing values by about their size, ~0.1). Summation
     // order alone (1 vs 2 threads in the standard layout) moves them by up to ~5e-6 after these 4 steps.
-    let (wa, wb) = (weights(&standard.join("model_0000004")), weights(&nhwc.join("model_0000004")));
+    let (wa, wb) =
+        (checkpoint_weights(&standard.join("model_0000004")), checkpoint_weights(&nhwc.join("model_0000004")));
     assert_eq!(wa.len(), wb.len());
     for ((name, ta), (name_b, tb)) in wa.iter().zip(&wb) {
         assert_eq!(name, name_b);
@@ -85,7 +77,7 @@ fn channels_last_training_matches_the_standard_layout_and_resumes_exactly() {
     let resumed = dir.join("resumed");
     train(&config, &resumed, &["--set", "channels_last=true", "--set", "solver.max_iter=2"]);
     train(&config, &resumed, &["--set", "channels_last=true", "--resume"]);
-    for ((name, ta), (_, tb)) in wb.iter().zip(&weights(&resumed.join("model_0000004"))) {
+    for ((name, ta), (_, tb)) in wb.iter().zip(&checkpoint_weights(&resumed.join("model_0000004"))) {
         assert!(ta.equal(tb), "{name} differs after a channels-last resume");
     }
     assert_eq!(losses(&nhwc), losses(&resumed));

@@ -7,11 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use tch::Tensor;
-
 mod common;
 
-use common::{repo_root, stderr, temp_dir, tiny_config};
+use common::{checkpoint_weights, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, wait_for};
 
 /// The tiny GN Mask R-CNN of the training tests (8 synthetic 64-pixel images), set up for the equivalence test
 /// (see `batch_split_over_processes_and_micro_batches_matches_one_batch`): every loss normalised by a per-image
@@ -63,30 +61,8 @@ fn run(args: &[&str]) -> std::process::Output {
     command(args).output().unwrap()
 }
 
-fn weights(checkpoint: &Path) -> Vec<(String, Tensor)> {
-    let mut tensors = Tensor::read_safetensors(checkpoint.join("model.safetensors")).unwrap();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    tensors
-}
-
 fn total_losses(run_dir: &Path) -> Vec<f64> {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap()["total_loss"].as_f64().unwrap())
-        .collect()
-}
-
-fn metrics_lines(run_dir: &Path) -> usize {
-    std::fs::read_to_string(run_dir.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
-}
-
-fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    metrics(run_dir).iter().map(|record| record["total_loss"].as_f64().unwrap()).collect()
 }
 
 fn free_port() -> u16 {
@@ -116,11 +92,11 @@ fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
         let output = run(&args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));
     }
-    let reference = weights(&outputs[0].join("model_0000010"));
+    let reference = checkpoint_weights(&outputs[0].join("model_0000010"));
     let reference_losses = total_losses(&outputs[0]);
     assert_eq!(reference_losses.len(), 10);
     for out in &outputs[1..] {
-        let other = weights(&out.join("model_0000010"));
+        let other = checkpoint_weights(&out.join("model_0000010"));
         assert_eq!(reference.len(), other.len());
         for ((name, a), (other_name, b)) in reference.iter().zip(&other) {
             assert_eq!(name, other_name);
@@ -149,8 +125,9 @@ fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
         let output = run(&args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));
     }
-    for ((name, a), (_, b)) in
-        weights(&outputs[1].join("model_0000010")).iter().zip(&weights(&resumed.join("model_0000010")))
+    for ((name, a), (_, b)) in checkpoint_weights(&outputs[1].join("model_0000010"))
+        .iter()
+        .zip(&checkpoint_weights(&resumed.join("model_0000010")))
     {
         assert!(a.equal(b), "{name} differs after a distributed resume");
     }

@@ -3,19 +3,11 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-
-use tch::Tensor;
+use std::time::Duration;
 
 mod common;
 
-use common::{repo_root, stderr, temp_dir, tiny_config, trainer};
-
-fn weights(checkpoint: &Path) -> Vec<(String, Tensor)> {
-    let mut tensors = Tensor::read_safetensors(checkpoint.join("model.safetensors")).unwrap();
-    tensors.sort_by(|a, b| a.0.cmp(&b.0));
-    tensors
-}
+use common::{checkpoint_weights, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, trainer, wait_for};
 
 #[test]
 fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
@@ -32,8 +24,8 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert!(stderr(&output).contains("resumed from"), "{}", stderr(&output));
 
-    let a = weights(&straight.join("model_0000006"));
-    let b = weights(&resumed.join("model_0000006"));
+    let a = checkpoint_weights(&straight.join("model_0000006"));
+    let b = checkpoint_weights(&resumed.join("model_0000006"));
     assert_eq!(a.len(), b.len());
     for ((name_a, ta), (name_b, tb)) in a.iter().zip(&b) {
         assert_eq!(name_a, name_b);
@@ -41,17 +33,13 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     }
     // The logged losses and learning rates of every iteration match too (timings naturally differ).
     let records = |p: &Path| -> Vec<serde_json::Value> {
-        std::fs::read_to_string(p.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .map(|line| {
-                let mut record: serde_json::Value = serde_json::from_str(line).unwrap();
-                for timing in ["time", "data_time", "images_per_second"] {
-                    record.as_object_mut().unwrap().remove(timing);
-                }
-                record
-            })
-            .collect()
+        let mut records = metrics(p);
+        for record in &mut records {
+            for timing in ["time", "data_time", "images_per_second"] {
+                record.as_object_mut().unwrap().remove(timing);
+            }
+        }
+        records
     };
     assert_eq!(records(&straight).len(), 6);
     assert_eq!(records(&straight), records(&resumed));
@@ -77,8 +65,7 @@ fn evaluation_writes_results_metrics_and_tensorboard_images() {
     assert!(stdout.contains("Evaluation results for segm:"), "{stdout}");
     assert!(stdout.contains(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ] ="), "{stdout}");
     assert!(out.join("inference/coco_instances_results.json").is_file());
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let last = metrics(&out).pop().unwrap();
     assert!(last["segm/AP"].is_number() && last["bbox/AP50"].is_number(), "{last}");
 
     // Standalone evaluation of the saved checkpoint gives the same numbers.
@@ -127,11 +114,7 @@ fn sigint_saves_a_checkpoint_and_exits_cleanly() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while !std::fs::read_to_string(out.join("metrics.jsonl")).is_ok_and(|m| m.lines().count() >= 2) {
-        assert!(start.elapsed() < Duration::from_secs(240), "training never logged");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_for("training to log 2 iterations", Duration::from_secs(240), || metrics_lines(&out) >= 2);
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let output = child.wait_with_output().unwrap();
@@ -215,10 +198,9 @@ fn mixed_precision_trains_in_fp16_and_bf16() {
         args.extend_from_slice(amp);
         let output = trainer(&args);
         assert!(output.status.success(), "{name}: {}", stderr(&output));
-        let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-        let records: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let records = metrics(&out);
         assert_eq!(records.len(), 3, "{name}");
-        assert!(records.iter().all(|r| r["total_loss"].as_f64().is_some_and(f64::is_finite)), "{name}: {metrics}");
+        assert!(records.iter().all(|r| r["total_loss"].as_f64().is_some_and(f64::is_finite)), "{name}: {records:?}");
         records[0].clone()
     };
     let float32 = first_losses("fp32", &[]);
@@ -269,8 +251,7 @@ fn coco_tiny_smoke_trains_and_evaluates_on_real_coco_data() {
         "device=\"cpu\"",
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
-    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    let last = metrics(&out).pop().unwrap();
     assert!(last["bbox/AP"].is_number() && last["segm/AP"].is_number(), "{last}");
     assert!(out.join("model_0000002/model.safetensors").is_file());
 }

@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use tch::Tensor;
 
 /// The repository root (the binary runs there, so relative config paths resolve as for users).
 pub fn repo_root() -> PathBuf {
@@ -24,6 +27,33 @@ impl std::ops::Deref for TestDir {
 /// A fresh [`TestDir`] whose name starts with `tag`.
 pub fn temp_dir(tag: &str) -> TestDir {
     TestDir(tempfile::Builder::new().prefix(&format!("vovdet-trainer-{tag}-")).tempdir().unwrap())
+}
+
+/// The model tensors of a checkpoint folder, sorted by name.
+pub fn checkpoint_weights(checkpoint: &Path) -> Vec<(String, Tensor)> {
+    let mut tensors = Tensor::read_safetensors(checkpoint.join("model.safetensors")).unwrap();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    tensors
+}
+
+/// Every record of a run folder's `metrics.jsonl`, in order.
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines().map(|line| serde_json::from_str(line).unwrap()).collect()
+}
+
+/// Lines of a run folder's `metrics.jsonl` so far (0 before it exists), for polling a running trainer.
+pub fn metrics_lines(run: &Path) -> usize {
+    std::fs::read_to_string(run.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0)
+}
+
+/// Polls `done` every 100 ms; fails the test naming `what` when `limit` passes first.
+pub fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Runs `trainer` with `args` from the repository root.
