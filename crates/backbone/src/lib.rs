@@ -45,6 +45,9 @@ pub enum BackboneError {
          (or \"BN\"/\"SyncBN\"), or give pretrained weights"
     )]
     ScratchFrozen(String),
+    /// `stride_in_1x1` set for a network that is not a ResNet.
+    #[error("model.backbone.stride_in_1x1 applies to ResNets only, not to `{0}`")]
+    StrideIn1x1(String),
     /// An unknown output name in `out_features`.
     #[error("model.backbone.out_features: unknown output `{name}`; valid outputs: {valid}")]
     UnknownFeature { name: String, valid: String },
@@ -94,6 +97,11 @@ pub struct BackboneConfig {
     /// Outputs handed to the FPN.
     #[serde(default = "default_out_features")]
     pub out_features: Vec<String>,
+    /// ResNet only: the stride of each stage's first block on its 1x1 convolution instead of the 3x3 (MSRA's
+    /// original ResNet, detectron2's `RESNETS.STRIDE_IN_1X1 = True`, the layout of detectron2's ImageNet-
+    /// pretrained model-zoo checkpoints); false is torchvision's layout and detectron2's scratch recipe.
+    #[serde(default)]
+    pub stride_in_1x1: bool,
 }
 
 impl BackboneConfig {
@@ -108,6 +116,7 @@ impl BackboneConfig {
             gn_groups: default_gn_groups(),
             freeze_at: 0,
             out_features: default_out_features(),
+            stride_in_1x1: false,
         }
     }
 
@@ -171,6 +180,9 @@ impl Backbone {
         if config.freeze_at > 5 {
             return Err(BackboneError::FreezeAt(config.freeze_at));
         }
+        if config.stride_in_1x1 && resnet::resnet_depths(&config.name).is_none() {
+            return Err(BackboneError::StrideIn1x1(config.name.clone()));
+        }
         let norm = NormSpec { kind: config.norm, gn_groups: config.gn_groups, reducer };
         let v2 = config.version >= 2;
         let network = if let Some(spec) = vovnet::vovnet_spec(&config.name) {
@@ -178,7 +190,7 @@ impl Backbone {
             let identity = config.identity.unwrap_or(v2);
             Network::VoVNet(VoVNet::new(path, spec, ese, identity, &norm)?, *spec)
         } else if let Some(depths) = resnet::resnet_depths(&config.name) {
-            Network::ResNet(ResNet::new(path, depths, &norm)?)
+            Network::ResNet(ResNet::new(path, depths, config.stride_in_1x1, &norm)?)
         } else if let Some(spec) = densenet::densenet_spec(&config.name) {
             Network::DenseNet(DenseNet::new(path, spec, &norm)?)
         } else {
@@ -242,7 +254,8 @@ impl Backbone {
     pub fn external_name(&self, format: WeightFormat, ours: &str) -> Option<String> {
         match (&self.network, format) {
             (_, WeightFormat::Vovdet) => Some(ours.to_string()),
-            (Network::VoVNet(_, spec), WeightFormat::VovnetDetectron2) => weights::vovnet_d2_name(ours, spec.depthwise),
+            (Network::VoVNet(_, spec), WeightFormat::Detectron2) => weights::vovnet_d2_name(ours, spec.depthwise),
+            (Network::ResNet(_), WeightFormat::Detectron2) => weights::detectron2_resnet_name(ours),
             (Network::ResNet(_), WeightFormat::Torchvision) => weights::torchvision_resnet_name(ours),
             (Network::DenseNet(_), WeightFormat::Torchvision) => weights::torchvision_densenet_name(ours),
             _ => None,

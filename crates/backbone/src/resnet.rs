@@ -17,7 +17,8 @@ pub fn resnet_depths(name: &str) -> Option<[i64; 4]> {
     }
 }
 
-/// 1x1 → 3x3 (stride) → 1x1 with a projection shortcut where the shape changes.
+/// 1x1 → 3x3 → 1x1 with the stride on the 3x3 (or on the first 1x1, MSRA's layout) and a projection shortcut
+/// where the shape changes.
 #[derive(Debug)]
 struct Bottleneck {
     conv1: ConvNorm,
@@ -33,18 +34,20 @@ impl Bottleneck {
         width: i64,
         cout: i64,
         stride: i64,
+        stride_in_1x1: bool,
         norm: &NormSpec,
     ) -> Result<Self, BackboneError> {
         let opts = ConvOpts { init: ConvInit::MsraFanOut, ..Default::default() };
         let strided = ConvOpts { stride, ..opts };
+        let (opts1, opts2) = if stride_in_1x1 { (strided, opts) } else { (opts, strided) };
         let shortcut = if cin != cout || stride != 1 {
             Some(ConvNorm::new(&path.sub("shortcut"), "conv", "norm", cin, cout, 1, strided, norm, false)?)
         } else {
             None
         };
         Ok(Bottleneck {
-            conv1: ConvNorm::new(path, "conv1", "norm1", cin, width, 1, opts, norm, true)?,
-            conv2: ConvNorm::new(path, "conv2", "norm2", width, width, 3, strided, norm, true)?,
+            conv1: ConvNorm::new(path, "conv1", "norm1", cin, width, 1, opts1, norm, true)?,
+            conv2: ConvNorm::new(path, "conv2", "norm2", width, width, 3, opts2, norm, true)?,
             conv3: ConvNorm::new(path, "conv3", "norm3", width, cout, 1, opts, norm, false)?,
             shortcut,
         })
@@ -69,8 +72,14 @@ pub struct ResNet {
 }
 
 impl ResNet {
-    /// Builds a ResNet with `depths` blocks per stage under `path` (variables `stem.*`, `stage2.*` ..).
-    pub fn new(path: &nn::Path, depths: [i64; 4], norm: &NormSpec) -> Result<ResNet, BackboneError> {
+    /// Builds a ResNet with `depths` blocks per stage under `path` (variables `stem.*`, `stage2.*` ..), with the
+    /// stride of a stage's first block on its 1x1 convolution when `stride_in_1x1`.
+    pub fn new(
+        path: &nn::Path,
+        depths: [i64; 4],
+        stride_in_1x1: bool,
+        norm: &NormSpec,
+    ) -> Result<ResNet, BackboneError> {
         let stem_opts = ConvOpts { stride: 2, init: ConvInit::MsraFanOut, ..Default::default() };
         let stem = ConvNorm::new(&path.sub("stem"), "conv", "norm", 3, 64, 7, stem_opts, norm, true)?;
         let mut specs = vec![FeatureSpec { name: "stem".into(), stride: 4, channels: 64 }];
@@ -83,7 +92,7 @@ impl ResNet {
             let mut blocks = Vec::new();
             for b in 0..count {
                 let stride = if b == 0 && i > 0 { 2 } else { 1 };
-                blocks.push(Bottleneck::new(&stage_path.sub(b), cin, width, cout, stride, norm)?);
+                blocks.push(Bottleneck::new(&stage_path.sub(b), cin, width, cout, stride, stride_in_1x1, norm)?);
                 cin = cout;
             }
             stages.push(blocks);

@@ -20,8 +20,11 @@ use crate::BackboneError;
 pub enum WeightFormat {
     /// Our own names (checkpoints written by vovdet).
     Vovdet,
-    /// The VoVNet authors' detectron2 code (`stem.stem_1/conv.weight`, `stage4.OSA4_2.ese.fc.bias`, ...).
-    VovnetDetectron2,
+    /// detectron2: the VoVNet authors' vovnet-detectron2 / CenterMask names for VoVNet
+    /// (`stem.stem_1/conv.weight`, `stage4.OSA4_2.ese.fc.bias`, ...), detectron2's own for ResNet
+    /// (`stem.conv1.norm.weight`, `res2.0.conv1.weight`, `res3.0.shortcut.weight`, ...). Parsed from `detectron2`
+    /// or `vovnet-detectron2`.
+    Detectron2,
     /// torchvision (`conv1.weight`, `layer1.0.bn1.running_mean`, `features.denseblock1.denselayer1.conv1.weight`,
     /// ...).
     Torchvision,
@@ -32,9 +35,11 @@ impl FromStr for WeightFormat {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "vovdet" => Ok(WeightFormat::Vovdet),
-            "vovnet-detectron2" => Ok(WeightFormat::VovnetDetectron2),
+            "detectron2" | "vovnet-detectron2" => Ok(WeightFormat::Detectron2),
             "torchvision" => Ok(WeightFormat::Torchvision),
-            _ => Err(format!("unknown weight format `{s}`; valid formats: vovdet, vovnet-detectron2, torchvision")),
+            _ => Err(format!(
+                "unknown weight format `{s}`; valid formats: vovdet, detectron2 (or vovnet-detectron2), torchvision"
+            )),
         }
     }
 }
@@ -43,7 +48,7 @@ impl fmt::Display for WeightFormat {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             WeightFormat::Vovdet => "vovdet",
-            WeightFormat::VovnetDetectron2 => "vovnet-detectron2",
+            WeightFormat::Detectron2 => "detectron2",
             WeightFormat::Torchvision => "torchvision",
         })
     }
@@ -182,6 +187,31 @@ pub fn torchvision_resnet_name(ours: &str) -> Option<String> {
     }
 }
 
+/// Our ResNet name → detectron2's (`build_resnet_backbone`): the stem is `stem.conv1`, stage K is `resK`, and
+/// each norm lives under its convolution (`res2.0.conv1.norm.weight`, `res3.0.shortcut.norm.bias`).
+pub fn detectron2_resnet_name(ours: &str) -> Option<String> {
+    let parts: Vec<&str> = ours.split('.').collect();
+    match parts.as_slice() {
+        ["stem", "conv", param] => Some(format!("stem.conv1.{param}")),
+        ["stem", "norm", param] => Some(format!("stem.conv1.norm.{param}")),
+        [stage, block, rest @ ..] => {
+            let s: usize = stage.strip_prefix("stage")?.parse().ok().filter(|s| (2..=5).contains(s))?;
+            let unit = format!("res{s}.{block}");
+            match rest {
+                ["shortcut", "conv", param] => Some(format!("{unit}.shortcut.{param}")),
+                ["shortcut", "norm", param] => Some(format!("{unit}.shortcut.norm.{param}")),
+                [part, param] => match (part.strip_prefix("conv"), part.strip_prefix("norm")) {
+                    (Some(j), _) => Some(format!("{unit}.conv{j}.{param}")),
+                    (_, Some(j)) => Some(format!("{unit}.conv{j}.norm.{param}")),
+                    _ => None,
+                },
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
 /// Our DenseNet name → torchvision's `densenet121/169/201/161` state-dict name. A transition's norm is our
 /// `stageK.norm` (K = 2..4; `stage5.norm` is `norm5`) and its convolution our `stageK+1.transition.conv`; dense
 /// layers are numbered from 0 here and from 1 in torchvision.
@@ -245,6 +275,22 @@ mod tests {
         for (ours, theirs) in cases {
             assert_eq!(torchvision_resnet_name(ours).as_deref(), Some(theirs), "{ours}");
         }
+    }
+
+    #[test]
+    fn resnet_names_follow_detectron2() {
+        let cases = [
+            ("stem.conv.weight", "stem.conv1.weight"),
+            ("stem.norm.running_var", "stem.conv1.norm.running_var"),
+            ("stage2.0.conv1.weight", "res2.0.conv1.weight"),
+            ("stage5.2.norm3.bias", "res5.2.conv3.norm.bias"),
+            ("stage3.0.shortcut.conv.weight", "res3.0.shortcut.weight"),
+            ("stage3.0.shortcut.norm.weight", "res3.0.shortcut.norm.weight"),
+        ];
+        for (ours, theirs) in cases {
+            assert_eq!(detectron2_resnet_name(ours).as_deref(), Some(theirs), "{ours}");
+        }
+        assert_eq!(detectron2_resnet_name("stage6.0.conv1.weight"), None);
     }
 
     #[test]

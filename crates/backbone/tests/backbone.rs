@@ -186,7 +186,7 @@ fn mismatched_and_truncated_weight_files_are_reported_by_name() {
     // Names in vovnet-detectron2 layout with one tensor of the wrong shape, one missing and one extra.
     let mut tensors: Vec<(String, Tensor)> = targets
         .iter()
-        .map(|(ours, t)| (backbone.external_name(WeightFormat::VovnetDetectron2, ours).unwrap(), t.copy()))
+        .map(|(ours, t)| (backbone.external_name(WeightFormat::Detectron2, ours).unwrap(), t.copy()))
         .filter(|(name, _)| name != "stage5.OSA5_1.ese.fc.bias")
         .collect();
     for (name, tensor) in tensors.iter_mut() {
@@ -199,7 +199,7 @@ fn mismatched_and_truncated_weight_files_are_reported_by_name() {
     let path = dir.path().join("bad.safetensors");
     Tensor::write_safetensors(&tensors, &path).unwrap();
     let source = read_safetensors(&path).unwrap();
-    let external = |ours: &str| backbone.external_name(WeightFormat::VovnetDetectron2, ours);
+    let external = |ours: &str| backbone.external_name(WeightFormat::Detectron2, ours);
     let message = assign(&path, &targets, source, "", external).unwrap_err().to_string();
     assert!(message.contains("bad.safetensors"), "{message}");
     assert!(message.contains("1 missing: stage5.OSA5_1.ese.fc.bias"), "{message}");

@@ -50,7 +50,7 @@ fn check_vovnet(name: &str, version: &str, norm: &str, groups: i64) {
     config.version = if version == "V2" { 2 } else { 1 };
     config.norm = if norm == "GN" { NormKind::GN } else { NormKind::BN };
     config.gn_groups = groups;
-    let (vs, backbone) = import(&config, WeightFormat::VovnetDetectron2, &path);
+    let (vs, backbone) = import(&config, WeightFormat::Detectron2, &path);
     let params: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
     assert_eq!(params, reference["param_count"].int64_value(&[0]), "{name} parameter count");
 

@@ -41,6 +41,14 @@ pub enum DetectorError {
     /// A matcher built from invalid thresholds.
     #[error("model matcher: {0}")]
     Matcher(#[from] ops::MatcherError),
+    /// Variables that another framework's layout has no name for (exporting a model it cannot express).
+    #[error("the model cannot be written with {format}'s names: no equivalent for {names}")]
+    NoExternalName {
+        /// The target layout.
+        format: String,
+        /// Our variable names without an equivalent.
+        names: String,
+    },
     /// Inputs or ground truth the model cannot use.
     #[error("{0}")]
     Input(String),
