@@ -2,7 +2,8 @@
 //! max 1333) + flip + target transforms + batching (normalise, pad to 32) on a COCO split.
 //!
 //! `cargo run --release -p data --example bench_loader -- [--workers N] [--batches B] [--batch-size S] [--root DIR]`
-//! (default root: `<repo>/../shared/datasets/coco-tiny`, train split).
+//! (train split of `--root`, a COCO layout with `annotations/instances_train2017.json` and `train2017/`; default: the
+//! repository's 7-image fixture `tests/data/coco-mini`; `crates/data/README.md`'s numbers are on coco-tiny's 80).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -17,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let batches: usize = value("--batches").map_or(Ok(80), |v| v.parse())?;
     let batch_size: usize = value("--batch-size").map_or(Ok(2), |v| v.parse())?;
     let root = value("--root").map_or_else(
-        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/coco-tiny"),
+        || std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/data/coco-mini"),
         std::path::PathBuf::from,
     );
     let dataset = Arc::new(CocoDataset::load(

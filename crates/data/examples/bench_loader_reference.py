@@ -64,7 +64,7 @@ def main():
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batches", type=int, default=80)
     parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "../../../../shared/datasets/coco-tiny"))
+    parser.add_argument("--root", default=os.path.join(os.path.dirname(__file__), "../../../tests/data/coco-mini"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     warmup = args.workers * 2

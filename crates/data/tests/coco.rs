@@ -1,35 +1,24 @@
-//! Dataset loading on coco-tiny, configuration parsing, and the clear error of every bad input.
+//! Dataset loading on the coco-mini fixture, configuration parsing, and the clear error of every bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 
 use data::coco::{check, verify_image_file, CocoDataset, LoadOptions, Segmentation};
 use data::config::{DataConfig, InputConfig, MissingImagePolicy, OneOrMany, SplitConfig};
 use data::DataError;
 
-fn coco_tiny() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/datasets/coco-tiny");
-    assert!(root.is_dir(), "coco-tiny missing at {}", root.display());
-    root
-}
-
-fn load_tiny(split: &str) -> CocoDataset {
-    let root = coco_tiny();
-    CocoDataset::load(
-        &root.join(format!("annotations/instances_{split}2017.json")),
-        &root.join(format!("{split}2017")),
-        LoadOptions::default(),
-    )
-    .unwrap()
-}
-
+/// The counts below are those of `tests/data/coco-mini/annotations/*.json` (see its PROVENANCE.md): train has 7
+/// images, 84 annotations, 1 crowd region (image 204805) and a 7-part polygon (image 180239); val has 7 images
+/// and 4 crowd regions. Both files list all 80 COCO categories.
 #[test]
-fn coco_tiny_loads_with_crowd_rle_and_multipart_polygons() {
-    let train = load_tiny("train");
-    assert_eq!(train.images.len(), 80);
+fn coco_mini_loads_with_crowd_rle_multipart_polygons_and_a_grayscale_jpeg() {
+    let train = common::load_mini("train");
+    assert_eq!(train.images.len(), 7);
     let annotations: Vec<_> = train.images.iter().flat_map(|r| &r.annotations).collect();
-    assert_eq!(annotations.len() + train.stats.dropped_empty_boxes, 705);
+    assert_eq!(annotations.len() + train.stats.dropped_empty_boxes, 84);
     let crowd: Vec<_> = annotations.iter().filter(|a| a.iscrowd).collect();
-    assert_eq!(crowd.len(), 6);
+    assert_eq!(crowd.len(), 1);
     assert!(crowd.iter().all(|a| matches!(a.segmentation, Some(Segmentation::Rle(_)))));
     let max_parts = annotations
         .iter()
@@ -39,7 +28,7 @@ fn coco_tiny_loads_with_crowd_rle_and_multipart_polygons() {
         })
         .max()
         .unwrap();
-    assert!(max_parts > 1, "coco-tiny has multi-part polygons");
+    assert_eq!(max_parts, 7, "image 180239 has a 7-part polygon");
     assert_eq!(train.categories.len(), 80);
     assert_eq!(train.categories.label(1), Some(0));
     assert_eq!(train.categories.label(90), Some(79));
@@ -52,10 +41,16 @@ fn coco_tiny_loads_with_crowd_rle_and_multipart_polygons() {
         _ => unreachable!(),
     };
     assert!(hotcoco::mask::area(rle) > 0);
-    let val = load_tiny("val");
-    assert_eq!(val.images.len(), 80);
+    // Image 204805 is a single-channel JPEG: it decodes to RGB with three equal channels at the JSON's size.
+    let gray = train.images.iter().find(|r| r.image_id == 204805).unwrap();
+    verify_image_file(gray, true).unwrap();
+    let decoded = data::transform::decode_rgb(&gray.file).unwrap();
+    assert_eq!((decoded.width, decoded.height), (500, 346));
+    assert!(decoded.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]));
+    let val = common::load_mini("val");
+    assert_eq!(val.images.len(), 7);
     let (_, val_crowd) = val.instance_counts();
-    assert_eq!(val_crowd, 11);
+    assert_eq!(val_crowd, 4);
 }
 
 #[test]

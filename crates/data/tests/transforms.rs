@@ -22,8 +22,8 @@ fn our_rle(mask: &InstanceMask, height: u32, width: u32) -> String {
 
 #[test]
 fn transformed_masks_equal_pycocotools_of_transformed_annotations() {
-    let dataset = common::load_tiny("train");
-    let annotation_file = common::coco_tiny().join("annotations/instances_train2017.json");
+    let dataset = common::load_mini("train");
+    let annotation_file = common::coco_mini().join("annotations/instances_train2017.json");
     // Images with crowd RLE or multi-part polygons, plus a few plain ones.
     let chosen: Vec<_> = dataset
         .images
@@ -90,7 +90,7 @@ fn transformed_masks_equal_pycocotools_of_transformed_annotations() {
 
 #[test]
 fn flipping_twice_is_identity() {
-    let dataset = common::load_tiny("val");
+    let dataset = common::load_mini("val");
     let record = &dataset.images[3];
     let (h, w) = (record.height, record.width);
     let flip = Geometry { original: (h, w), resized: (h, w), crop: None, flip: true };

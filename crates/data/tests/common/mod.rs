@@ -8,10 +8,10 @@ pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// `<repo>/../shared/datasets/coco-tiny`, which must exist.
-pub fn coco_tiny() -> PathBuf {
-    let root = repo_root().join("../shared/datasets/coco-tiny");
-    assert!(root.is_dir(), "coco-tiny missing at {}", root.display());
+/// The repository's real-COCO fixture, `<repo>/tests/data/coco-mini` (14 COCO 2017 images; see its PROVENANCE.md).
+pub fn coco_mini() -> PathBuf {
+    let root = repo_root().join("tests/data/coco-mini");
+    assert!(root.is_dir(), "the coco-mini fixture is missing at {}", root.display());
     root
 }
 
@@ -22,9 +22,9 @@ pub fn python() -> PathBuf {
     python
 }
 
-/// Loads a coco-tiny split.
-pub fn load_tiny(split: &str) -> data::CocoDataset {
-    let root = coco_tiny();
+/// Loads a coco-mini split (`"train"` or `"val"`).
+pub fn load_mini(split: &str) -> data::CocoDataset {
+    let root = coco_mini();
     data::CocoDataset::load(
         &root.join(format!("annotations/instances_{split}2017.json")),
         &root.join(format!("{split}2017")),
