@@ -1,5 +1,7 @@
 //! COCO evaluation parity with pycocotools (bbox and segm, crowd regions, tied scores, more than 100 detections
-//! per image) on coco-tiny's val annotations with seeded random detections, and bad-input errors.
+//! per image) on the coco-mini fixture's val annotations with seeded random detections, and bad-input errors.
+
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,10 +18,7 @@ fn python() -> PathBuf {
 }
 
 fn ground_truth() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/datasets/coco-tiny/annotations/instances_val2017.json");
-    assert!(path.exists(), "{} is missing (the shared coco-tiny dataset)", path.display());
-    path
+    common::coco_mini().join("annotations/instances_val2017.json")
 }
 
 #[test]

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 mod common;
 
-use common::{checkpoint_weights, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, trainer, wait_for};
+use common::{
+    checkpoint_weights, coco_mini, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, trainer, wait_for,
+};
 
 #[test]
 fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
@@ -215,18 +217,33 @@ fn mixed_precision_trains_in_fp16_and_bf16() {
     }
 }
 
-/// The CI smoke version of the coco-tiny overfit run (`configs/coco_tiny_overfit.toml`): real COCO images,
-/// 80 classes, crowd regions and multi-part polygons go through training, checkpointing and COCO evaluation.
+/// The CI smoke version of the coco-tiny overfit run (`configs/coco_tiny_overfit.toml`) on the repository's
+/// coco-mini fixture instead of the user-supplied coco-tiny: real COCO images, 80 classes, crowd regions,
+/// multi-part polygons and a single-channel JPEG go through training, checkpointing and COCO evaluation.
 #[test]
 fn coco_tiny_smoke_trains_and_evaluates_on_real_coco_data() {
     let dir = temp_dir("coco-tiny");
     let out = dir.join("run");
+    let fixture = coco_mini();
+    let annotations = format!("data.train.annotations={}", fixture.join("annotations/instances_train2017.json").display());
+    let images = format!("data.train.images={}", fixture.join("train2017").display());
+    // As in the config, evaluation runs on the training images (an overfit check).
+    let val_annotations = annotations.replacen("data.train", "data.val", 1);
+    let val_images = images.replacen("data.train", "data.val", 1);
     let output = trainer(&[
         "train",
         "configs/coco_tiny_overfit.toml",
         "--output",
         out.to_str().unwrap(),
         "--quiet",
+        "--set",
+        &annotations,
+        "--set",
+        &images,
+        "--set",
+        &val_annotations,
+        "--set",
+        &val_images,
         "--set",
         "solver.max_iter=2",
         "--set",

@@ -12,6 +12,13 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
 }
 
+/// The repository's real-COCO fixture, `<repo>/tests/data/coco-mini` (14 COCO 2017 images; see its PROVENANCE.md).
+pub fn coco_mini() -> PathBuf {
+    let path = repo_root().join("tests/data/coco-mini");
+    assert!(path.is_dir(), "the coco-mini fixture is missing at {}", path.display());
+    path
+}
+
 /// A fresh, empty temporary folder for one test; it is removed with everything in it when dropped, so the
 /// suite leaves nothing behind in the system's temporary folder, even when a test fails.
 pub struct TestDir(tempfile::TempDir);
