@@ -1,6 +1,6 @@
 //! Whole-model parity with torchvision: `maskrcnn_resnet50_fpn` (v1) with seeded random weights, built and run by
 //! `tests/python/torchvision_maskrcnn.py` in the repository's `.venv`, its state dict imported into our model
-//! configured by `DetectorConfig::torchvision_maskrcnn_r50_fpn`, both run on real coco-tiny images.
+//! configured by `DetectorConfig::torchvision_maskrcnn_r50_fpn`, both run on real COCO images of the coco-mini fixture.
 
 mod common;
 
@@ -38,7 +38,7 @@ fn matches_torchvision_maskrcnn_resnet50_fpn() {
     command.arg(common::repo_root().join("crates/detector/tests/python/torchvision_maskrcnn.py"));
     command.arg(dir.path()).arg(TORCHVISION_CLASSES.to_string());
     for file in files {
-        command.arg(common::coco_tiny().join("val2017").join(file));
+        command.arg(common::coco_mini().join("val2017").join(file));
     }
     let output = command.output().expect("run the torchvision oracle");
     assert!(output.status.success(), "oracle failed: {}", String::from_utf8_lossy(&output.stderr));

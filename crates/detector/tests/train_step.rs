@@ -1,4 +1,4 @@
-//! Training on two coco-tiny images with the from-scratch V-19/GN recipe: every loss finite over 30 SGD steps,
+//! Training on two coco-mini images with the from-scratch V-19/GN recipe: every loss finite over 30 SGD steps,
 //! `loss_rpn_cls`, `loss_rpn_loc`, `loss_cls` and `loss_mask` decreasing, and a gradient for every trainable
 //! parameter.
 //!

@@ -1,4 +1,4 @@
-//! Shared test helpers: coco-tiny images and their polygon annotations, resized to a small shorter side.
+//! Shared test helpers: coco-mini images and their polygon annotations, resized to a small shorter side.
 
 #![allow(dead_code)]
 
@@ -13,10 +13,10 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// `<repo>/../shared/datasets/coco-tiny`, with a clear failure when it is missing.
-pub fn coco_tiny() -> PathBuf {
-    let path = repo_root().join("../shared/datasets/coco-tiny");
-    assert!(path.is_dir(), "coco-tiny is missing at {}", path.display());
+/// The repository's real-COCO fixture, `<repo>/tests/data/coco-mini` (14 COCO 2017 images; see its PROVENANCE.md).
+pub fn coco_mini() -> PathBuf {
+    let path = repo_root().join("tests/data/coco-mini");
+    assert!(path.is_dir(), "the coco-mini fixture is missing at {}", path.display());
     path
 }
 
@@ -27,21 +27,21 @@ pub struct Sample {
     pub gt: GtInstances,
 }
 
-/// Decodes `train2017/<file>` as a float `[3, H, W]` RGB tensor with values 0..255.
+/// Decodes `<split>/<file>` of coco-mini as a float `[3, H, W]` RGB tensor with values 0..255.
 pub fn load_image(split: &str, file_name: &str) -> Tensor {
-    let path = coco_tiny().join(split).join(file_name);
+    let path = coco_mini().join(split).join(file_name);
     let image = image::open(&path).unwrap_or_else(|e| panic!("cannot decode {}: {e}", path.display())).to_rgb8();
     let (w, h) = image.dimensions();
     Tensor::from_slice(image.as_raw()).view([h as i64, w as i64, 3]).permute([2, 0, 1]).to_kind(Kind::Float)
 }
 
-/// Loads the images with ids `image_ids` from coco-tiny's train split, resized (bilinear) so that the shorter side
+/// Loads the images with ids `image_ids` from coco-mini's train split, resized (bilinear) so that the shorter side
 /// is `short_side`, with their non-crowd polygon annotations scaled alike. Labels are the category's index among
 /// the file's categories sorted by id (0..80).
 pub fn load_train_samples(image_ids: &[i64], short_side: i64) -> Vec<Sample> {
-    let json_path = coco_tiny().join("annotations/instances_train2017.json");
-    let text = std::fs::read_to_string(&json_path).expect("read coco-tiny annotations");
-    let json: serde_json::Value = serde_json::from_str(&text).expect("parse coco-tiny annotations");
+    let json_path = coco_mini().join("annotations/instances_train2017.json");
+    let text = std::fs::read_to_string(&json_path).expect("read coco-mini annotations");
+    let json: serde_json::Value = serde_json::from_str(&text).expect("parse coco-mini annotations");
     let mut category_ids: Vec<i64> =
         json["categories"].as_array().unwrap().iter().map(|c| c["id"].as_i64().unwrap()).collect();
     category_ids.sort();
