@@ -15,7 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         data::MissingImagePolicy::Error
     };
     let start = Instant::now();
-    let options = data::LoadOptions { missing_images, progress: true };
+    let options = data::LoadOptions { missing_images, progress: true, ..Default::default() };
     let dataset = data::CocoDataset::load(annotations.as_ref(), root.as_ref(), options)?;
     let (per_class, crowd) = dataset.instance_counts();
     println!(

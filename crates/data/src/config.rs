@@ -57,16 +57,22 @@ impl SplitConfig {
     }
 }
 
-/// What to do with an image whose file is missing, does not decode, or disagrees with the JSON size.
+/// What to do with an image whose file is missing, truncated or corrupt (does not decode completely), or disagrees
+/// with the JSON size (`data.missing_images`; the name predates the other cases).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum MissingImagePolicy {
     /// Stop with an error naming the file and image id (default).
     #[default]
     Error,
-    /// Drop the image and count it.
+    /// Drop the image with a warning naming it, and count it (printed at the start of training and logged as
+    /// `skipped_images` in the metrics).
     Skip,
 }
+
+/// Most loader worker threads `data.num_workers` accepts. Batches do not depend on the worker count, so more
+/// workers only add threads, memory and contention; thousands of threads exhaust the process instead.
+pub const MAX_NUM_WORKERS: usize = 256;
 
 /// Settings for generating the built-in synthetic dataset on first use (`[data.synth]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,13 +112,17 @@ pub struct DataConfig {
     pub train: SplitConfig,
     /// Validation split.
     pub val: SplitConfig,
-    /// Policy for missing or undecodable images.
+    /// Policy for missing, truncated, corrupt or wrongly sized images.
     #[serde(default)]
     pub missing_images: MissingImagePolicy,
+    /// Accept `file_name`s that leave their image folder (absolute paths, `..` components). Off by default: a
+    /// dataset from elsewhere cannot make the trainer read files outside the configured image roots.
+    #[serde(default)]
+    pub allow_outside_image_root: bool,
     /// Drop training images with no non-crowd annotation (detectron2 default: true).
     #[serde(default = "default_true")]
     pub filter_empty: bool,
-    /// Loader worker threads (0 loads in the calling thread).
+    /// Loader worker threads (0 loads in the calling thread; at most [`MAX_NUM_WORKERS`]).
     #[serde(default = "default_num_workers")]
     pub num_workers: usize,
     /// Batches prepared ahead of the consumer.

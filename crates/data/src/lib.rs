@@ -6,8 +6,11 @@
 //! [`coco::check`] backs `trainer data check`, [`synth::generate`] backs `trainer data synth`.
 
 pub mod batch;
+pub mod check;
 pub mod coco;
+mod coco_json;
 pub mod config;
+pub mod decode;
 pub mod error;
 pub mod loader;
 pub mod rng;

@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, Sender};
 
 use crate::batch::{collate, Batch};
 use crate::coco::CocoDataset;
-use crate::config::{InputConfig, MissingImagePolicy};
+use crate::config::{InputConfig, MissingImagePolicy, MAX_NUM_WORKERS};
 use crate::error::DataError;
 use crate::rng::Rng;
 use crate::sampler::{inference_batches, SampledBatch, SamplerState, TrainSampler};
@@ -174,6 +174,13 @@ impl Loader {
         options: LoaderOptions,
     ) -> Result<Loader, DataError> {
         input.validate()?;
+        if options.num_workers > MAX_NUM_WORKERS {
+            return Err(DataError::Config(format!(
+                "data.num_workers = {} is more than {MAX_NUM_WORKERS}, the most loader threads allowed (batches do \
+                 not depend on the worker count; a few per core is plenty)",
+                options.num_workers
+            )));
+        }
         let shared = Shared { dataset, input, train, missing_images: options.missing_images };
         let mut loader = Loader {
             shared: shared.clone(),
@@ -197,7 +204,13 @@ impl Loader {
                 let handle = std::thread::Builder::new()
                     .name(format!("data-worker-{worker}"))
                     .spawn(move || worker_loop(shared, job_rx, done_tx))
-                    .map_err(|e| DataError::Loader(format!("cannot start worker thread: {e}")))?;
+                    .map_err(|e| {
+                        DataError::Loader(format!(
+                            "cannot start loader worker thread {} of {} ({e}); lower data.num_workers",
+                            worker + 1,
+                            options.num_workers
+                        ))
+                    })?;
                 loader.workers.push(handle);
             }
             loader.jobs = Some(job_tx);

@@ -61,8 +61,23 @@ impl TrainSampler {
         }
         let shard = dataset.images.len() / world_size;
         if shard < batch_size {
+            let stats = &dataset.stats;
+            let mut why = String::new();
+            if stats.filtered_empty_images > 0 {
+                why.push_str(&format!(
+                    "; all other {} images were filtered out as empty by data.filter_empty (no non-crowd \
+                     annotation; {} zero-size boxes were dropped while loading)",
+                    stats.filtered_empty_images, stats.dropped_empty_boxes
+                ));
+            }
+            if !stats.skipped_missing_images.is_empty() {
+                why.push_str(&format!(
+                    "; {} images were skipped as missing (data.missing_images = \"skip\")",
+                    stats.skipped_missing_images.len()
+                ));
+            }
             return Err(DataError::Loader(format!(
-                "{} images over {world_size} ranks cannot fill a batch of {batch_size}",
+                "{} images over {world_size} ranks cannot fill a batch of {batch_size}{why}",
                 dataset.images.len()
             )));
         }

@@ -1,7 +1,5 @@
-//! Decoding, geometric transforms (shorter-side resize, large-scale jitter, horizontal flip) applied identically to
+//! Geometric transforms (shorter-side resize, large-scale jitter, horizontal flip) applied identically to
 //! pixels, boxes, polygons and RLE bitmaps, following detectron2's transform semantics.
-
-use std::path::Path;
 
 use fast_image_resize as fr;
 
@@ -10,27 +8,7 @@ use crate::config::InputConfig;
 use crate::error::DataError;
 use crate::rng::Rng;
 
-/// An 8-bit RGB image, rows of interleaved `r, g, b`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RgbImage {
-    /// Width in pixels.
-    pub width: u32,
-    /// Height in pixels.
-    pub height: u32,
-    /// `height * width * 3` bytes.
-    pub data: Vec<u8>,
-}
-
-/// Decodes a JPEG or PNG file to RGB (format guessed from the content).
-pub fn decode_rgb(path: &Path) -> Result<RgbImage, DataError> {
-    let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
-    let decoded = image::load_from_memory(&bytes).map_err(|e| DataError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("cannot decode image: {e}")),
-    })?;
-    let rgb = decoded.into_rgb8();
-    Ok(RgbImage { width: rgb.width(), height: rgb.height(), data: rgb.into_raw() })
-}
+pub use crate::decode::{decode_rgb, RgbImage};
 
 /// Output (height, width) of detectron2's `ResizeShortestEdge` for a shorter side and a longest-side limit.
 pub fn shortest_edge_size(height: u32, width: u32, short: u32, max_size: u32) -> (u32, u32) {
@@ -404,24 +382,7 @@ pub fn transform_targets(record: &ImageRecord, geometry: &Geometry) -> SampleTar
 
 /// Decodes, checks the size against the JSON and transforms one image with its targets.
 pub fn load_sample(record: &ImageRecord, input: &InputConfig, train: bool, rng: &mut Rng) -> Result<Sample, DataError> {
-    let image = decode_rgb(&record.file).map_err(|e| DataError::ImageFile {
-        file: record.file.clone(),
-        image_id: record.image_id,
-        message: match e {
-            DataError::Io { source, .. } => source.to_string(),
-            other => other.to_string(),
-        },
-    })?;
-    if (image.width, image.height) != (record.width, record.height) {
-        return Err(DataError::ImageFile {
-            file: record.file.clone(),
-            image_id: record.image_id,
-            message: format!(
-                "file is {}x{} but the JSON says {}x{}",
-                image.width, image.height, record.width, record.height
-            ),
-        });
-    }
+    let image = crate::decode::decode_record(record)?;
     let geometry = if train {
         Geometry::train(input, record.height, record.width, rng)
     } else {

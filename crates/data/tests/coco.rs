@@ -122,7 +122,11 @@ impl Fixture {
     }
     fn load(&self, annotations: &str, policy: MissingImagePolicy) -> Result<CocoDataset, DataError> {
         let path = self.json(annotations);
-        CocoDataset::load(&path, &self.dir.path().join("img"), LoadOptions { missing_images: policy, progress: false })
+        CocoDataset::load(
+            &path,
+            &self.dir.path().join("img"),
+            LoadOptions { missing_images: policy, ..LoadOptions::default() },
+        )
     }
 }
 
@@ -214,6 +218,7 @@ fn undecodable_and_wrong_size_images_are_reported() {
         train: split.clone(),
         val: split,
         missing_images: MissingImagePolicy::Error,
+        allow_outside_image_root: false,
         filter_empty: true,
         num_workers: 1,
         prefetch: 1,
@@ -259,6 +264,7 @@ fn load_train_filters_images_without_instances_and_load_val_keeps_them() {
         train: split.clone(),
         val: split,
         missing_images: MissingImagePolicy::Error,
+        allow_outside_image_root: false,
         filter_empty: true,
         num_workers: 0,
         prefetch: 1,
