@@ -12,8 +12,10 @@
 //!
 //! A checkpoint is assembled in `output_dir/.tmp-model_{iteration:07}` (each file fsynced), then the folder is
 //! renamed into place and the parent directory fsynced; the `last_checkpoint` pointer file (holding the folder
-//! name) is replaced the same way. A crash at any point leaves at most a stale `.tmp-*` folder (removed by the next
-//! save), never a half-written checkpoint under a real name. `model_best/` is a copy of the best checkpoint by
+//! name) is replaced the same way. A crash at any point leaves at most a stale `.tmp-*` folder (removed when
+//! training next starts, and by the next save), never a half-written checkpoint under a real name; a save that
+//! fails (a full disk) removes its staging folder at once. Wherever a checkpoint folder is loaded (resume,
+//! `--init-weights`, `eval`/`predict --weights`) its files are checked against the manifest (`manifest.rs`). `model_best/` is a copy of the best checkpoint by
 //! `checkpoint.best_metric`, with `best.json` inside.
 //!
 //! RNG: tch 0.24 can seed libtorch's generators (`tch::manual_seed`) but cannot read their state, so the training
@@ -29,18 +31,16 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Tensor};
 
+use crate::manifest::{corrupt, digest_file, read_manifest, verify_files, weights_file, MANIFEST_FILE, MODEL_FILE};
 use crate::solver::{Solver, SolverScalars, SolverState};
+
+pub use crate::manifest::{FileDigest, Manifest, FORMAT_VERSION};
 
 /// The libtorch version tch 0.24.0 is built against (its build script rejects any other).
 pub const LIBTORCH_VERSION: &str = "2.11.0";
-/// Version of the checkpoint layout described in the module documentation.
-pub const FORMAT_VERSION: u32 = 1;
-
-const MODEL_FILE: &str = "model.safetensors";
 const SOLVER_FILE: &str = "solver.safetensors";
 const STATE_FILE: &str = "state.json";
 const CONFIG_FILE: &str = "config.toml";
-const MANIFEST_FILE: &str = "manifest.json";
 const LAST_POINTER: &str = "last_checkpoint";
 const BEST_FOLDER: &str = "model_best";
 const BEST_FILE: &str = "best.json";
@@ -49,9 +49,15 @@ const TEMP_PREFIX: &str = ".tmp-";
 /// Errors in writing or reading checkpoints; each names the file concerned.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckpointError {
-    /// A file system operation failed.
-    #[error("{path}: {source}")]
+    /// A file system operation failed (the OS error is the source, so a report of the chain prints it once).
+    #[error("{path}")]
     Io { path: String, source: std::io::Error },
+    /// A write failed because the disk (or the user's quota) is full.
+    #[error(
+        "{path}: no space left on device: the disk holding {dir} is full. Free space there, then continue with \
+         --resume: the last complete checkpoint is untouched, and the partial one is removed at the next start"
+    )]
+    DiskFull { path: String, dir: String },
     /// A checkpoint file that is missing, truncated, corrupt or unreadable.
     #[error("checkpoint file {path} is unusable: {message}")]
     Corrupt { path: String, message: String },
@@ -62,16 +68,25 @@ pub enum CheckpointError {
     #[error("no usable checkpoint in {dir}{details}")]
     NothingToResume { dir: String, details: String },
     /// An error from libtorch while writing tensors.
-    #[error("{path}: {source}")]
+    #[error("{path}")]
     Torch { path: String, source: tch::TchError },
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| CheckpointError::Io { path: path.display().to_string(), source }
+/// Whether an OS error means that the disk or the quota is full (ENOSPC, EDQUOT).
+pub fn is_disk_full(error: &std::io::Error) -> bool {
+    matches!(error.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
+        || matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
 }
 
-fn corrupt(path: &Path, message: impl Into<String>) -> CheckpointError {
-    CheckpointError::Corrupt { path: path.display().to_string(), message: message.into() }
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| {
+        if is_disk_full(&source) {
+            let dir = path.parent().unwrap_or(Path::new("."));
+            CheckpointError::DiskFull { path: path.display().to_string(), dir: dir.display().to_string() }
+        } else {
+            CheckpointError::Io { path: path.display().to_string(), source }
+        }
+    }
 }
 
 fn default_period() -> u64 {
@@ -121,36 +136,6 @@ impl Default for CheckpointConfig {
             best_mode: default_best_mode(),
         }
     }
-}
-
-/// The provenance of a checkpoint, and the size and CRC32 of each of its files.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Manifest {
-    /// Layout version ([`FORMAT_VERSION`]).
-    pub format: u32,
-    /// vovdet (trainer crate) version.
-    pub vovdet_version: String,
-    /// `git rev-parse HEAD` of the working directory, when it is a git checkout.
-    pub git_commit: Option<String>,
-    /// libtorch version.
-    pub libtorch_version: String,
-    /// Device the run trained on, e.g. `cpu` or `cuda:0`.
-    pub device: String,
-    /// Fingerprint of the training data, supplied by the data loader.
-    pub dataset_fingerprint: String,
-    /// Seconds since the Unix epoch when the checkpoint was written.
-    pub created_unix: u64,
-    /// File name -> size and checksum.
-    pub files: BTreeMap<String, FileDigest>,
-}
-
-/// Size and CRC32 (IEEE) of one checkpoint file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileDigest {
-    /// Length in bytes.
-    pub bytes: u64,
-    /// CRC32 of the contents.
-    pub crc32: u32,
 }
 
 /// The `state.json` of a checkpoint.
@@ -243,11 +228,6 @@ fn git_commit() -> Option<String> {
     (output.status.success() && !commit.is_empty()).then_some(commit)
 }
 
-fn digest_file(path: &Path) -> Result<FileDigest, CheckpointError> {
-    let bytes = fs::read(path).map_err(io_error(path))?;
-    Ok(FileDigest { bytes: bytes.len() as u64, crc32: crc32fast::hash(&bytes) })
-}
-
 fn sync_file(path: &Path) -> Result<(), CheckpointError> {
     File::open(path).and_then(|f| f.sync_all()).map_err(io_error(path))
 }
@@ -266,8 +246,11 @@ fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), Checkp
     // safetensors stores it: files are the same in either layout.
     let on_cpu: Vec<(String, Tensor)> =
         tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&on_cpu, path)
-        .map_err(|source| CheckpointError::Torch { path: path.display().to_string(), source })?;
+    Tensor::write_safetensors(&on_cpu, path).map_err(|source| match source {
+        // The OS error of a failed write (a full disk) is reported as such, not in libtorch's debug format.
+        tch::TchError::SafeTensorError { err: safetensors::SafeTensorError::IoError(io), .. } => io_error(path)(io),
+        source => CheckpointError::Torch { path: path.display().to_string(), source },
+    })?;
     sync_file(path)
 }
 
@@ -311,35 +294,8 @@ fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
 /// Reads and verifies a checkpoint folder: every file listed in the manifest must exist with its recorded size
 /// and CRC32, and every file must parse.
 pub fn load_checkpoint(folder: &Path) -> Result<LoadedCheckpoint, CheckpointError> {
-    let manifest_path = folder.join(MANIFEST_FILE);
-    if !folder.is_dir() {
-        return Err(corrupt(folder, "not a checkpoint folder"));
-    }
-    let manifest: Manifest = read_json(&manifest_path)?;
-    if manifest.format != FORMAT_VERSION {
-        return Err(corrupt(&manifest_path, format!("format {} (this build reads {FORMAT_VERSION})", manifest.format)));
-    }
-    for required in [MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE] {
-        if !manifest.files.contains_key(required) {
-            return Err(corrupt(&manifest_path, format!("does not list {required}")));
-        }
-    }
-    for (name, expected) in &manifest.files {
-        let path = folder.join(name);
-        let actual = digest_file(&path).map_err(|e| corrupt(&path, e.to_string()))?;
-        if actual.bytes != expected.bytes {
-            return Err(corrupt(
-                &path,
-                format!("{} bytes, the manifest says {} (truncated?)", actual.bytes, expected.bytes),
-            ));
-        }
-        if actual.crc32 != expected.crc32 {
-            return Err(corrupt(
-                &path,
-                format!("CRC32 {:08x}, the manifest says {:08x}", actual.crc32, expected.crc32),
-            ));
-        }
-    }
+    let manifest = read_manifest(folder, &[MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE])?;
+    verify_files(folder, &manifest, None)?;
     let state: TrainingState = read_json(&folder.join(STATE_FILE))?;
     let model = read_tensors(&folder.join(MODEL_FILE))?;
     let solver_tensors = read_tensors(&folder.join(SOLVER_FILE))?;
@@ -410,12 +366,47 @@ pub fn load_weights_into(
     Ok(missing)
 }
 
-/// `--init-weights FILE`: loads weights only, from a checkpoint folder or a `.safetensors` file; returns the
-/// model variables the file did not have.
+/// `--init-weights FILE` (and the weights of `eval` and `predict`): loads weights only, from a checkpoint folder
+/// (verified against its manifest, see [`weights_file`]) or a `.safetensors` file (a note on stderr says that it
+/// cannot be verified); returns the model variables the file did not have.
 pub fn init_weights(vs: &VarStore, path: &Path) -> Result<Vec<String>, CheckpointError> {
-    let file = if path.is_dir() { path.join(MODEL_FILE) } else { path.to_path_buf() };
+    let file = weights_file(path, &mut |note| eprintln!("note: {note}"))?;
     let weights = read_tensors(&file)?;
     load_weights_into(vs, &weights, &file, false)
+}
+
+/// Writes every file of a checkpoint into the staging folder `staged` (each fsynced, the manifest last).
+fn stage(staged: &Path, iteration: u64, contents: &CheckpointContents<'_>) -> Result<(), CheckpointError> {
+    fs::create_dir_all(staged).map_err(io_error(staged))?;
+    write_tensors(&staged.join(MODEL_FILE), contents.model)?;
+    write_tensors(&staged.join(SOLVER_FILE), &contents.solver.tensors)?;
+    let state = TrainingState {
+        iteration,
+        solver: contents.solver.scalars.clone(),
+        sampler: contents.sampler.clone(),
+        rng: contents.rng.clone(),
+    };
+    let state_text = serde_json::to_string_pretty(&state).expect("training state serialises to JSON");
+    write_synced(&staged.join(STATE_FILE), state_text.as_bytes())?;
+    write_synced(&staged.join(CONFIG_FILE), contents.config_toml.as_bytes())?;
+    let mut files = BTreeMap::new();
+    for file in [MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE] {
+        files.insert(file.to_string(), digest_file(&staged.join(file))?);
+    }
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        vovdet_version: env!("CARGO_PKG_VERSION").to_string(),
+        git_commit: git_commit(),
+        libtorch_version: LIBTORCH_VERSION.to_string(),
+        device: contents.device.clone(),
+        dataset_fingerprint: contents.dataset_fingerprint.clone(),
+        created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        files,
+    };
+    let manifest_text = serde_json::to_string_pretty(&manifest).expect("manifest serialises to JSON");
+    write_synced(&staged.join(MANIFEST_FILE), manifest_text.as_bytes())?;
+    sync_dir(staged)?;
+    Ok(())
 }
 
 /// Writes, lists, prunes and resumes the checkpoints of one output folder.
@@ -459,36 +450,11 @@ impl Checkpointer {
         self.remove_stale_temporaries()?;
         let name = checkpoint_name(iteration);
         let staged = self.dir.join(format!("{TEMP_PREFIX}{name}"));
-        fs::create_dir_all(&staged).map_err(io_error(&staged))?;
-
-        write_tensors(&staged.join(MODEL_FILE), contents.model)?;
-        write_tensors(&staged.join(SOLVER_FILE), &contents.solver.tensors)?;
-        let state = TrainingState {
-            iteration,
-            solver: contents.solver.scalars.clone(),
-            sampler: contents.sampler.clone(),
-            rng: contents.rng.clone(),
-        };
-        let state_text = serde_json::to_string_pretty(&state).expect("training state serialises to JSON");
-        write_synced(&staged.join(STATE_FILE), state_text.as_bytes())?;
-        write_synced(&staged.join(CONFIG_FILE), contents.config_toml.as_bytes())?;
-        let mut files = BTreeMap::new();
-        for file in [MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE] {
-            files.insert(file.to_string(), digest_file(&staged.join(file))?);
+        if let Err(error) = stage(&staged, iteration, contents) {
+            // A failed save (a full disk) gives its space back at once; it never becomes a checkpoint.
+            let _ = fs::remove_dir_all(&staged);
+            return Err(error);
         }
-        let manifest = Manifest {
-            format: FORMAT_VERSION,
-            vovdet_version: env!("CARGO_PKG_VERSION").to_string(),
-            git_commit: git_commit(),
-            libtorch_version: LIBTORCH_VERSION.to_string(),
-            device: contents.device.clone(),
-            dataset_fingerprint: contents.dataset_fingerprint.clone(),
-            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
-            files,
-        };
-        let manifest_text = serde_json::to_string_pretty(&manifest).expect("manifest serialises to JSON");
-        write_synced(&staged.join(MANIFEST_FILE), manifest_text.as_bytes())?;
-        sync_dir(&staged)?;
 
         let target = self.dir.join(&name);
         install_folder(&staged, &target)?;
@@ -497,8 +463,12 @@ impl Checkpointer {
         Ok(target)
     }
 
-    /// Removes `.tmp-*` leftovers of an interrupted save.
-    fn remove_stale_temporaries(&self) -> Result<(), CheckpointError> {
+    /// Removes `.tmp-*` leftovers of an interrupted or failed save (they are never valid checkpoints). Training
+    /// calls this at start-up, so that a staging folder left by a full disk does not keep the disk full.
+    pub fn remove_stale_temporaries(&self) -> Result<(), CheckpointError> {
+        if !self.dir.is_dir() {
+            return Ok(());
+        }
         for entry in fs::read_dir(&self.dir).map_err(io_error(&self.dir))? {
             let entry = entry.map_err(io_error(&self.dir))?;
             if entry.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {

@@ -483,7 +483,7 @@ fn main() -> ExitCode {
     match trainer::panics::catch(|| run(cli)).and_then(|result| result) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", trainer::report::error_report(&err));
             ExitCode::FAILURE
         }
     }

@@ -15,10 +15,11 @@ pub enum SolverError {
     /// A `[solver]` value that cannot work.
     #[error("`solver.{key}`: {message}")]
     Config { key: String, message: String },
-    /// A loss term became NaN or infinite: the run must stop before the weights are touched.
+    /// A loss term became NaN or infinite: the run must stop before the weights are touched. `iteration` counts
+    /// from 1, as the log lines do (`iter 3/100` is the iteration that completes the third step).
     #[error("iteration {iteration}: loss term `{term}` is {value}; stopping (the last checkpoint is untouched)")]
     NonFiniteLoss { iteration: u64, term: String, value: f64 },
-    /// Gradients became NaN or infinite without a loss scaler that could skip the step.
+    /// Gradients became NaN or infinite without a loss scaler that could skip the step (`iteration` from 1).
     #[error("iteration {iteration}: the gradient norm is {norm}; stopping (the last checkpoint is untouched)")]
     NonFiniteGradients { iteration: u64, norm: f64 },
     /// A saved solver state that does not fit the current parameters.
@@ -680,10 +681,12 @@ impl LossScaler {
     }
 }
 
-/// Stops the run on the first NaN or infinite loss term, naming the iteration and the term.
-pub fn check_losses<'a>(iteration: u64, terms: impl IntoIterator<Item = (&'a str, f64)>) -> Result<(), SolverError> {
+/// Stops the run on the first NaN or infinite loss term, naming the iteration and the term. `completed` is the
+/// number of optimizer steps finished before this iteration ([`Solver::iteration`]); the error numbers the
+/// iteration from 1, as the log lines do.
+pub fn check_losses<'a>(completed: u64, terms: impl IntoIterator<Item = (&'a str, f64)>) -> Result<(), SolverError> {
     match terms.into_iter().find(|(_, value)| !value.is_finite()) {
-        Some((term, value)) => Err(SolverError::NonFiniteLoss { iteration, term: term.into(), value }),
+        Some((term, value)) => Err(SolverError::NonFiniteLoss { iteration: completed + 1, term: term.into(), value }),
         None => Ok(()),
     }
 }
@@ -806,7 +809,7 @@ impl Solver {
                 total_grad_norm(&params)?
             };
             if !grad_norm.is_finite() {
-                return Err(SolverError::NonFiniteGradients { iteration, norm: grad_norm });
+                return Err(SolverError::NonFiniteGradients { iteration: iteration + 1, norm: grad_norm });
             }
             self.sgd.step(lr)?;
         }
@@ -951,7 +954,8 @@ mod tests {
     #[test]
     fn non_finite_losses_name_iteration_and_term() {
         assert!(check_losses(3, [("loss_cls", 1.0), ("loss_box_reg", 0.5)]).is_ok());
+        // After 7 completed steps the failing iteration is the 8th, as the log numbers it.
         let message = check_losses(7, [("loss_cls", 1.0), ("loss_mask", f64::NAN)]).unwrap_err().to_string();
-        assert!(message.contains("iteration 7") && message.contains("loss_mask"), "{message}");
+        assert!(message.contains("iteration 8:") && message.contains("loss_mask"), "{message}");
     }
 }

@@ -89,7 +89,7 @@ pub fn load_split(config: &Config, name: &str, progress: bool) -> anyhow::Result
         }
     }
     let split = if name == "train" { &data.train } else { &data.val };
-    let options = LoadOptions { missing_images: data.missing_images, progress };
+    let options = LoadOptions::from_config(data, progress);
     CocoDataset::load_split(split, name, options).map_err(|e| {
         let missing = split.annotations.to_vec().iter().any(|p| !p.exists());
         let hint = if missing {
@@ -261,6 +261,8 @@ struct Logger {
     events: Option<EventWriter>,
     bar: ProgressBar,
     quiet: bool,
+    /// Training images skipped so far under `data.missing_images = "skip"` (logged as `skipped_images`).
+    skipped_images: usize,
 }
 
 impl Logger {
@@ -299,6 +301,9 @@ impl Logger {
         record.insert("images_per_second".into(), json!(images_per_second));
         if let Some(scale) = report.loss_scale {
             record.insert("loss_scale".into(), json!(scale));
+        }
+        if self.skipped_images > 0 {
+            record.insert("skipped_images".into(), json!(self.skipped_images));
         }
         if let Some(bytes) = max_memory_bytes {
             record.insert("max_mem_mb".into(), json!(bytes as f64 / (1 << 20) as f64));
@@ -366,8 +371,16 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     let (rank, world_size, main) = (group.rank(), group.world_size(), group.is_main());
     let output_dir = config.output_dir.clone();
     let config_toml = config.to_toml();
+    let checkpointer = Checkpointer::new(&output_dir, &config.checkpoint);
+    if main && options.resume == Resume::Last {
+        if let Some(note) = crate::notices::nothing_to_resume(&output_dir, &checkpointer) {
+            eprintln!("warning: {note}");
+        }
+    }
     if main {
         std::fs::create_dir_all(&output_dir).with_context(|| format!("cannot create {}", output_dir.display()))?;
+        // Staging folders of a save that failed (a full disk) are never valid checkpoints; they go first.
+        checkpointer.remove_stale_temporaries()?;
         std::fs::write(output_dir.join("config.toml"), &config_toml)
             .with_context(|| format!("cannot write {}", output_dir.join("config.toml").display()))?;
     }
@@ -420,7 +433,6 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     let micro_batch = (solver_config.ims_per_batch / images_per_micro_batch) as usize;
     let amp = solver_config.amp.enabled.then_some(solver_config.amp.dtype);
     let mut solver = Solver::from_var_store(&vs, &solver_config)?;
-    let checkpointer = Checkpointer::new(&output_dir, &config.checkpoint);
     // Every rank reads the checkpoint (the output folder must be shared between machines to resume).
     let resumed: Option<LoadedCheckpoint> = match &options.resume {
         Resume::No => None,
@@ -462,6 +474,15 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         }
     }
     let dataset_fingerprint = fingerprint(&train_set);
+    let skipped_at_load = train_set.stats.skipped_missing_images.len();
+    if main {
+        let notices = crate::notices::skipped_images(&train_set.stats).into_iter().chain(
+            resumed.iter().flat_map(|c| crate::notices::resume_differences(c, &config_toml, &dataset_fingerprint)),
+        );
+        for notice in notices {
+            eprintln!("warning: {notice}");
+        }
+    }
     let mut loader =
         Loader::train(Arc::new(train_set), config.input.clone(), sampler, LoaderOptions::from_config(data_config))?;
     // Only rank 0 computes COCO metrics.
@@ -486,7 +507,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
                 .expect("valid template"),
         );
         bar.set_position(start);
-        Some(Logger { metrics, events, bar, quiet })
+        Some(Logger { metrics, events, bar, quiet, skipped_images: skipped_at_load })
     } else {
         None
     };
@@ -533,18 +554,18 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
                 images = images_to_channels_last(images);
             }
             let values = forward_backward(&model, &images, &targets, amp, solver.loss_multiplier())
-                .with_context(|| format!("rank {rank}: iteration {iteration}: forward and backward pass"))?;
+                .with_context(|| format!("rank {rank}: iteration {}: forward and backward pass", iteration + 1))?;
             for (key, value) in values {
                 *loss_sums.entry(key).or_default() += value;
             }
         }
         group
             .average_gradients(&parameters)
-            .with_context(|| format!("rank {rank}: iteration {iteration}: averaging gradients"))?;
+            .with_context(|| format!("rank {rank}: iteration {}: averaging gradients", iteration + 1))?;
         let local: Vec<f64> = loss_sums.values().map(|v| v / solver_config.accumulate as f64).collect();
         let (means, stop) = group
             .agree(&local, STOP.load(Ordering::SeqCst))
-            .with_context(|| format!("rank {rank}: iteration {iteration}: agreeing on losses"))?;
+            .with_context(|| format!("rank {rank}: iteration {}: agreeing on losses", iteration + 1))?;
         stop_agreed = stop;
         let logged: BTreeMap<String, f64> = loss_sums.keys().cloned().zip(means).collect();
         check_losses(iteration, logged.iter().map(|(k, v)| (k.as_str(), *v)))?;
@@ -564,6 +585,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
                     }
                     _ => None,
                 };
+                logger.skipped_images = skipped_at_load + loader.skipped();
                 logger.iteration(
                     iteration,
                     max_iter,
