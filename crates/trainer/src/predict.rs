@@ -68,6 +68,79 @@ pub fn image_id_from_name(path: &Path) -> Option<u64> {
     path.file_stem()?.to_str()?.parse().ok()
 }
 
+/// One input image of `trainer predict`: its id in the results and the picture drawn for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedImage {
+    /// The input file.
+    pub file: PathBuf,
+    /// Its image id: the number of a numeric file name, otherwise one above every numeric id (in file order).
+    pub image_id: u64,
+    /// True when `image_id` is the file's own number.
+    pub id_from_name: bool,
+    /// Where its picture goes: `stem.png` in the output folder, or `file_name.png` when two inputs share a stem.
+    pub picture: PathBuf,
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
+/// Ids and output names for `files` (from [`image_files`] of `input`), all unique, refusing any plan that would
+/// write over an input: `--out` being the input folder, or a picture or the `--json` file landing on an input.
+pub fn plan_outputs(
+    input: &Path,
+    files: &[PathBuf],
+    out: &Path,
+    json: Option<&Path>,
+) -> anyhow::Result<Vec<PlannedImage>> {
+    anyhow::ensure!(
+        !(input.is_dir() && same_file(input, out)),
+        "--out {} is the input folder: the drawn pictures would replace or mix with the input images; choose \
+         another folder",
+        out.display()
+    );
+    let mut seen_ids = std::collections::HashSet::new();
+    let numeric: Vec<Option<u64>> =
+        files.iter().map(|f| image_id_from_name(f).filter(|id| seen_ids.insert(*id))).collect();
+    let mut next_id = numeric.iter().flatten().max().map_or(1, |m| m + 1);
+    let mut stems = std::collections::HashMap::new();
+    for file in files {
+        *stems.entry(file.file_stem().map(|s| s.to_os_string())).or_insert(0usize) += 1;
+    }
+    let mut planned = Vec::with_capacity(files.len());
+    for (file, id) in files.iter().zip(numeric) {
+        let image_id = id.unwrap_or_else(|| {
+            next_id += 1;
+            next_id - 1
+        });
+        let shared_stem = stems[&file.file_stem().map(|s| s.to_os_string())] > 1;
+        let name = if shared_stem { file.file_name() } else { file.file_stem() };
+        let name = name.and_then(|n| n.to_str()).unwrap_or("image");
+        let picture = out.join(format!("{name}.png"));
+        planned.push(PlannedImage { file: file.clone(), image_id, id_from_name: id.is_some(), picture });
+    }
+    let outputs = planned.iter().map(|p| p.picture.as_path()).chain(json);
+    for output in outputs {
+        if let Some(input) = files.iter().find(|f| same_file(f, output)) {
+            anyhow::bail!(
+                "{} would overwrite the input image {}; choose another --out or --json",
+                output.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(planned)
+}
+
+/// Where the file-name → image-id mapping of a results file goes: `results.json` → `results.image_ids.json`.
+pub fn id_mapping_path(results: &Path) -> PathBuf {
+    let stem = results.file_stem().and_then(|s| s.to_str()).unwrap_or("results");
+    results.with_file_name(format!("{stem}.image_ids.json"))
+}
+
 /// Builds the model of `config` with `weights` (a checkpoint folder or a safetensors file with our names), its
 /// convolution weights channels-last when the config's `channels_last` is set.
 pub fn load_model(config: &Config, weights: &Path, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
@@ -98,9 +171,12 @@ pub fn predict(
     options: &PredictOptions,
     device: Device,
 ) -> anyhow::Result<usize> {
+    let files = image_files(&options.input)?;
+    let planned = plan_outputs(&options.input, &files, &options.out, options.json.as_deref())?;
     std::fs::create_dir_all(&options.out).with_context(|| format!("cannot create {}", options.out.display()))?;
     let mut results = Vec::new();
-    for (index, file) in image_files(&options.input)?.iter().enumerate() {
+    for PlannedImage { file, image_id, picture: picture_path, .. } in &planned {
+        let image_id = *image_id;
         let mut picture = decode_rgb(file)?;
         let (height, width) = (picture.height as i64, picture.width as i64);
         let image = Tensor::from_slice(&picture.data).view([height, width, 3]).permute([2, 0, 1]).to_kind(Kind::Float);
@@ -110,7 +186,6 @@ pub fn predict(
             batch = images_to_channels_last(batch);
         }
         let detections = HostDetections::new(&model.inference(&batch, &[(height, width)])?.remove(0))?;
-        let image_id = image_id_from_name(file).unwrap_or(index as u64 + 1);
         let mut drawn = Vec::new();
         for (i, (&label, &score)) in detections.labels.iter().zip(&detections.scores).enumerate() {
             if (score as f64) < options.score_thresh {
@@ -128,16 +203,21 @@ pub fn predict(
             });
         }
         draw(&mut picture, &drawn);
-        write_png(&options.out.join(png_name(file)), &picture)?;
+        write_png(picture_path, &picture)?;
     }
     if let Some(json) = &options.json {
         write_detections(json, &results)?;
+        if planned.iter().any(|p| !p.id_from_name) {
+            let mapping: serde_json::Map<String, serde_json::Value> = planned
+                .iter()
+                .map(|p| (p.file.file_name().unwrap_or_default().to_string_lossy().into_owned(), p.image_id.into()))
+                .collect();
+            let path = id_mapping_path(json);
+            let text = serde_json::to_string_pretty(&mapping)?;
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+        }
     }
     Ok(results.len())
-}
-
-fn png_name(file: &Path) -> String {
-    format!("{}.png", file.file_stem().and_then(|s| s.to_str()).unwrap_or("image"))
 }
 
 fn write_png(path: &Path, picture: &RgbImage) -> anyhow::Result<()> {
