@@ -2,6 +2,7 @@
 //! clean stop on Ctrl-C (SIGINT/SIGTERM) that saves a checkpoint first.
 
 use std::collections::BTreeMap;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -256,21 +257,38 @@ fn momentum_to_channels_last(solver: &mut Solver) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Rank 0's training log: console lines, `metrics.jsonl` and TensorBoard. The console shows a progress bar only
+/// when standard error is an interactive terminal and `log.quiet` is off, with the log lines above it (or on
+/// standard output when only that is redirected). Otherwise (`> run.log 2>&1`, nohup, SLURM, CI) there is no bar
+/// and every line goes to standard output in full, so a redirected run's file holds all of them.
 struct Logger {
     metrics: MetricsWriter,
     events: Option<EventWriter>,
-    bar: ProgressBar,
-    quiet: bool,
+    bar: Option<ProgressBar>,
     /// Training images skipped so far under `data.missing_images = "skip"` (logged as `skipped_images`).
     skipped_images: usize,
 }
 
 impl Logger {
+    /// The progress bar of a run of `max_iter` iterations starting at `start`, when there is one (see [`Logger`]).
+    fn progress_bar(quiet: bool, start: u64, max_iter: u64) -> Option<ProgressBar> {
+        if quiet || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = ProgressBar::with_draw_target(Some(max_iter), ProgressDrawTarget::stderr());
+        bar.set_style(
+            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("valid template"),
+        );
+        bar.set_position(start);
+        Some(bar)
+    }
+
+    /// Prints `text` (one line or several) in full.
     fn line(&self, text: &str) {
-        if self.quiet {
-            println!("{text}");
-        } else {
-            self.bar.println(text);
+        match &self.bar {
+            Some(bar) if std::io::stdout().is_terminal() => bar.println(text),
+            _ => println!("{text}"),
         }
     }
 
@@ -308,17 +326,12 @@ impl Logger {
         if let Some(bytes) = max_memory_bytes {
             record.insert("max_mem_mb".into(), json!(bytes as f64 / (1 << 20) as f64));
         }
-        let memory_text =
-            max_memory_bytes.map_or(String::new(), |b| format!("  max_mem: {:.0}M", b as f64 / (1 << 20) as f64));
-        let losses_text: Vec<String> = losses.iter().map(|(k, v)| format!("{k}: {v:.4}")).collect();
-        let message = format!(
-            "iter {iteration}/{max_iter}  total_loss: {total:.4}  {}  lr: {:.6}  time: {seconds:.3}s  data: \
-             {data_time:.3}s  {images_per_second:.2} img/s{memory_text}",
-            losses_text.join("  "),
-            report.lr
-        );
-        self.bar.set_message(format!("loss {total:.3}"));
-        self.line(&message);
+        let eta_seconds = seconds * max_iter.saturating_sub(iteration) as f64;
+        let timing = LineTiming { eta_seconds, seconds, data_time, max_memory_bytes };
+        self.line(&iteration_line(iteration, total, losses, report.lr, &timing));
+        if let Some(bar) = &self.bar {
+            bar.set_message(format!("loss {total:.3}"));
+        }
         self.metrics.write(&serde_json::Value::Object(record.clone()))?;
         if let Some(events) = &mut self.events {
             let scalars: Vec<(String, f64)> = record
@@ -358,6 +371,31 @@ impl Logger {
         }
         Ok(())
     }
+}
+
+/// Timing part of an [`iteration_line`]: the estimated time left, seconds per iteration and per data fetch, and the
+/// CUDA caching allocator's peak (absent on the CPU).
+struct LineTiming {
+    eta_seconds: f64,
+    seconds: f64,
+    data_time: f64,
+    max_memory_bytes: Option<u64>,
+}
+
+/// One periodic console line in detectron2's layout: `eta: 0:41:10  iter: 220  total_loss: 1.234  loss_box_reg:
+/// 0.1234  ...  lr: 0.02  time: 0.7300  data_time: 0.0020  max_mem: 1234M`.
+fn iteration_line(iteration: u64, total: f64, losses: &BTreeMap<String, f64>, lr: f64, timing: &LineTiming) -> String {
+    let eta = timing.eta_seconds.max(0.0).round() as u64;
+    let mut line =
+        format!("eta: {}:{:02}:{:02}  iter: {iteration}  total_loss: {total:.4}", eta / 3600, eta / 60 % 60, eta % 60);
+    for (name, value) in losses {
+        line.push_str(&format!("  {name}: {value:.4}"));
+    }
+    line.push_str(&format!("  lr: {lr:.6}  time: {:.4}  data_time: {:.4}", timing.seconds, timing.data_time));
+    if let Some(bytes) = timing.max_memory_bytes {
+        line.push_str(&format!("  max_mem: {:.0}M", bytes as f64 / (1 << 20) as f64));
+    }
+    line
 }
 
 /// Trains as configured; see the module documentation. In a distributed run every rank calls this with its
@@ -497,17 +535,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         };
         let events =
             if config.log.tensorboard { Some(EventWriter::create(&output_dir.join("tensorboard"))?) } else { None };
-        let bar = if quiet {
-            ProgressBar::hidden()
-        } else {
-            ProgressBar::with_draw_target(Some(max_iter), ProgressDrawTarget::stderr())
-        };
-        bar.set_style(
-            ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("valid template"),
-        );
-        bar.set_position(start);
-        Some(Logger { metrics, events, bar, quiet, skipped_images: skipped_at_load })
+        let bar = Logger::progress_bar(quiet, start, max_iter);
+        Some(Logger { metrics, events, bar, skipped_images: skipped_at_load })
     } else {
         None
     };
@@ -538,7 +567,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             if let Some(logger) = &logger {
                 let path = save(&solver, &loader, iteration)?;
                 logger.line(&format!("interrupted: saved {} at iteration {iteration}", path.display()));
-                logger.bar.abandon();
+                if let Some(bar) = &logger.bar {
+                    bar.abandon();
+                }
             }
             group.barrier().with_context(|| format!("rank {rank}: iteration {iteration}: stopping"))?;
             return Ok(TrainOutcome { iteration, interrupted: true, last_eval });
@@ -574,7 +605,9 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         window_iters += 1;
 
         if let Some(logger) = &mut logger {
-            logger.bar.set_position(iteration);
+            if let Some(bar) = &logger.bar {
+                bar.set_position(iteration);
+            }
             if iteration % config.log.period.max(1) == 0 || iteration == max_iter {
                 let seconds = window_start.elapsed().as_secs_f64() / window_iters as f64;
                 let data_time = data_seconds / window_iters as f64;
@@ -623,8 +656,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             }
         }
     }
-    if let Some(logger) = &logger {
-        logger.bar.finish_and_clear();
+    if let Some(bar) = logger.as_ref().and_then(|l| l.bar.as_ref()) {
+        bar.finish_and_clear();
     }
     group.barrier().with_context(|| format!("rank {rank}: iteration {iteration}: finishing"))?;
     Ok(TrainOutcome { iteration, interrupted: false, last_eval })
@@ -663,4 +696,24 @@ pub fn evaluate_weights(
     let gt = if group.is_main() { Some(GroundTruth::load(&annotations)?) } else { None };
     let results_dir = config.output_dir.join("inference");
     evaluate(&model, config, val_set, gt.as_ref(), device, Some(&results_dir), group)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iteration_lines_have_detectron2s_layout() {
+        let losses: BTreeMap<String, f64> = [("loss_cls".to_string(), 0.5), ("loss_mask".to_string(), 0.25)].into();
+        let timing = LineTiming { eta_seconds: 2470.4, seconds: 0.73, data_time: 0.002, max_memory_bytes: None };
+        assert_eq!(
+            iteration_line(220, 0.75, &losses, 0.02, &timing),
+            "eta: 0:41:10  iter: 220  total_loss: 0.7500  loss_cls: 0.5000  loss_mask: 0.2500  lr: 0.020000  time: \
+             0.7300  data_time: 0.0020"
+        );
+        let timing = LineTiming { eta_seconds: 90061.0, max_memory_bytes: Some(3 << 30), ..timing };
+        let line = iteration_line(1, 1.0, &BTreeMap::new(), 0.001, &timing);
+        assert!(line.starts_with("eta: 25:01:01  iter: 1  total_loss: 1.0000  lr: 0.001000"), "{line}");
+        assert!(line.ends_with("  max_mem: 3072M"), "{line}");
+    }
 }

@@ -5,7 +5,7 @@ use std::process::Command;
 
 mod common;
 
-use common::{coco_mini, repo_root, stderr, temp_dir, trainer};
+use common::{coco_mini, repo_root, stderr, temp_dir, tiny_config, trainer};
 
 fn write_config(dir: &Path, text: &str) -> String {
     let path = dir.join("config.toml");
@@ -248,4 +248,43 @@ fn bench_data_reports_loader_throughput_as_json() {
     let report = bench_json("data", &args);
     assert_eq!(report["size"], serde_json::Value::Null);
     assert_eq!(report["num_workers"], 1);
+}
+
+/// `trainer train CONFIG > run.log 2>&1`, as nohup, SLURM and CI run it: without a terminal there is no progress
+/// bar, and the file receives every periodic iteration line (detectron2's layout), the evaluation tables in full
+/// and the final line.
+#[test]
+fn training_with_redirected_output_writes_the_whole_log_to_the_file() {
+    let dir = temp_dir("redirect");
+    let config = tiny_config(&dir);
+    let log_path = dir.join("run.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let status = Command::new(env!("CARGO_BIN_EXE_trainer"))
+        .args(["train", &config, "--set", "log.quiet=false", "--set", "log.period=2", "--set", "eval.at_end=true"])
+        .current_dir(repo_root())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .status()
+        .unwrap();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(status.success(), "{text}");
+    // 6 iterations logged every 2: iterations 2, 4 and 6.
+    let iterations: Vec<&str> = text.lines().filter(|l| l.starts_with("eta: ")).collect();
+    assert_eq!(iterations.len(), 3, "{text}");
+    for (line, iteration) in iterations.iter().zip([2, 4, 6]) {
+        assert!(line.contains(&format!("  iter: {iteration}  total_loss: ")), "{line}");
+        for key in ["loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc", "lr", "time", "data_time"]
+        {
+            assert!(line.contains(&format!("  {key}: ")), "{key} missing from {line}");
+        }
+    }
+    for iou_type in ["bbox", "segm"] {
+        assert!(text.contains(&format!("Evaluation results for {iou_type}:")), "{text}");
+    }
+    let ap_lines = text.lines().filter(|l| l.starts_with(" Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all"));
+    assert_eq!(ap_lines.count(), 2, "{text}");
+    assert!(text.contains("| category ") && text.contains("| circle "), "per-class table missing: {text}");
+    let last = text.lines().last().unwrap_or_default();
+    assert!(last.starts_with("finished 6 iterations; outputs in "), "last line: {last}");
+    assert!(!text.contains('\u{1b}') && !text.contains('\r'), "terminal control characters in the file: {text:?}");
 }
