@@ -21,9 +21,17 @@ pub enum CocoEvalError {
     /// Detections for images the ground truth does not have (pycocotools refuses these too).
     #[error("{source_name}: detection {index} has image_id {image_id}, which is not in the ground truth {gt}")]
     UnknownImage { source_name: String, index: usize, image_id: u64, gt: String },
-    /// A segm evaluation with a detection that has no mask.
-    #[error("{source_name}: detection {index} (image_id {image_id}) has no segmentation, needed for segm evaluation")]
+    /// A detection without a mask in a file whose first detection has a mask but no box (pycocotools' `loadRes`
+    /// then derives every box from its mask, and fails on this one too).
+    #[error(
+        "{source_name}: detection {index} (image_id {image_id}) has no segmentation, but the first detection has a \
+         mask and no bbox, so every detection needs a segmentation"
+    )]
     MissingSegmentation { source_name: String, index: usize, image_id: u64 },
+    /// A detection without a box in a file whose first detection has one, or a detection with neither box nor
+    /// mask (pycocotools' `loadRes` fails on both).
+    #[error("{source_name}: detection {index} (image_id {image_id}) has no bbox{why}")]
+    MissingBox { source_name: String, index: usize, image_id: u64, why: String },
     /// A mask that cannot be encoded.
     #[error("mask: {0}")]
     Mask(String),
@@ -117,8 +125,10 @@ pub struct Detection {
     pub image_id: u64,
     /// Ground-truth category id.
     pub category_id: u64,
-    /// `[x, y, width, height]` in pixels.
-    pub bbox: [f64; 4],
+    /// `[x, y, width, height]` in pixels. Results files may leave it out (or give `[]`) when every entry has a
+    /// `segmentation`: as pycocotools' `loadRes` does, the box and the area are then derived from the mask.
+    #[serde(default, deserialize_with = "optional_box", skip_serializing_if = "Option::is_none")]
+    pub bbox: Option<[f64; 4]>,
     /// Confidence.
     pub score: f64,
     /// Instance mask, required for segm evaluation.
@@ -131,7 +141,17 @@ impl Detection {
     /// `[x, y, width, height]` as detectron2's `instances_to_coco_json` does.
     pub fn from_xyxy(image_id: u64, category_id: u64, xyxy: [f64; 4], score: f64, mask: Option<CompressedRle>) -> Self {
         let [x1, y1, x2, y2] = xyxy;
-        Detection { image_id, category_id, bbox: [x1, y1, x2 - x1, y2 - y1], score, segmentation: mask }
+        Detection { image_id, category_id, bbox: Some([x1, y1, x2 - x1, y2 - y1]), score, segmentation: mask }
+    }
+}
+
+/// A results entry's `bbox`: four numbers, or absent, `null` or `[]` (pycocotools treats an empty list as no box).
+fn optional_box<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<[f64; 4]>, D::Error> {
+    let values: Option<Vec<f64>> = Option::deserialize(deserializer)?;
+    match values.as_deref() {
+        None | Some([]) => Ok(None),
+        Some(&[x, y, w, h]) => Ok(Some([x, y, w, h])),
+        Some(other) => Err(serde::de::Error::invalid_length(other.len(), &"a bbox of 4 numbers, or []")),
     }
 }
 
@@ -267,14 +287,9 @@ pub fn load_detections(path: &Path) -> Result<Vec<Detection>, CocoEvalError> {
         .map_err(|e| CocoEvalError::Parse { path: display, message: format!("not a COCO results array: {e}") })
 }
 
-/// Evaluates `detections` against `gt` with pycocotools' default parameters; `source_name` names the detections
-/// in errors (a file path, or e.g. `validation predictions`).
-pub fn evaluate(
-    gt: &GroundTruth,
-    detections: &[Detection],
-    iou_type: IouType,
-    source_name: &str,
-) -> Result<CocoSummary, CocoEvalError> {
+/// The detections as pycocotools' `loadRes` reads them: checked (known images, the fields the file's kind needs),
+/// with ids assigned and each box and area derived as `loadRes` derives them.
+fn load_results(gt: &GroundTruth, detections: &[Detection], source_name: &str) -> Result<COCO, CocoEvalError> {
     let image_ids: BTreeSet<u64> = gt.image_ids().into_iter().collect();
     let mut annotations = Vec::with_capacity(detections.len());
     for (index, detection) in detections.iter().enumerate() {
@@ -286,28 +301,76 @@ pub fn evaluate(
                 gt: gt.path.clone(),
             });
         }
-        let segmentation = match (&detection.segmentation, iou_type) {
-            (Some(rle), _) => Some(Segmentation::CompressedRle { size: rle.size, counts: rle.counts.clone() }),
-            (None, IouType::Bbox) => None,
-            (None, IouType::Segm) => {
-                return Err(CocoEvalError::MissingSegmentation {
+        // pycocotools' `loadRes` takes the kind of the whole file from its first entry: boxes (a mask, when
+        // missing, is the box's rectangle) or masks (a box, when missing, is the mask's extent).
+        let boxes_file = detections[0].bbox.is_some();
+        match (&detection.bbox, &detection.segmentation) {
+            (None, _) if boxes_file => {
+                return Err(CocoEvalError::MissingBox {
                     source_name: source_name.into(),
                     index,
                     image_id: detection.image_id,
+                    why: ", but the first detection has one, so every detection needs one".into(),
                 })
             }
-        };
+            (_, None) if !boxes_file => {
+                return Err(if index == 0 {
+                    CocoEvalError::MissingBox {
+                        source_name: source_name.into(),
+                        index,
+                        image_id: detection.image_id,
+                        why: " and no segmentation".into(),
+                    }
+                } else {
+                    CocoEvalError::MissingSegmentation {
+                        source_name: source_name.into(),
+                        index,
+                        image_id: detection.image_id,
+                    }
+                })
+            }
+            _ => {}
+        }
+        let segmentation = detection
+            .segmentation
+            .as_ref()
+            .map(|rle| Segmentation::CompressedRle { size: rle.size, counts: rle.counts.clone() });
         annotations.push(Annotation {
             image_id: detection.image_id,
             category_id: detection.category_id,
-            bbox: Some(detection.bbox),
+            bbox: detection.bbox,
             score: Some(detection.score),
             segmentation,
             ..Default::default()
         });
     }
+    gt.coco.load_res_anns(annotations).map_err(|e| CocoEvalError::Eval(e.to_string()))
+}
+
+/// A detection's `(bbox, area)` after pycocotools' `loadRes` (see [`derived_geometry`]).
+pub type DerivedGeometry = (Option<[f64; 4]>, Option<f64>);
+
+/// The `(bbox, area)` pycocotools' `loadRes` gives each detection (in order): the given box, or the mask's extent
+/// when a masks-only file has none; the box's area in a boxes file, the mask's in a masks file.
+pub fn derived_geometry(
+    gt: &GroundTruth,
+    detections: &[Detection],
+    source_name: &str,
+) -> Result<Vec<DerivedGeometry>, CocoEvalError> {
+    let results = load_results(gt, detections, source_name)?;
+    Ok(results.dataset.annotations.iter().map(|a| (a.bbox, a.area)).collect())
+}
+
+/// Evaluates `detections` against `gt` with pycocotools' default parameters; `source_name` names the detections
+/// in errors (a file path, or e.g. `validation predictions`).
+pub fn evaluate(
+    gt: &GroundTruth,
+    detections: &[Detection],
+    iou_type: IouType,
+    source_name: &str,
+) -> Result<CocoSummary, CocoEvalError> {
     let eval_error = |e: hotcoco::Error| CocoEvalError::Eval(e.to_string());
-    let results = gt.coco.load_res_anns(annotations).map_err(eval_error)?;
+    let results = load_results(gt, detections, source_name)?;
     let kind = match iou_type {
         IouType::Bbox => hotcoco::IouType::Bbox,
         IouType::Segm => hotcoco::IouType::Segm,

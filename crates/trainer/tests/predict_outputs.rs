@@ -49,7 +49,7 @@ fn outputs_that_would_overwrite_inputs_are_refused() {
     assert!(err.contains("is the input folder"), "{err}");
     // One file as input, its own folder as output: its picture would replace it.
     let single = input.join("a.png");
-    let err = plan_outputs(&single, &[single.clone()], &input, None).unwrap_err().to_string();
+    let err = plan_outputs(&single, std::slice::from_ref(&single), &input, None).unwrap_err().to_string();
     assert!(err.contains("would overwrite the input image") && err.contains("a.png"), "{err}");
     let err = plan_outputs(&input, &files, &dir.join("out"), Some(&input.join("b.png"))).unwrap_err().to_string();
     assert!(err.contains("would overwrite the input image") && err.contains("b.png"), "{err}");
