@@ -21,6 +21,7 @@ extern "C" {
         world_size: c_int,
         timeout_ms: i64,
         device_index: c_int,
+        listen_fd: c_int,
         out: *mut *mut RawGroup,
     ) -> *mut c_char;
     pub(crate) fn vovdet_dist_free(group: *mut RawGroup);

@@ -20,6 +20,19 @@
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # Ports and trust
+//!
+//! Rank 0 serves the rendezvous (c10d's TCPStore) on `master_port` (`MASTER_PORT`; the `trainer` launcher picks a
+//! free one for single-machine runs). When `master_addr` is a loopback address (`127.0.0.1`, `localhost`, `::1`:
+//! every rank on this machine, as the `trainer` launcher runs single-machine jobs), the store listens on that
+//! address only ([`store_bind_address`]) and Gloo's pairs on `127.0.0.1`, so nothing is reachable from other
+//! machines. For a multi-machine run the store listens on every interface of rank 0's machine, as
+//! `torch.distributed` does, and Gloo and NCCL open further ports between the machines. None of these
+//! connections is authenticated or encrypted: any process that can reach them can join the rendezvous, read or
+//! overwrite its keys, and stall or corrupt the run. Run multi-machine jobs only on a network you trust (a private
+//! cluster network or VPN, with the ports firewalled from elsewhere); pin the interfaces with
+//! `GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME`.
 
 mod env;
 mod ffi;
@@ -27,6 +40,8 @@ mod grads;
 
 use std::ffi::{c_int, c_void, CString};
 use std::fmt;
+use std::net::IpAddr;
+use std::os::fd::IntoRawFd;
 use std::ptr::NonNull;
 use std::time::{Duration, Instant};
 
@@ -192,6 +207,19 @@ const KINDS: [Kind; 20] = [
     Kind::Float8e4m3fnuz,
 ];
 
+/// The address rank 0's rendezvous store listens on when it should not listen on every interface: the master
+/// address itself when it is a loopback address (`127.0.0.0/8`, `::1`, `localhost`), which means that every rank
+/// runs on this machine. Other master addresses (multi-machine runs) keep c10d's behaviour, listening on all
+/// interfaces, as the other machines may reach this one through any of them; see the crate documentation on
+/// the port and the trust model.
+pub fn store_bind_address(master_addr: &str) -> Option<IpAddr> {
+    if master_addr.eq_ignore_ascii_case("localhost") {
+        return Some(IpAddr::from([127, 0, 0, 1]));
+    }
+    let ip: IpAddr = master_addr.trim_start_matches('[').trim_end_matches(']').parse().ok()?;
+    ip.is_loopback().then_some(ip)
+}
+
 /// Most dimensions [`ProcessGroup::all_gather`] accepts (shapes are exchanged in a fixed-size record).
 const MAX_GATHER_DIMS: usize = 8;
 
@@ -223,6 +251,12 @@ impl ProcessGroup {
         };
         let addr = CString::new(opts.master_addr.as_str())
             .map_err(|_| init_error("master address contains a NUL byte".into()))?;
+        let listen_fd = match (opts.rank, store_bind_address(&opts.master_addr)) {
+            (0, Some(ip)) => std::net::TcpListener::bind((ip, opts.master_port))
+                .map_err(|e| init_error(format!("cannot listen on {ip}:{} for the rendezvous: {e}", opts.master_port)))?
+                .into_raw_fd(),
+            _ => -1,
+        };
         let mut raw = std::ptr::null_mut();
         // SAFETY: all pointers are valid for the call; the shim writes `raw` only on success.
         let message = unsafe {
@@ -237,6 +271,7 @@ impl ProcessGroup {
                 world_size,
                 millis(opts.timeout),
                 local_rank,
+                listen_fd,
                 &mut raw,
             )
         };

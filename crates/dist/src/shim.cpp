@@ -115,9 +115,11 @@ extern "C" {
 
 void vovdet_dist_free_message(char* message) { std::free(message); }
 
-// Backend 0 is Gloo, 1 is NCCL. On success stores the group in *out.
+// Backend 0 is Gloo, 1 is NCCL. On success stores the group in *out. On rank 0, a listen_fd >= 0 is a socket
+// already bound to the master address and listening, which the TCPStore server takes over (otherwise c10d binds
+// the port on every interface).
 char* vovdet_dist_init(int backend, const char* master_addr, uint16_t master_port, int rank, int world_size,
-                       int64_t timeout_ms, int device_index, Group** out) {
+                       int64_t timeout_ms, int device_index, int listen_fd, Group** out) {
   return guarded([&] {
     std::string addr(master_addr);
     auto timeout = std::chrono::milliseconds(timeout_ms);
@@ -127,6 +129,9 @@ char* vovdet_dist_init(int backend, const char* master_addr, uint16_t master_por
     store_options.numWorkers = static_cast<size_t>(world_size);
     store_options.waitWorkers = true;
     store_options.timeout = timeout;
+    if (rank == 0 && listen_fd >= 0) {
+      store_options.masterListenFd = listen_fd;
+    }
     auto store = c10::make_intrusive<c10d::TCPStore>(addr, store_options);
 
     c10::intrusive_ptr<c10d::Backend> pg;
