@@ -60,10 +60,13 @@ struct Job {
     batch: SampledBatch,
 }
 
+/// A sample dropped under the `skip` policy: its index in the dataset and why.
+type Skipped = (usize, String);
+
 struct Done {
     sequence: u64,
     result: Result<Option<Batch>, DataError>,
-    skipped: usize,
+    skipped: Vec<Skipped>,
 }
 
 #[derive(Clone)]
@@ -76,10 +79,10 @@ struct Shared {
 
 impl Shared {
     /// Loads and collates one batch; `None` when every sample was skipped.
-    fn build(&self, batch: &SampledBatch) -> (Result<Option<Batch>, DataError>, usize) {
+    fn build(&self, batch: &SampledBatch) -> (Result<Option<Batch>, DataError>, Vec<Skipped>) {
         let mut samples = Vec::with_capacity(batch.indices.len());
         let mut seeds = Vec::with_capacity(batch.indices.len());
-        let mut skipped = 0;
+        let mut skipped = Vec::new();
         for (&index, &seed) in batch.indices.iter().zip(&batch.seeds) {
             let record = &self.dataset.images[index];
             match load_sample(record, &self.input, self.train, &mut Rng::new(seed)) {
@@ -88,8 +91,7 @@ impl Shared {
                     seeds.push(seed);
                 }
                 Err(e @ DataError::ImageFile { .. }) if self.missing_images == MissingImagePolicy::Skip => {
-                    eprintln!("warning: skipping sample: {e}");
-                    skipped += 1;
+                    skipped.push((index, e.to_string()));
                 }
                 Err(e) => return (Err(e), skipped),
             }
@@ -115,7 +117,7 @@ pub struct Loader {
     pending_states: VecDeque<Option<SamplerState>>,
     finished: BTreeMap<u64, Done>,
     state_after_last: Option<SamplerState>,
-    skipped: usize,
+    skipped: std::collections::HashSet<usize>,
 }
 
 impl Loader {
@@ -194,7 +196,7 @@ impl Loader {
             pending_states: VecDeque::new(),
             finished: BTreeMap::new(),
             state_after_last: None,
-            skipped: 0,
+            skipped: Default::default(),
         };
         if options.num_workers > 0 {
             let (job_tx, job_rx) = crossbeam_channel::unbounded::<Job>();
@@ -224,9 +226,17 @@ impl Loader {
         self.state_after_last
     }
 
-    /// Samples skipped so far under the `skip` policy.
+    /// Distinct images skipped so far under the `skip` policy (each is warned about once, when first skipped).
     pub fn skipped(&self) -> usize {
-        self.skipped
+        self.skipped.len()
+    }
+
+    fn note_skipped(&mut self, skipped: Vec<Skipped>) {
+        for (index, why) in skipped {
+            if self.skipped.insert(index) {
+                eprintln!("warning: skipping image (data.missing_images = \"skip\"): {why}");
+            }
+        }
     }
 
     fn dispatch(&mut self) -> Result<(), DataError> {
@@ -259,7 +269,7 @@ impl Loader {
             let done = self.finished.remove(&self.next_to_return)?;
             self.next_to_return += 1;
             self.pending_states.pop_front();
-            self.skipped += done.skipped;
+            self.note_skipped(done.skipped);
             self.state_after_last = state.or(self.state_after_last);
             match done.result {
                 Ok(Some(batch)) => return Some(Ok(batch)),
@@ -273,7 +283,7 @@ impl Loader {
         loop {
             let (batch, state) = self.plan.next()?;
             let (result, skipped) = self.shared.build(&batch);
-            self.skipped += skipped;
+            self.note_skipped(skipped);
             self.state_after_last = state.or(self.state_after_last);
             match result {
                 Ok(Some(batch)) => return Some(Ok(batch)),
@@ -288,7 +298,7 @@ fn worker_loop(shared: Shared, jobs: Receiver<Job>, done: Sender<Done>) {
     while let Ok(job) = jobs.recv() {
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.build(&job.batch)));
         let (result, skipped) = built.unwrap_or_else(|_| {
-            (Err(DataError::Loader(format!("worker panicked while building batch {}", job.sequence))), 0)
+            (Err(DataError::Loader(format!("worker panicked while building batch {}", job.sequence))), Vec::new())
         });
         if done.send(Done { sequence: job.sequence, result, skipped }).is_err() {
             return;
