@@ -15,7 +15,8 @@
 //! name) is replaced the same way. A crash at any point leaves at most a stale `.tmp-*` folder (removed when
 //! training next starts, and by the next save), never a half-written checkpoint under a real name; a save that
 //! fails (a full disk) removes its staging folder at once. Wherever a checkpoint folder is loaded (resume,
-//! `--init-weights`, `eval`/`predict --weights`) its files are checked against the manifest (`manifest.rs`). `model_best/` is a copy of the best checkpoint by
+//! `--init-weights`, `eval`/`predict --weights`) its files are checked against the manifest (`manifest.rs`); the
+//! write primitives live in `durable.rs`. `model_best/` is a copy of the best checkpoint by
 //! `checkpoint.best_metric`, with `best.json` inside.
 //!
 //! RNG: tch 0.24 can seed libtorch's generators (`tch::manual_seed`) but cannot read their state, so the training
@@ -24,17 +25,22 @@
 //! are stored in `state.json` by the caller.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Tensor};
 
-use crate::manifest::{corrupt, digest_file, read_manifest, verify_files, weights_file, MANIFEST_FILE, MODEL_FILE};
+use crate::durable::{
+    install_folder, io_error, replace_file, sync_dir, sync_file, write_synced, write_tensors, TEMP_PREFIX,
+};
+use crate::manifest::{corrupt, digest_file, read_manifest, verify_files, MANIFEST_FILE, MODEL_FILE};
 use crate::solver::{Solver, SolverScalars, SolverState};
+use crate::weights::{check_weights, read_tensors};
 
+pub use crate::durable::is_disk_full;
 pub use crate::manifest::{FileDigest, Manifest, FORMAT_VERSION};
+pub use crate::weights::{init_weights, load_weights_into, named_variables};
 
 /// The libtorch version tch 0.24.0 is built against (its build script rejects any other).
 pub const LIBTORCH_VERSION: &str = "2.11.0";
@@ -44,7 +50,6 @@ const CONFIG_FILE: &str = "config.toml";
 const LAST_POINTER: &str = "last_checkpoint";
 const BEST_FOLDER: &str = "model_best";
 const BEST_FILE: &str = "best.json";
-const TEMP_PREFIX: &str = ".tmp-";
 
 /// Errors in writing or reading checkpoints; each names the file concerned.
 #[derive(Debug, thiserror::Error)]
@@ -70,23 +75,6 @@ pub enum CheckpointError {
     /// An error from libtorch while writing tensors.
     #[error("{path}")]
     Torch { path: String, source: tch::TchError },
-}
-
-/// Whether an OS error means that the disk or the quota is full (ENOSPC, EDQUOT).
-pub fn is_disk_full(error: &std::io::Error) -> bool {
-    matches!(error.kind(), std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded)
-        || matches!(error.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-}
-
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
-    move |source| {
-        if is_disk_full(&source) {
-            let dir = path.parent().unwrap_or(Path::new("."));
-            CheckpointError::DiskFull { path: path.display().to_string(), dir: dir.display().to_string() }
-        } else {
-            CheckpointError::Io { path: path.display().to_string(), source }
-        }
-    }
 }
 
 fn default_period() -> u64 {
@@ -196,13 +184,6 @@ pub struct Resumed {
     pub warnings: Vec<String>,
 }
 
-/// The model's variables by name, in name order, as the checkpoint stores them.
-pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
-    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    variables.sort_by(|a, b| a.0.cmp(&b.0));
-    variables
-}
-
 /// libtorch seed for `iteration` of a run seeded with `seed` (SplitMix64 of both): reseeding libtorch with it at
 /// the start of every iteration makes libtorch's random stream resumable without reading its generator state.
 pub fn torch_seed(seed: u64, iteration: u64) -> i64 {
@@ -228,67 +209,9 @@ fn git_commit() -> Option<String> {
     (output.status.success() && !commit.is_empty()).then_some(commit)
 }
 
-fn sync_file(path: &Path) -> Result<(), CheckpointError> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(io_error(path))
-}
-
-fn sync_dir(path: &Path) -> Result<(), CheckpointError> {
-    File::open(path).and_then(|f| f.sync_all()).map_err(io_error(path))
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
-    let mut file = File::create(path).map_err(io_error(path))?;
-    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(io_error(path))
-}
-
-fn write_tensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<(), CheckpointError> {
-    // Row-major data whatever the layout in memory (channels-last weights, their momentum buffers), as
-    // safetensors stores it: files are the same in either layout.
-    let on_cpu: Vec<(String, Tensor)> =
-        tensors.iter().map(|(n, t)| (n.clone(), t.to_device(tch::Device::Cpu).contiguous())).collect();
-    Tensor::write_safetensors(&on_cpu, path).map_err(|source| match source {
-        // The OS error of a failed write (a full disk) is reported as such, not in libtorch's debug format.
-        tch::TchError::SafeTensorError { err: safetensors::SafeTensorError::IoError(io), .. } => io_error(path)(io),
-        source => CheckpointError::Torch { path: path.display().to_string(), source },
-    })?;
-    sync_file(path)
-}
-
-/// Replaces `target` by the folder `staged` (removing an older `target` first), then fsyncs the parent.
-fn install_folder(staged: &Path, target: &Path) -> Result<(), CheckpointError> {
-    if target.exists() {
-        let parent = target.parent().unwrap_or(Path::new("."));
-        let name = target.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let trash = parent.join(format!("{TEMP_PREFIX}old-{name}"));
-        if trash.exists() {
-            fs::remove_dir_all(&trash).map_err(io_error(&trash))?;
-        }
-        fs::rename(target, &trash).map_err(io_error(target))?;
-        fs::rename(staged, target).map_err(io_error(target))?;
-        fs::remove_dir_all(&trash).map_err(io_error(&trash))?;
-    } else {
-        fs::rename(staged, target).map_err(io_error(target))?;
-    }
-    sync_dir(target.parent().unwrap_or(Path::new(".")))
-}
-
-/// Writes `text` to `path` through a synced temporary file and a rename.
-fn replace_file(path: &Path, text: &str) -> Result<(), CheckpointError> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let staged = parent.join(format!("{TEMP_PREFIX}{name}"));
-    write_synced(&staged, text.as_bytes())?;
-    fs::rename(&staged, path).map_err(io_error(path))?;
-    sync_dir(parent)
-}
-
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
     let text = fs::read_to_string(path).map_err(|e| corrupt(path, e.to_string()))?;
     serde_json::from_str(&text).map_err(|e| corrupt(path, e.to_string()))
-}
-
-fn read_tensors(path: &Path) -> Result<Vec<(String, Tensor)>, CheckpointError> {
-    Tensor::read_safetensors(path).map_err(|e| corrupt(path, e.to_string()))
 }
 
 /// Reads and verifies a checkpoint folder: every file listed in the manifest must exist with its recorded size
@@ -309,70 +232,6 @@ pub fn load_checkpoint(folder: &Path) -> Result<LoadedCheckpoint, CheckpointErro
         config_toml,
         manifest,
     })
-}
-
-/// Checks `weights` against the variables of `vs` (see [`load_weights_into`]) and returns the missing names.
-fn check_weights(
-    vs: &VarStore,
-    weights: &[(String, Tensor)],
-    source: &Path,
-    strict: bool,
-) -> Result<Vec<String>, CheckpointError> {
-    let mismatch = |message: String| CheckpointError::Mismatch { path: source.display().to_string(), message };
-    let by_name: BTreeMap<&str, &Tensor> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let variables = named_variables(vs);
-    let mut missing = Vec::new();
-    for (name, variable) in &variables {
-        match by_name.get(name.as_str()) {
-            None => missing.push(name.clone()),
-            Some(tensor) if tensor.size() != variable.size() => {
-                return Err(mismatch(format!(
-                    "tensor `{name}` has shape {:?}, the model {:?}",
-                    tensor.size(),
-                    variable.size()
-                )))
-            }
-            Some(_) => {}
-        }
-    }
-    if strict {
-        if let Some(name) = missing.first() {
-            return Err(mismatch(format!("the model has `{name}` (and {} more) that it lacks", missing.len() - 1)));
-        }
-        if let Some(extra) = by_name.keys().find(|n| !variables.iter().any(|(v, _)| v == *n)) {
-            return Err(mismatch(format!("it has `{extra}`, which the model lacks")));
-        }
-    }
-    Ok(missing)
-}
-
-/// Copies `weights` into the variables of `vs`. With `strict`, the names and shapes must match exactly (resume);
-/// otherwise variables missing from `weights` are left as they are and their names returned (`--init-weights`),
-/// while a shape mismatch is still an error. Nothing is copied when an error is returned.
-pub fn load_weights_into(
-    vs: &VarStore,
-    weights: &[(String, Tensor)],
-    source: &Path,
-    strict: bool,
-) -> Result<Vec<String>, CheckpointError> {
-    let missing = check_weights(vs, weights, source, strict)?;
-    let by_name: BTreeMap<&str, &Tensor> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    let _no_grad = tch::no_grad_guard();
-    for (name, variable) in named_variables(vs) {
-        if let Some(tensor) = by_name.get(name.as_str()) {
-            variable.shallow_clone().copy_(tensor);
-        }
-    }
-    Ok(missing)
-}
-
-/// `--init-weights FILE` (and the weights of `eval` and `predict`): loads weights only, from a checkpoint folder
-/// (verified against its manifest, see [`weights_file`]) or a `.safetensors` file (a note on stderr says that it
-/// cannot be verified); returns the model variables the file did not have.
-pub fn init_weights(vs: &VarStore, path: &Path) -> Result<Vec<String>, CheckpointError> {
-    let file = weights_file(path, &mut |note| eprintln!("note: {note}"))?;
-    let weights = read_tensors(&file)?;
-    load_weights_into(vs, &weights, &file, false)
 }
 
 /// Writes every file of a checkpoint into the staging folder `staged` (each fsynced, the manifest last).
