@@ -5,6 +5,7 @@ pub mod autocast;
 pub mod bench;
 pub mod checkpoint;
 pub mod coco_eval;
+mod coco_results;
 pub mod config;
 pub mod convert;
 pub mod device;
