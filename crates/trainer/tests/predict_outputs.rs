@@ -90,4 +90,19 @@ fn predict_into_its_input_folder_fails_and_leaves_the_images_alone() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("results.image_ids.json")).unwrap()).unwrap();
     assert_eq!(mapping["000004.png"], 4);
     assert_eq!(mapping["cat.png"], 5);
+
+    // A truncated JPEG (issue 15, item 1) is an error naming the file, not a picture of a half-grey image.
+    let damaged = dir.join("damaged");
+    std::fs::create_dir_all(&damaged).unwrap();
+    let picture = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 7 ^ y * 3) as u8, (y * 11) as u8, 90]));
+    let mut jpeg = std::io::Cursor::new(Vec::new());
+    picture.write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
+    let jpeg = jpeg.into_inner();
+    std::fs::write(damaged.join("000009.jpg"), &jpeg[..jpeg.len() / 2]).unwrap();
+    let mut damaged_args = args(&dir.join("damaged-pictures"), &dir.join("damaged.json"));
+    damaged_args[5] = damaged.to_str().unwrap().to_string();
+    let output = run(damaged_args);
+    let message = stderr(&output);
+    assert!(!output.status.success(), "a truncated JPEG was predicted on");
+    assert!(message.contains("000009.jpg") && message.contains("truncated JPEG"), "{message}");
 }
