@@ -88,7 +88,11 @@ pub fn resume_differences(checkpoint: &LoadedCheckpoint, config_toml: &str, data
         if free || already || before.get(key) == now.get(key) {
             continue;
         }
-        let what = if key == "seed" { " (libtorch's random stream follows the new seed; the data order continues with the checkpoint's)" } else { "" };
+        let what = if key == "seed" {
+            " (libtorch's random stream follows the new seed; the data order continues with the checkpoint's)"
+        } else {
+            ""
+        };
         warnings.push(format!(
             "resuming from {from} with {key} = {}, the checkpoint's run had {}{what}",
             show(now.get(key)),
