@@ -79,20 +79,20 @@ fn free_port() -> u16 {
 /// byte-identical metrics and COCO results to 1 process.
 ///
 /// Why the batch of 2 is only compared at the first step: a batch of 2 and two batches of 1 go through different
-/// convolution kernels (oneDNN blocks a batch of 2 differently; on an AVX-512 Xeon stage-3 features differ by
-/// ~1e-6 relative), and the gradient of this ReLU/max-pool network is discontinuous wherever a 3x3 max-pool window
-/// holds two nearly equal values: the rounding moves the argmax and with it where that element's gradient goes.
-/// Measured on such a machine with seed 0 (first batch, initial weights): one window of the max-pool before stage 4
-/// held 1.0533844/1.0533824 in the batch of 2 and 1.0533830/1.0533835 alone, so the first step's gradients of
-/// stage 3 and below differed by 2-3% and the weights by 1.7e-3 after 10 steps. With the test's seed 3 and the
-/// earlier IoU threshold of 0.5 (proposals could be foreground), a foreground proposal's mask target, rasterised
-/// inside the proposal box, flipped first: the mask head's update left rounding level at step 2 (1e-4 relative
-/// instead of 1e-6) while the box head's did not (so which RoI was foreground had not changed), and the weights differed by up to 6.8e-4 at step 10 (2.3e-4 on
-/// backbone.stage2.0.concat.conv.weight), although the config had no top-k or NMS; with foreground limited to the
-/// ground-truth boxes those 10 steps stayed within 1.2e-7. Max-pool and ReLU kinks are part of the architecture
-/// and are hit with a probability that depends on the CPU, so no config removes them: the batch of 2 is compared
-/// where no gradient is involved, in the first step's losses (a forward pass at identical weights): measured
-/// 8.5e-8 (seed 3) and 2.4e-7 (seed 0) on total_loss, bound 1e-5.
+/// convolution kernels (oneDNN blocks a batch of 2 differently; on an AVX-512 Xeon stage-3 features differ by ~1e-6
+/// relative), and the gradient of this ReLU/max-pool network is discontinuous wherever a 3x3 max-pool window holds two
+/// nearly equal values: the rounding moves the argmax and with it where that element's gradient goes. Measured on such
+/// a machine with seed 0 (first batch, initial weights): one window of the max-pool before stage 4 held
+/// 1.0533844/1.0533824 in the batch of 2 and 1.0533830/1.0533835 alone, so the first step's gradients of stage 3 and
+/// below differed by 2-3% and the weights by 1.7e-3 after 10 steps. With the test's seed 3 and the earlier IoU
+/// threshold of 0.5 (proposals could be foreground), a foreground proposal's mask target, rasterised inside the
+/// proposal box, most likely flipped first: the mask head's update left rounding level at step 2 (1e-4 relative instead
+/// of 1e-6) while the box head's did not (so which RoI was foreground had not changed), and the weights differed by up
+/// to 6.8e-4 at step 10 (2.3e-4 on backbone.stage2.0.concat.conv.weight), although the config had no top-k or NMS; with
+/// foreground limited to the ground-truth boxes those 10 steps stayed within 1.2e-7. Max-pool and ReLU kinks are part
+/// of the architecture and are hit with a probability that depends on the CPU, so no config removes them: the batch of
+/// 2 is compared where no gradient is involved, in the first step's losses (a forward pass at identical weights):
+/// measured 8.5e-8 (seed 3) and 2.4e-7 (seed 0) on total_loss, bound 1e-5.
 #[test]
 fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
     let dir = temp_dir("dist-equal");
