@@ -114,11 +114,12 @@ fn a_full_disk_during_a_save_is_reported_once_in_words_and_the_run_resumes() {
     // freeing those 6 MiB makes room for it again. The synthetic dataset is generated outside the small disk.
     let trainer_exe = env!("CARGO_BIN_EXE_trainer");
     let script = format!(
-        "set -u; mount -t tmpfs -o size=30m tmpfs {disk} || exit 99; head -c 6291456 /dev/zero > {disk}/ballast; \
+        "set -u; mount -t tmpfs -o size=30m tmpfs {disk} || {{ echo MOUNT_FAILED; exit 1; }}; \
+         head -c 6291456 /dev/zero > {disk}/ballast; \
          {trainer_exe} train {config} --output {run} --set solver.max_iter=4 --set checkpoint.period=2 \
-         --set checkpoint.keep_last=1 2> {dir}/first.err; echo first=$?; ls -a {run} > {dir}/after-first; \
+         --set checkpoint.keep_last=1 > {dir}/first.out 2> {dir}/first.err; echo first=$?; ls -a {run} > {dir}/after-first; \
          rm {disk}/ballast; {trainer_exe} train {config} --output {run} --resume --set solver.max_iter=4 \
-         --set checkpoint.period=2 --set checkpoint.keep_last=1 2> {dir}/second.err; echo second=$?; \
+         --set checkpoint.period=2 --set checkpoint.keep_last=1 > {dir}/second.out 2> {dir}/second.err; echo second=$?; \
          ls -a {run} > {dir}/after-second",
         disk = disk.display(),
         run = run.display(),
@@ -129,7 +130,7 @@ fn a_full_disk_during_a_save_is_reported_once_in_words_and_the_run_resumes() {
         return;
     };
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(!stdout.contains("99"), "mounting the tmpfs failed: {}", stderr(&output));
+    assert!(!stdout.contains("MOUNT_FAILED"), "mounting the tmpfs failed: {}", stderr(&output));
     let first = std::fs::read_to_string(dir.join("first.err")).unwrap();
     assert!(stdout.contains("first=1"), "{stdout}\n{first}");
     let error = first.lines().last().unwrap();
