@@ -117,9 +117,11 @@ fn a_full_disk_during_a_save_is_reported_once_in_words_and_the_run_resumes() {
         "set -u; mount -t tmpfs -o size=30m tmpfs {disk} || {{ echo MOUNT_FAILED; exit 1; }}; \
          head -c 6291456 /dev/zero > {disk}/ballast; \
          {trainer_exe} train {config} --output {run} --set solver.max_iter=4 --set checkpoint.period=2 \
-         --set checkpoint.keep_last=1 > {dir}/first.out 2> {dir}/first.err; echo first=$?; ls -a {run} > {dir}/after-first; \
+         --set checkpoint.keep_last=1 > {dir}/first.out 2> {dir}/first.err; echo first=$?; \
+         ls -a {run} > {dir}/after-first; \
          rm {disk}/ballast; {trainer_exe} train {config} --output {run} --resume --set solver.max_iter=4 \
-         --set checkpoint.period=2 --set checkpoint.keep_last=1 > {dir}/second.out 2> {dir}/second.err; echo second=$?; \
+         --set checkpoint.period=2 --set checkpoint.keep_last=1 > {dir}/second.out 2> {dir}/second.err; \
+         echo second=$?; \
          ls -a {run} > {dir}/after-second",
         disk = disk.display(),
         run = run.display(),
