@@ -94,7 +94,7 @@ fn predict_into_its_input_folder_fails_and_leaves_the_images_alone() {
     // A truncated JPEG (issue 15, item 1) is an error naming the file, not a picture of a half-grey image.
     let damaged = dir.join("damaged");
     std::fs::create_dir_all(&damaged).unwrap();
-    let picture = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([(x * 7 ^ y * 3) as u8, (y * 11) as u8, 90]));
+    let picture = image::RgbImage::from_fn(64, 64, |x, y| image::Rgb([((x * 7) ^ (y * 3)) as u8, (y * 11) as u8, 90]));
     let mut jpeg = std::io::Cursor::new(Vec::new());
     picture.write_to(&mut jpeg, image::ImageFormat::Jpeg).unwrap();
     let jpeg = jpeg.into_inner();
