@@ -57,7 +57,7 @@ fn config_leaves(text: &str) -> Option<BTreeMap<String, String>> {
 
 /// What differs between the run that wrote `checkpoint` and this one (resolved config `config_toml`, training
 /// data fingerprint `dataset_fingerprint`), one warning per difference: the training data, the seed and every
-/// other config key except those that may change on a resume ([`FREE_TO_CHANGE`]).
+/// other config key except those that may change on a resume (`FREE_TO_CHANGE`).
 pub fn resume_differences(checkpoint: &LoadedCheckpoint, config_toml: &str, dataset_fingerprint: &str) -> Vec<String> {
     let from = checkpoint.path.display();
     let mut warnings = Vec::new();
