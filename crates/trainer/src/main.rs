@@ -8,7 +8,7 @@ use backbone::WeightFormat;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use trainer::bench::{bench_backbone, bench_data, bench_infer, bench_train, BenchDetails, BenchOptions, BenchReport};
 use trainer::config::Config;
-use trainer::convert::convert;
+use trainer::convert::{convert, export};
 use trainer::device::parse_device;
 use trainer::distributed::{join, launch, role, worker_device, LaunchArgs, RankGroup, Role};
 use trainer::info::{model_info, parse_size, render};
@@ -47,12 +47,16 @@ enum Command {
 
 #[derive(Args)]
 struct ConvertArgs {
-    /// Naming of the input file: vovnet-detectron2 (the authors' VoVNet code), torchvision, or vovdet.
-    #[arg(long = "from", value_name = "FORMAT")]
-    format: WeightFormat,
-    /// Input weights (safetensors; convert a .pth first with scripts/pth_to_safetensors.py).
+    /// Naming of the input file, converted to ours: detectron2 (detectron2's models, the VoVNet authors'
+    /// vovnet-detectron2 and CenterMask2 backbones; `vovnet-detectron2` is accepted too), torchvision, or vovdet.
+    #[arg(long = "from", value_name = "FORMAT", required_unless_present = "to", conflicts_with = "to")]
+    from: Option<WeightFormat>,
+    /// Writes our weights (a checkpoint folder or safetensors file) with another framework's names: detectron2.
+    #[arg(long = "to", value_name = "FORMAT")]
+    to: Option<WeightFormat>,
+    /// Input weights (safetensors; convert a .pth or .pkl first with scripts/pth_to_safetensors.py).
     input: PathBuf,
-    /// Output weights with vovdet's names.
+    /// Output weights (safetensors).
     output: PathBuf,
     #[command(flatten)]
     common: ConfigArgs,
@@ -392,10 +396,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Convert(args) => {
             let (config, _) = args.common.load()?;
-            let report = convert(&config, args.format, &args.input, &args.output)?;
-            println!("converted {} tensors into {}", report.loaded, args.output.display());
-            if !report.ignored.is_empty() {
-                println!("ignored (no weights): {}", report.ignored.join(", "));
+            match (args.from, args.to) {
+                (_, Some(format)) => {
+                    let count = export(&config, format, &args.input, &args.output)?;
+                    println!("wrote {count} tensors with {format}'s names into {}", args.output.display());
+                }
+                (Some(format), None) => {
+                    let report = convert(&config, format, &args.input, &args.output)?;
+                    println!("converted {} tensors into {}", report.loaded, args.output.display());
+                    if !report.ignored.is_empty() {
+                        println!("ignored (no weights): {}", report.ignored.join(", "));
+                    }
+                }
+                (None, None) => anyhow::bail!("convert needs --from FORMAT or --to FORMAT"),
             }
         }
         Command::Bench(args) => {
