@@ -13,7 +13,7 @@ Usage (DIR holds the inputs written by the Rust test and receives the outputs):
   detectron2_oracle.py infer DIR SPEC.json       -> weights.safetensors (unless SPEC names weights to load),
                                                     outputs.safetensors
 SPEC.json: {"backbone": "V-19" | "V-39" | "R-50", "norm": "GN" | "FrozenBN", "num_classes": K,
-            "rpn_batch": N, "roi_batch": N, "stride_in_1x1": bool, "min_size_test": S, "max_size_test": S,
+            "rpn_batch": N, "roi_batch": N, "every_anchor_a_proposal": bool, "head_width": N (FPN and heads), "stride_in_1x1": bool, "min_size_test": S, "max_size_test": S,
             "solver": {"base_lr", "momentum", "weight_decay", "warmup_iters", "warmup_factor", "steps", "gamma",
                        "max_iter"}, "load_weights": "path with detectron2 names" (optional)}
 Inputs: DIR/inputs.safetensors with image{i} ([3, H, W] float RGB, 0..255), and for training boxes{i} ([K, 4]
@@ -110,6 +110,10 @@ def config(spec):
     cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1000
     cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 1000
     cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = spec.get("rpn_batch", 256)
+    if spec.get("every_anchor_a_proposal"):
+        cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 1_000_000
+        cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 1_000_000
+        cfg.MODEL.RPN.NMS_THRESH = 1.0
     cfg.MODEL.ROI_HEADS.NAME = "StandardROIHeads"
     cfg.MODEL.ROI_HEADS.IN_FEATURES = ["p2", "p3", "p4", "p5"]
     cfg.MODEL.ROI_HEADS.NUM_CLASSES = spec["num_classes"]
@@ -119,6 +123,12 @@ def config(spec):
     cfg.MODEL.ROI_MASK_HEAD.NAME = "MaskRCNNConvUpsampleHead"
     cfg.MODEL.ROI_MASK_HEAD.NUM_CONV = 4
     cfg.MODEL.ROI_MASK_HEAD.POOLER_RESOLUTION = 14
+    width = spec.get("head_width")
+    if width:
+        cfg.MODEL.FPN.OUT_CHANNELS = width
+        cfg.MODEL.ROI_BOX_HEAD.CONV_DIM = width
+        cfg.MODEL.ROI_BOX_HEAD.FC_DIM = width
+        cfg.MODEL.ROI_MASK_HEAD.CONV_DIM = width
     frozen = spec["norm"] == "FrozenBN"
     head_norm = "" if frozen else "GN"
     cfg.MODEL.FPN.NORM = head_norm
