@@ -225,7 +225,8 @@ fn coco_tiny_smoke_trains_and_evaluates_on_real_coco_data() {
     let dir = temp_dir("coco-tiny");
     let out = dir.join("run");
     let fixture = coco_mini();
-    let annotations = format!("data.train.annotations={}", fixture.join("annotations/instances_train2017.json").display());
+    let annotations =
+        format!("data.train.annotations={}", fixture.join("annotations/instances_train2017.json").display());
     let images = format!("data.train.images={}", fixture.join("train2017").display());
     // As in the config, evaluation runs on the training images (an overfit check).
     let val_annotations = annotations.replacen("data.train", "data.val", 1);
