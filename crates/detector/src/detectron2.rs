@@ -63,9 +63,10 @@ pub fn import_detectron2(vs: &nn::VarStore, model: &MaskRcnn, file: &Path) -> Re
     Ok(report)
 }
 
-/// Every variable of `vs` (the variables of `model`) under its detectron2 name, row-major, ready to be written
-/// as a safetensors file that detectron2's `DetectionCheckpointer` (and vovnet-detectron2) loads. A variable with
-/// no detectron2 equivalent is an error naming it.
+/// Every variable of `vs` (the variables of `model`) under its detectron2 name, row-major: written as a
+/// safetensors file, it loads into detectron2's (and vovnet-detectron2's) model with `load_state_dict`, or into
+/// `DetectionCheckpointer` once wrapped as a `.pth` (docs/detectron2.md). A variable with no detectron2
+/// equivalent is an error naming it.
 pub fn export_detectron2(vs: &nn::VarStore, model: &MaskRcnn) -> Result<Vec<(String, Tensor)>, DetectorError> {
     let mut named = Vec::new();
     let mut unmapped = Vec::new();
