@@ -158,6 +158,14 @@ impl LoadOptions {
     }
 }
 
+/// The dataset of a checked load when it found no problem, else the first problem (file order).
+fn first_problem((dataset, problems): (CocoDataset, Vec<DataError>)) -> Result<CocoDataset, DataError> {
+    match problems.into_iter().next() {
+        Some(first) => Err(first),
+        None => Ok(dataset),
+    }
+}
+
 impl CocoDataset {
     /// Loads and validates one COCO instances file whose `file_name`s are relative to `image_root`.
     ///
@@ -165,11 +173,7 @@ impl CocoDataset {
     /// the annotation (or image) id (the first one in file order; [`CocoDataset::load_checked`] collects them
     /// all). Image files are checked for existence per `options.missing_images`.
     pub fn load(annotations: &Path, image_root: &Path, options: LoadOptions) -> Result<CocoDataset, DataError> {
-        let (dataset, problems) = Self::load_checked(annotations, image_root, options)?;
-        match problems.into_iter().next() {
-            Some(first) => Err(first),
-            None => Ok(dataset),
-        }
+        first_problem(Self::load_checked(annotations, image_root, options)?)
     }
 
     /// Like [`CocoDataset::load`], but every problem after parsing is collected instead of stopping at the
@@ -317,11 +321,7 @@ impl CocoDataset {
     ///
     /// All sources must have the same categories (ids and names). Fails with the first problem found.
     pub fn load_split(split: &SplitConfig, name: &str, options: LoadOptions) -> Result<CocoDataset, DataError> {
-        let (dataset, problems) = Self::load_split_checked(split, name, options)?;
-        match problems.into_iter().next() {
-            Some(first) => Err(first),
-            None => Ok(dataset),
-        }
+        first_problem(Self::load_split_checked(split, name, options)?)
     }
 
     /// [`CocoDataset::load_split`] collecting every problem (see [`CocoDataset::load_checked`]); a source whose
