@@ -45,7 +45,7 @@ pub fn detectron2_name(ours: &str, backbone_name: impl Fn(&str) -> Option<String
 }
 
 /// Our variable name (as in the model's var store) → detectron2's, for `model`'s backbone.
-fn model_name(model: &MaskRcnn, ours: &str) -> Option<String> {
+pub fn detectron2_variable_name(model: &MaskRcnn, ours: &str) -> Option<String> {
     detectron2_name(ours, |n| model.backbone().external_name(WeightFormat::Detectron2, n))
 }
 
@@ -57,7 +57,7 @@ pub fn import_detectron2(vs: &nn::VarStore, model: &MaskRcnn, file: &Path) -> Re
     let (buffers, source): (Vec<_>, Vec<_>) =
         read_safetensors(file)?.into_iter().partition(|(name, _)| is_config_buffer(name));
     let targets: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
-    let mut report = assign(file, &targets, source, "", |ours| model_name(model, ours))?;
+    let mut report = assign(file, &targets, source, "", |ours| detectron2_variable_name(model, ours))?;
     report.ignored.extend(buffers.into_iter().map(|(name, _)| name));
     report.ignored.sort();
     Ok(report)
@@ -71,7 +71,7 @@ pub fn export_detectron2(vs: &nn::VarStore, model: &MaskRcnn) -> Result<Vec<(Str
     let mut named = Vec::new();
     let mut unmapped = Vec::new();
     for (ours, tensor) in vs.variables() {
-        match model_name(model, &ours) {
+        match detectron2_variable_name(model, &ours) {
             Some(theirs) => named.push((theirs, tensor.contiguous())),
             None => unmapped.push(ours),
         }

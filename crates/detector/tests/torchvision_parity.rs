@@ -10,7 +10,7 @@ use std::process::Command;
 use detector::structures::{pad_batch, resize_for_test};
 use detector::torchvision::import_torchvision;
 use detector::{DetectorConfig, MaskRcnn};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device, Tensor};
 
 /// torchvision's `num_classes` (background included): two foreground classes keep the scores above 0.05.
 const TORCHVISION_CLASSES: i64 = 3;
@@ -73,36 +73,5 @@ fn matches_torchvision_maskrcnn_resnet50_fpn() {
         String::from_utf8_lossy(&output.stdout).trim()
     );
 
-    let mut total = 0;
-    let mut good_masks = 0;
-    for (i, ours) in detections.iter().enumerate() {
-        let boxes = &expected[&format!("boxes{i}")];
-        let scores = &expected[&format!("scores{i}")];
-        let labels = &expected[&format!("labels{i}")] - 1;
-        let masks = &expected[&format!("masks{i}")];
-        let d = boxes.size()[0];
-        assert!(d > 10, "image {i}: torchvision found only {d} detections; the oracle weights are too weak");
-        assert_eq!(ours.boxes.size()[0], d, "image {i}: detection count");
-        assert_eq!(Vec::<i64>::try_from(&ours.labels).unwrap(), Vec::<i64>::try_from(&labels).unwrap(), "labels {i}");
-        let box_err = (&ours.boxes - boxes).abs().max().double_value(&[]);
-        let score_err = (&ours.scores - scores).abs().max().double_value(&[]);
-        assert!(box_err < 1e-2, "image {i}: boxes differ by up to {box_err} px");
-        assert!(score_err < 1e-4, "image {i}: scores differ by up to {score_err}");
-        let ours_m = ours.masks.to_kind(Kind::Float);
-        let theirs_m = masks.to_kind(Kind::Float);
-        let inter = (&ours_m * &theirs_m).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
-        let union = (&ours_m + &theirs_m).clamp_max(1.0).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
-        let iou = Vec::<f32>::try_from(inter / union.clamp_min(1.0)).unwrap();
-        let empty_both = Vec::<f32>::try_from(union_is_zero(&ours_m, &theirs_m)).unwrap();
-        good_masks += iou.iter().zip(&empty_both).filter(|(&v, &e)| v > 0.99 || e > 0.0).count();
-        total += d;
-        eprintln!("image {i}: {d} detections, max box error {box_err:.2e} px, max score error {score_err:.2e}");
-    }
-    eprintln!("mask IoU > 0.99 for {good_masks} of {total} detections");
-    assert!(good_masks as f64 >= 0.99 * total as f64, "mask IoU > 0.99 for only {good_masks} of {total}");
-}
-
-/// 1 where both masks are empty (IoU undefined, counted as agreeing).
-fn union_is_zero(a: &Tensor, b: &Tensor) -> Tensor {
-    (a + b).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float).eq(0.0).to_kind(Kind::Float)
+    common::assert_same_detections(&detections, &expected, 1, "torchvision");
 }

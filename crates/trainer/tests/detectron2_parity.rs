@@ -124,10 +124,8 @@ fn relative_l2(a: &Tensor, b: &Tensor) -> f64 {
 
 /// Our variable name → detectron2's for `model`.
 fn d2_name(model: &MaskRcnn, ours: &str) -> String {
-    detector::detectron2::detectron2_name(ours, |n| {
-        model.backbone().external_name(backbone::WeightFormat::Detectron2, n)
-    })
-    .unwrap_or_else(|| panic!("no detectron2 name for {ours}"))
+    detector::detectron2::detectron2_variable_name(model, ours)
+        .unwrap_or_else(|| panic!("no detectron2 name for {ours}"))
 }
 
 fn training_step_equals_detectron2(backbone: &str) {
@@ -296,36 +294,13 @@ fn val_images() -> Vec<Tensor> {
         .collect()
 }
 
-/// Our detections against the oracle's `outputs.safetensors`: same count and labels, boxes within 1e-2 px,
-/// scores within 1e-4, mask IoU above 0.99 for at least 99% of the detections.
+/// Our detections on `images` against the oracle's `outputs.safetensors` in `dir`.
 fn assert_same_detections(model: &MaskRcnn, images: &[Tensor], dir: &Path, what: &str) {
     let batch = preprocess(images, &model.config().input, Device::Cpu).unwrap();
     let sizes: Vec<(i64, i64)> = images.iter().map(|t| (t.size()[1], t.size()[2])).collect();
     let detections = tch::no_grad(|| model.inference(&batch, &sizes)).unwrap();
-    let expected = read(&dir.join("outputs.safetensors"));
-    let (mut total, mut good_masks) = (0, 0);
-    for (i, ours) in detections.iter().enumerate() {
-        let boxes = &expected[&format!("boxes{i}")];
-        let d = boxes.size()[0];
-        assert!(d > 10, "{what}: image {i}: detectron2 found only {d} detections; the oracle weights are too weak");
-        assert_eq!(ours.boxes.size()[0], d, "{what}: image {i}: detection count");
-        let labels = Vec::<i64>::try_from(&expected[&format!("labels{i}")]).unwrap();
-        assert_eq!(Vec::<i64>::try_from(&ours.labels).unwrap(), labels, "{what}: image {i}: labels");
-        let box_error = (&ours.boxes - boxes).abs().max().double_value(&[]);
-        let score_error = (&ours.scores - &expected[&format!("scores{i}")]).abs().max().double_value(&[]);
-        assert!(box_error < 1e-2, "{what}: image {i}: boxes differ by up to {box_error} px");
-        assert!(score_error < 1e-4, "{what}: image {i}: scores differ by up to {score_error}");
-        let ours_m = ours.masks.to_kind(Kind::Float);
-        let theirs_m = expected[&format!("masks{i}")].to_kind(Kind::Float);
-        let inter = (&ours_m * &theirs_m).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
-        let union = (&ours_m + &theirs_m).clamp_max(1.0).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
-        let agree = (inter.clamp_min(1e-9) / union.clamp_min(1e-9)).gt(0.99).logical_or(&union.eq(0.0));
-        good_masks += agree.sum(Kind::Int64).int64_value(&[]);
-        total += d;
-        eprintln!("{what}: image {i}: {d} detections, box error {box_error:.2e} px, score error {score_error:.2e}");
-    }
-    eprintln!("{what}: mask IoU > 0.99 for {good_masks} of {total} detections");
-    assert!(good_masks as f64 >= 0.99 * total as f64, "{what}: mask IoU > 0.99 for only {good_masks} of {total}");
+    let expected = Tensor::read_safetensors(dir.join("outputs.safetensors")).unwrap().into_iter().collect();
+    samples::assert_same_detections(&detections, &expected, 0, what);
 }
 
 /// detectron2 state dicts import whole (V-39 GN as vovnet-detectron2 writes it, R-50-FPN with FrozenBN in the

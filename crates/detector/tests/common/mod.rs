@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use detector::{GtInstances, GtMasks};
+use detector::{Detections, GtInstances, GtMasks};
 use tch::{Device, Kind, Tensor};
 
 /// The repository root (two levels above this crate).
@@ -107,4 +107,42 @@ pub fn gt_to(gt: &GtInstances, device: Device) -> GtInstances {
         },
         sampling_seed: gt.sampling_seed,
     }
+}
+
+/// Asserts that our `detections` equal an oracle's (`boxes{i}`, `scores{i}`, `labels{i}` with our labels plus
+/// `label_offset`, `masks{i}` per image): more than 10 detections per image, the same count and labels, boxes
+/// within 1e-2 px, scores within 1e-4, and mask IoU above 0.99 (or both masks empty) for at least 99% of them.
+pub fn assert_same_detections(
+    detections: &[Detections],
+    expected: &std::collections::HashMap<String, Tensor>,
+    label_offset: i64,
+    what: &str,
+) {
+    let (mut total, mut good_masks) = (0, 0);
+    for (i, ours) in detections.iter().enumerate() {
+        let boxes = &expected[&format!("boxes{i}")];
+        let d = boxes.size()[0];
+        assert!(d > 10, "{what}: image {i}: the oracle found only {d} detections; its weights are too weak");
+        assert_eq!(ours.boxes.size()[0], d, "{what}: image {i}: detection count");
+        let labels = &expected[&format!("labels{i}")] - label_offset;
+        assert_eq!(
+            Vec::<i64>::try_from(&ours.labels).unwrap(),
+            Vec::<i64>::try_from(&labels).unwrap(),
+            "{what}: image {i}: labels"
+        );
+        let box_error = (&ours.boxes - boxes).abs().max().double_value(&[]);
+        let score_error = (&ours.scores - &expected[&format!("scores{i}")]).abs().max().double_value(&[]);
+        assert!(box_error < 1e-2, "{what}: image {i}: boxes differ by up to {box_error} px");
+        assert!(score_error < 1e-4, "{what}: image {i}: scores differ by up to {score_error}");
+        let ours_m = ours.masks.to_kind(Kind::Float);
+        let theirs_m = expected[&format!("masks{i}")].to_kind(Kind::Float);
+        let inter = (&ours_m * &theirs_m).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
+        let union = (&ours_m + &theirs_m).clamp_max(1.0).sum_dim_intlist(&[1i64, 2][..], false, Kind::Float);
+        let agree = (inter / union.clamp_min(1.0)).gt(0.99).logical_or(&union.eq(0.0));
+        good_masks += agree.sum(Kind::Int64).int64_value(&[]);
+        total += d;
+        eprintln!("{what}: image {i}: {d} detections, box error {box_error:.2e} px, score error {score_error:.2e}");
+    }
+    eprintln!("{what}: mask IoU > 0.99 for {good_masks} of {total} detections");
+    assert!(good_masks as f64 >= 0.99 * total as f64, "{what}: mask IoU > 0.99 for only {good_masks} of {total}");
 }
