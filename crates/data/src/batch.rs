@@ -1,9 +1,10 @@
-//! Collation: samples become one normalised, zero-padded image tensor plus per-image targets.
+//! Collation: samples become one zero-padded batch of their normalised images plus per-image targets.
 
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{InputConfig, PixelFormat};
+use crate::config::InputConfig;
 use crate::error::DataError;
+use crate::pixels::pad;
 use crate::transform::{InstanceMask, Sample};
 
 /// A mask target of one instance.
@@ -82,35 +83,17 @@ impl Batch {
     }
 }
 
-fn round_up(v: u32, multiple: u32) -> u32 {
-    v.div_ceil(multiple) * multiple
-}
-
-/// Builds a batch: normalises each image into a zero-padded `[N, 3, H, W]` buffer and converts targets to tensors.
+/// Builds a batch: pads the samples' normalised images into one `[N, 3, H, W]` tensor (sides rounded up to
+/// `input.size_divisibility`) and converts the targets to tensors.
 pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataError> {
     if samples.is_empty() {
         return Err(DataError::Loader("cannot collate an empty batch".into()));
     }
-    let div = input.size_divisibility;
-    let pad_h = round_up(samples.iter().map(|s| s.image.height).max().unwrap_or(0), div) as usize;
-    let pad_w = round_up(samples.iter().map(|s| s.image.width).max().unwrap_or(0), div) as usize;
-    let plane = pad_h * pad_w;
-    let images = Tensor::empty([samples.len() as i64, 3, pad_h as i64, pad_w as i64], (Kind::Float, Device::Cpu));
-    // SAFETY: `images` is a freshly allocated, contiguous CPU float tensor of exactly this many elements, owned
-    // here and not aliased until it is moved into the batch after the last write through `buffer`. Every element
-    // is written below (pixels or zero padding) before the tensor is read.
-    let buffer: &mut [f32] =
-        unsafe { std::slice::from_raw_parts_mut(images.data_ptr() as *mut f32, samples.len() * 3 * plane) };
-    // Per output channel: the source channel in the RGB pixels and a 256-entry table of normalised values.
-    let channel_source: [usize; 3] = match input.format {
-        PixelFormat::Rgb => [0, 1, 2],
-        PixelFormat::Bgr => [2, 1, 0],
-    };
-    let tables: [Vec<f32>; 3] =
-        std::array::from_fn(|c| (0..256).map(|v| (v as f32 - input.pixel_mean[c]) / input.pixel_std[c]).collect());
+    let (images, image_sizes) =
+        pad(&samples.iter().map(|s| s.image.shallow_clone()).collect::<Vec<_>>(), input.size_divisibility);
     let mut batch = Batch {
-        images: Tensor::new(),
-        image_sizes: Vec::with_capacity(samples.len()),
+        images,
+        image_sizes,
         original_sizes: Vec::with_capacity(samples.len()),
         image_ids: Vec::with_capacity(samples.len()),
         scales: Vec::with_capacity(samples.len()),
@@ -118,31 +101,9 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
         targets: Vec::with_capacity(samples.len()),
         sample_seeds: Vec::new(),
     };
-    for (n, sample) in samples.into_iter().enumerate() {
-        let (h, w) = (sample.image.height as usize, sample.image.width as usize);
-        let image_buffer = &mut buffer[n * 3 * plane..(n + 1) * 3 * plane];
-        let (plane0, rest) = image_buffer.split_at_mut(plane);
-        let (plane1, plane2) = rest.split_at_mut(plane);
-        let [t0, t1, t2] = &tables;
-        let [s0, s1, s2] = channel_source;
-        for y in 0..h {
-            let src = &sample.image.data[y * w * 3..(y + 1) * w * 3];
-            let row = y * pad_w..(y + 1) * pad_w;
-            let (r0, r1, r2) = (&mut plane0[row.clone()], &mut plane1[row.clone()], &mut plane2[row]);
-            for (x, px) in src.chunks_exact(3).enumerate() {
-                r0[x] = t0[px[s0] as usize];
-                r1[x] = t1[px[s1] as usize];
-                r2[x] = t2[px[s2] as usize];
-            }
-            for r in [r0, r1, r2] {
-                r[w..].fill(0.0);
-            }
-        }
-        for p in [plane0, plane1, plane2] {
-            p[h * pad_w..].fill(0.0);
-        }
+    for sample in samples {
+        let (h, w) = sample.geometry.output_size();
         let (oh, ow) = sample.geometry.original;
-        batch.image_sizes.push((h as i64, w as i64));
         batch.original_sizes.push((oh as i64, ow as i64));
         batch.image_ids.push(sample.image_id);
         batch.scales.push(sample.geometry.scale());
@@ -165,6 +126,5 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
             annotation_ids: t.annotation_ids,
         });
     }
-    batch.images = images;
     Ok(batch)
 }

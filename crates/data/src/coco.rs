@@ -65,47 +65,79 @@ impl ImageRecord {
     }
 }
 
-/// COCO's sparse category ids mapped to contiguous labels `0..n` (sorted by id, as detectron2 does) and back.
+/// How a dataset's category ids become the model's class labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LabelLayout {
+    /// Label `i` is the `i`-th category by id (detectron2): `n` categories give labels `0..n`.
+    #[default]
+    Contiguous,
+    /// Label `id - 1` for category `id` (torchvision's COCO models, whose 91-way classifier is indexed by COCO
+    /// category id): the labels run to the largest id, unused ids included.
+    CategoryId,
+}
+
+/// COCO's sparse category ids mapped to model labels and back, in a [`LabelLayout`] (contiguous by default).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CategoryMap {
     ids: Vec<u64>,
     names: Vec<String>,
     labels: HashMap<u64, i64>,
+    layout: LabelLayout,
 }
 
 impl CategoryMap {
-    /// Builds the map from `(id, name)` pairs in any order.
-    pub fn new(mut categories: Vec<(u64, String)>) -> Self {
-        categories.sort_by_key(|(id, _)| *id);
-        let labels = categories.iter().enumerate().map(|(label, (id, _))| (*id, label as i64)).collect();
-        let (ids, names) = categories.into_iter().unzip();
-        CategoryMap { ids, names, labels }
+    /// Builds the contiguous map from `(id, name)` pairs in any order.
+    pub fn new(categories: Vec<(u64, String)>) -> Self {
+        Self::with_layout(categories, LabelLayout::Contiguous)
     }
-    /// Number of classes.
+    /// Builds the map from `(id, name)` pairs in any order. Under [`LabelLayout::CategoryId`] an id of 0 has no
+    /// label.
+    pub fn with_layout(mut categories: Vec<(u64, String)>, layout: LabelLayout) -> Self {
+        categories.sort_by_key(|(id, _)| *id);
+        let labels = match layout {
+            LabelLayout::Contiguous => {
+                categories.iter().enumerate().map(|(label, (id, _))| (*id, label as i64)).collect()
+            }
+            LabelLayout::CategoryId => {
+                categories.iter().filter(|(id, _)| *id > 0).map(|(id, _)| (*id, *id as i64 - 1)).collect()
+            }
+        };
+        let (ids, names) = categories.into_iter().unzip();
+        CategoryMap { ids, names, labels, layout }
+    }
+    /// Number of labels the model must have: the category count, or the largest id under
+    /// [`LabelLayout::CategoryId`].
     pub fn len(&self) -> usize {
-        self.ids.len()
+        match self.layout {
+            LabelLayout::Contiguous => self.ids.len(),
+            LabelLayout::CategoryId => self.ids.last().copied().unwrap_or(0) as usize,
+        }
     }
     /// True when there are no classes.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
     }
-    /// Contiguous label of a COCO category id.
+    /// The label of a COCO category id.
     pub fn label(&self, category_id: u64) -> Option<i64> {
         self.labels.get(&category_id).copied()
     }
-    /// COCO category id of a contiguous label.
+    /// The COCO category id of a label (none for a label no category has).
     pub fn category_id(&self, label: i64) -> Option<u64> {
-        usize::try_from(label).ok().and_then(|l| self.ids.get(l).copied())
+        match self.layout {
+            LabelLayout::Contiguous => usize::try_from(label).ok().and_then(|l| self.ids.get(l).copied()),
+            LabelLayout::CategoryId => u64::try_from(label + 1).ok().filter(|id| self.labels.contains_key(id)),
+        }
     }
-    /// Name of a contiguous label.
+    /// Name of a label's category.
     pub fn name(&self, label: i64) -> Option<&str> {
-        usize::try_from(label).ok().and_then(|l| self.names.get(l).map(String::as_str))
+        let id = self.category_id(label)?;
+        self.ids.iter().position(|&i| i == id).map(|i| self.names[i].as_str())
     }
-    /// COCO ids in label order.
+    /// COCO ids in increasing order.
     pub fn ids(&self) -> &[u64] {
         &self.ids
     }
-    /// Names in label order.
+    /// Names in the order of [`CategoryMap::ids`].
     pub fn names(&self) -> &[String] {
         &self.names
     }
@@ -145,6 +177,8 @@ pub struct LoadOptions {
     /// Accept `file_name`s outside the image root (absolute, or with `..`); see
     /// [`crate::config::DataConfig::allow_outside_image_root`].
     pub allow_outside_image_root: bool,
+    /// How category ids become labels (the model's layout).
+    pub labels: LabelLayout,
 }
 
 impl LoadOptions {
@@ -154,6 +188,7 @@ impl LoadOptions {
             missing_images: config.missing_images,
             progress,
             allow_outside_image_root: config.allow_outside_image_root,
+            labels: LabelLayout::Contiguous,
         }
     }
 }
@@ -211,7 +246,14 @@ impl CocoDataset {
         if raw.categories.is_empty() {
             problems.push(DataError::Categories { path: path.to_path_buf(), message: "no categories".into() });
         }
-        let categories = CategoryMap::new(raw.categories.iter().map(|c| (c.id, c.name.clone())).collect());
+        if options.labels == LabelLayout::CategoryId && raw.categories.iter().any(|c| c.id == 0) {
+            problems.push(DataError::Categories {
+                path: path.to_path_buf(),
+                message: "category id 0 has no label when labels are category ids minus one".into(),
+            });
+        }
+        let categories =
+            CategoryMap::with_layout(raw.categories.iter().map(|c| (c.id, c.name.clone())).collect(), options.labels);
 
         // Images with a bad entry are left out; their annotations are dropped without further reports.
         let mut index_of_image = HashMap::with_capacity(raw.images.len());
@@ -398,21 +440,4 @@ impl CocoDataset {
         }
         (per_class, crowd)
     }
-}
-
-/// Loads `data.train` for training: validation as in [`CocoDataset::load_split`], then (with `data.filter_empty`)
-/// drops images without a non-crowd annotation.
-pub fn load_train(config: &crate::config::DataConfig, progress: bool) -> Result<CocoDataset, DataError> {
-    let options = LoadOptions::from_config(config, progress);
-    let mut dataset = CocoDataset::load_split(&config.train, "train", options)?;
-    if config.filter_empty {
-        dataset.filter_for_training();
-    }
-    Ok(dataset)
-}
-
-/// Loads `data.val` for evaluation, keeping every image.
-pub fn load_val(config: &crate::config::DataConfig, progress: bool) -> Result<CocoDataset, DataError> {
-    let options = LoadOptions::from_config(config, progress);
-    CocoDataset::load_split(&config.val, "val", options)
 }

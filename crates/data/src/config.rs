@@ -31,8 +31,9 @@ impl OneOrMany {
 }
 
 /// A split (train or val): COCO instances JSON files and the image folders their `file_name`s are relative to.
+/// Empty by default; a command that reads the split refuses an empty one, naming its keys.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SplitConfig {
     /// COCO instances JSON file(s).
     pub annotations: OneOrMany,
@@ -40,11 +41,23 @@ pub struct SplitConfig {
     pub images: OneOrMany,
 }
 
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig { annotations: OneOrMany::Many(Vec::new()), images: OneOrMany::Many(Vec::new()) }
+    }
+}
+
 impl SplitConfig {
     /// Pairs of (annotation file, image root), checking that both lists have the same length.
     pub fn sources(&self, split: &str) -> Result<Vec<(PathBuf, PathBuf)>, DataError> {
         let annotations = self.annotations.to_vec();
         let images = self.images.to_vec();
+        if annotations.is_empty() && images.is_empty() {
+            return Err(DataError::Config(format!(
+                "data.{split} is not set: give data.{split}.annotations (COCO instances JSON) and data.{split}.images \
+                 (their image folder), in the config or with --set"
+            )));
+        }
         if annotations.len() != images.len() || annotations.is_empty() {
             return Err(DataError::Config(format!(
                 "data.{split}.annotations has {} entries but data.{split}.images has {}; they must be non-empty and \
@@ -76,74 +89,66 @@ pub const MAX_NUM_WORKERS: usize = 256;
 
 /// Settings for generating the built-in synthetic dataset on first use (`[data.synth]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SynthConfig {
     /// Output folder (gets `annotations/instances_{train,val}.json`, `train/`, `val/`).
     pub out: PathBuf,
     /// Number of training images.
-    #[serde(default = "default_synth_train")]
     pub train: usize,
     /// Number of validation images.
-    #[serde(default = "default_synth_val")]
     pub val: usize,
     /// Image side in pixels (square images).
-    #[serde(default = "default_synth_size")]
     pub size: u32,
     /// Seed; the same seed gives byte-identical files.
-    #[serde(default)]
     pub seed: u64,
 }
 
-fn default_synth_train() -> usize {
-    300
-}
-fn default_synth_val() -> usize {
-    50
-}
-fn default_synth_size() -> u32 {
-    160
+impl Default for SynthConfig {
+    fn default() -> Self {
+        SynthConfig { out: PathBuf::from("datasets/shapes"), train: 300, val: 50, size: 160, seed: 0 }
+    }
 }
 
 /// The `[data]` section: where the datasets are and how they are loaded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct DataConfig {
     /// Training split.
     pub train: SplitConfig,
     /// Validation split.
     pub val: SplitConfig,
     /// Policy for missing, truncated, corrupt or wrongly sized images.
-    #[serde(default)]
     pub missing_images: MissingImagePolicy,
     /// Accept `file_name`s that leave their image folder (absolute paths, `..` components). Off by default: a
     /// dataset from elsewhere cannot make the trainer read files outside the configured image roots.
-    #[serde(default)]
     pub allow_outside_image_root: bool,
     /// Drop training images with no non-crowd annotation (detectron2 default: true).
-    #[serde(default = "default_true")]
     pub filter_empty: bool,
     /// Loader worker threads (0 loads in the calling thread; at most [`MAX_NUM_WORKERS`]).
-    #[serde(default = "default_num_workers")]
     pub num_workers: usize,
     /// Batches prepared ahead of the consumer.
-    #[serde(default = "default_prefetch")]
     pub prefetch: usize,
     /// Batch landscape and portrait images separately.
-    #[serde(default = "default_true")]
     pub aspect_ratio_grouping: bool,
     /// Generate the synthetic dataset here when its annotation files are missing.
-    #[serde(default)]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub synth: Option<SynthConfig>,
 }
 
-fn default_true() -> bool {
-    true
-}
-fn default_num_workers() -> usize {
-    4
-}
-fn default_prefetch() -> usize {
-    4
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train: SplitConfig::default(),
+            val: SplitConfig::default(),
+            missing_images: MissingImagePolicy::default(),
+            allow_outside_image_root: false,
+            filter_empty: true,
+            num_workers: 4,
+            prefetch: 4,
+            aspect_ratio_grouping: true,
+            synth: None,
+        }
+    }
 }
 
 /// Channel order of the normalised image tensor.
@@ -157,116 +162,88 @@ pub enum PixelFormat {
     Bgr,
 }
 
-/// Large-scale jitter (`[input.lsj]`): resize by a random scale of `size`, then a fixed `size` x `size` crop.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LsjConfig {
-    /// Use LSJ instead of the shorter-side resize for training.
-    #[serde(default)]
-    pub enabled: bool,
-    /// Smallest scale of `size`.
-    #[serde(default = "default_lsj_min")]
-    pub min_scale: f64,
-    /// Largest scale of `size`.
-    #[serde(default = "default_lsj_max")]
-    pub max_scale: f64,
-    /// Target and crop size in pixels.
-    #[serde(default = "default_lsj_size")]
-    pub size: u32,
+/// How images are resized, in training, evaluation and prediction alike: the rounding of the new size and the
+/// interpolation of the pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ResizeStyle {
+    /// detectron2's `ResizeShortestEdge`: sizes rounded to the nearest integer; the 8-bit image resized bilinearly
+    /// with antialiasing (PIL's `Image.resize(BILINEAR)`), then normalised.
+    #[default]
+    Detectron2,
+    /// torchvision's `GeneralizedRCNNTransform`: a float32 scale factor, sizes floored; the image normalised first,
+    /// then resized with `interpolate(mode="bilinear", align_corners=False)`.
+    Torchvision,
 }
 
-fn default_lsj_min() -> f64 {
-    0.1
-}
-fn default_lsj_max() -> f64 {
-    2.0
-}
-fn default_lsj_size() -> u32 {
-    1024
+/// Large-scale jitter (`[input.lsj]`): resize by a random scale of `size`, then a fixed `size` x `size` crop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LsjConfig {
+    /// Use LSJ instead of the shorter-side resize for training.
+    pub enabled: bool,
+    /// Smallest scale of `size`.
+    pub min_scale: f64,
+    /// Largest scale of `size`.
+    pub max_scale: f64,
+    /// Target and crop size in pixels.
+    pub size: u32,
 }
 
 impl Default for LsjConfig {
     fn default() -> Self {
-        LsjConfig {
-            enabled: false,
-            min_scale: default_lsj_min(),
-            max_scale: default_lsj_max(),
-            size: default_lsj_size(),
-        }
+        LsjConfig { enabled: false, min_scale: 0.1, max_scale: 2.0, size: 1024 }
     }
 }
 
-/// The `[input]` section: resize, augmentation and normalisation (detectron2 `INPUT.*` and pixel statistics).
+/// The `[input]` section: the one description of how an image becomes the network's input, used by training,
+/// evaluation, prediction and benchmarks (detectron2 `INPUT.*` plus the pixel statistics): resize, augmentation,
+/// normalisation and padding.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct InputConfig {
     /// Shorter-side sizes for training; one is chosen uniformly per image.
-    #[serde(default = "default_min_size_train")]
     pub min_size_train: Vec<u32>,
     /// Longest side after the training resize.
-    #[serde(default = "default_max_size")]
     pub max_size_train: u32,
-    /// Shorter side for evaluation.
-    #[serde(default = "default_min_size_test")]
+    /// Shorter side for evaluation and prediction.
     pub min_size_test: u32,
-    /// Longest side for evaluation.
-    #[serde(default = "default_max_size")]
+    /// Longest side for evaluation and prediction.
     pub max_size_test: u32,
+    /// Size rounding and pixel interpolation of every resize.
+    pub resize_style: ResizeStyle,
     /// Probability of a horizontal flip in training.
-    #[serde(default = "default_flip_prob")]
     pub flip_prob: f64,
     /// Large-scale jitter.
-    #[serde(default)]
     pub lsj: LsjConfig,
     /// Channel order of the tensor.
-    #[serde(default)]
     pub format: PixelFormat,
-    /// Per-channel mean in 0-255 units, in `format` order.
-    #[serde(default = "default_pixel_mean")]
+    /// Largest pixel value `pixel_mean` and `pixel_std` are expressed in: 255 (detectron2) or 1 (torchvision,
+    /// whose images are divided by 255 first).
+    pub value_range: f64,
+    /// Per-channel mean in `value_range` units, in `format` order.
     pub pixel_mean: [f32; 3],
-    /// Per-channel standard deviation in 0-255 units, in `format` order.
-    #[serde(default = "default_pixel_std")]
+    /// Per-channel standard deviation in `value_range` units, in `format` order.
     pub pixel_std: [f32; 3],
     /// Batches are padded to a multiple of this.
-    #[serde(default = "default_size_divisibility")]
     pub size_divisibility: u32,
-}
-
-fn default_min_size_train() -> Vec<u32> {
-    (640..=800).step_by(32).collect()
-}
-fn default_max_size() -> u32 {
-    1333
-}
-fn default_min_size_test() -> u32 {
-    800
-}
-fn default_flip_prob() -> f64 {
-    0.5
-}
-fn default_pixel_mean() -> [f32; 3] {
-    [123.675, 116.28, 103.53]
-}
-fn default_pixel_std() -> [f32; 3] {
-    [58.395, 57.12, 57.375]
-}
-fn default_size_divisibility() -> u32 {
-    32
 }
 
 impl Default for InputConfig {
     fn default() -> Self {
         InputConfig {
-            min_size_train: default_min_size_train(),
-            max_size_train: default_max_size(),
-            min_size_test: default_min_size_test(),
-            max_size_test: default_max_size(),
-            flip_prob: default_flip_prob(),
+            min_size_train: (640..=800).step_by(32).collect(),
+            max_size_train: 1333,
+            min_size_test: 800,
+            max_size_test: 1333,
+            resize_style: ResizeStyle::Detectron2,
+            flip_prob: 0.5,
             lsj: LsjConfig::default(),
-            format: PixelFormat::default(),
-            pixel_mean: default_pixel_mean(),
-            pixel_std: default_pixel_std(),
-            size_divisibility: default_size_divisibility(),
+            format: PixelFormat::Rgb,
+            value_range: 255.0,
+            pixel_mean: [123.675, 116.28, 103.53],
+            pixel_std: [58.395, 57.12, 57.375],
+            size_divisibility: 32,
         }
     }
 }
@@ -287,6 +264,9 @@ impl InputConfig {
         if self.pixel_std.iter().any(|s| *s <= 0.0) {
             return bad("pixel_std", "must be positive");
         }
+        if self.value_range.is_nan() || self.value_range <= 0.0 {
+            return bad("value_range", "must be positive (255 or 1)");
+        }
         if self.size_divisibility == 0 {
             return bad("size_divisibility", "must be at least 1");
         }
@@ -295,5 +275,18 @@ impl InputConfig {
             return bad("lsj", "needs 0 < min_scale <= max_scale and size > 0");
         }
         Ok(())
+    }
+
+    /// torchvision's `GeneralizedRCNNTransform` of its COCO detection models: RGB divided by 255, ImageNet mean
+    /// and std, shorter side 800 (longer at most 1333) with torchvision's rounding and interpolation, padding to 32.
+    pub fn torchvision() -> Self {
+        InputConfig {
+            resize_style: ResizeStyle::Torchvision,
+            format: PixelFormat::Rgb,
+            value_range: 1.0,
+            pixel_mean: [0.485, 0.456, 0.406],
+            pixel_std: [0.229, 0.224, 0.225],
+            ..Default::default()
+        }
     }
 }

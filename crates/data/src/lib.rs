@@ -2,7 +2,8 @@
 //! dataset used as the built-in default.
 //!
 //! Flow: [`config::DataConfig`] / [`config::InputConfig`] (the `[data]` and `[input]` TOML sections) →
-//! [`coco::CocoDataset::load_split`] → [`sampler::TrainSampler`] → [`loader::Loader`] yielding [`batch::Batch`].
+//! [`coco::CocoDataset::load_split`] → [`sampler::TrainSampler`] → [`loader::Loader`] yielding [`batch::Batch`],
+//! each image made into the network's input by [`pixels`] (also used directly by `trainer predict`).
 //! [`coco::check`] backs `trainer data check`, [`synth::generate`] backs `trainer data synth`.
 
 pub mod batch;
@@ -13,14 +14,15 @@ pub mod config;
 pub mod decode;
 pub mod error;
 pub mod loader;
+pub mod pixels;
 pub mod rng;
 pub mod sampler;
 pub mod synth;
 pub mod transform;
 
 pub use batch::{Batch, Target, TargetMask};
-pub use coco::{check, load_train, load_val, CategoryMap, CheckReport, CocoDataset, LoadOptions};
-pub use config::{DataConfig, InputConfig, MissingImagePolicy, PixelFormat};
+pub use coco::{check, CategoryMap, CheckReport, CocoDataset, LabelLayout, LoadOptions};
+pub use config::{DataConfig, InputConfig, MissingImagePolicy, PixelFormat, ResizeStyle};
 pub use error::DataError;
 pub use loader::{Loader, LoaderOptions};
 pub use sampler::{SamplerState, TrainSampler};

@@ -134,27 +134,6 @@ impl Loader {
         Ok(loader)
     }
 
-    /// Training loader from the config sections: a [`TrainSampler`] for (rank, world size) with the configured
-    /// grouping, started at `resume` when given (the state saved by a checkpoint) or at epoch 0 of `seed`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn from_config(
-        config: &crate::config::DataConfig,
-        input: &InputConfig,
-        dataset: Arc<CocoDataset>,
-        batch_size: usize,
-        rank: usize,
-        world_size: usize,
-        seed: u64,
-        resume: Option<SamplerState>,
-    ) -> Result<Loader, DataError> {
-        let mut sampler =
-            TrainSampler::new(&dataset, batch_size, rank, world_size, config.aspect_ratio_grouping, seed)?;
-        if let Some(state) = resume {
-            sampler.restore(state);
-        }
-        Loader::train(dataset, input.clone(), sampler, LoaderOptions::from_config(config))
-    }
-
     /// Evaluation loader over this rank's contiguous shard, every image exactly once, in order.
     pub fn inference(
         dataset: Arc<CocoDataset>,
@@ -234,7 +213,7 @@ impl Loader {
     fn note_skipped(&mut self, skipped: Vec<Skipped>) {
         for (index, why) in skipped {
             if self.skipped.insert(index) {
-                eprintln!("warning: skipping image (data.missing_images = \"skip\"): {why}");
+                log::warn!("skipping image (data.missing_images = \"skip\"): {why}");
             }
         }
     }
@@ -297,13 +276,30 @@ impl Loader {
 fn worker_loop(shared: Shared, jobs: Receiver<Job>, done: Sender<Done>) {
     while let Ok(job) = jobs.recv() {
         let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.build(&job.batch)));
-        let (result, skipped) = built.unwrap_or_else(|_| {
-            (Err(DataError::Loader(format!("worker panicked while building batch {}", job.sequence))), Vec::new())
+        let (result, skipped) = built.unwrap_or_else(|payload| {
+            let images: Vec<String> =
+                job.batch.indices.iter().map(|&i| shared.dataset.images[i].file.display().to_string()).collect();
+            let message = format!(
+                "worker panicked while building batch {} (images {}): {}",
+                job.sequence,
+                images.join(", "),
+                panic_message(payload.as_ref())
+            );
+            (Err(DataError::Loader(message)), Vec::new())
         });
         if done.send(Done { sequence: job.sequence, result, skipped }).is_err() {
             return;
         }
     }
+}
+
+/// The text of a panic payload (`panic!` with a literal or a formatted message), or a placeholder.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(a panic without a message)")
 }
 
 impl Iterator for Loader {

@@ -4,24 +4,36 @@
 use fast_image_resize as fr;
 
 use crate::coco::{ImageRecord, Segmentation};
-use crate::config::InputConfig;
+use crate::config::{InputConfig, ResizeStyle};
 use crate::error::DataError;
 use crate::rng::Rng;
 
 pub use crate::decode::{decode_rgb, RgbImage};
 
-/// Output (height, width) of detectron2's `ResizeShortestEdge` for a shorter side and a longest-side limit.
-pub fn shortest_edge_size(height: u32, width: u32, short: u32, max_size: u32) -> (u32, u32) {
-    let (h, w) = (height as f64, width as f64);
-    let size = short as f64;
-    let scale = size / h.min(w);
-    let (mut new_h, mut new_w) = if h < w { (size, scale * w) } else { (scale * h, size) };
-    if new_h.max(new_w) > max_size as f64 {
-        let s = max_size as f64 / new_h.max(new_w);
-        new_h *= s;
-        new_w *= s;
+/// Output (height, width) of a shorter-side resize to `short` with the longer side at most `max_size`, rounded as
+/// `style` says: detectron2's `ResizeShortestEdge` (float64, rounded to the nearest integer) or torchvision's
+/// `GeneralizedRCNNTransform` (a float32 scale factor, sizes floored).
+pub fn shortest_edge_size(height: u32, width: u32, short: u32, max_size: u32, style: ResizeStyle) -> (u32, u32) {
+    match style {
+        ResizeStyle::Detectron2 => {
+            let (h, w) = (height as f64, width as f64);
+            let size = short as f64;
+            let scale = size / h.min(w);
+            let (mut new_h, mut new_w) = if h < w { (size, scale * w) } else { (scale * h, size) };
+            if new_h.max(new_w) > max_size as f64 {
+                let s = max_size as f64 / new_h.max(new_w);
+                new_h *= s;
+                new_w *= s;
+            }
+            (((new_h + 0.5) as u32).max(1), ((new_w + 0.5) as u32).max(1))
+        }
+        ResizeStyle::Torchvision => {
+            let (h, w) = (height as f32, width as f32);
+            // torchvision's scale is a float32 tensor and `interpolate` multiplies in float32 before flooring.
+            let scale = (short as f32 / h.min(w)).min(max_size as f32 / h.max(w));
+            (((h * scale).floor() as u32).max(1), ((w * scale).floor() as u32).max(1))
+        }
     }
-    (((new_h + 0.5) as u32).max(1), ((new_w + 0.5) as u32).max(1))
 }
 
 /// Output (height, width) of detectron2's `ResizeScale` (large-scale jitter) for a drawn scale.
@@ -75,7 +87,7 @@ impl Geometry {
             (resized, Some(crop))
         } else {
             let short = input.min_size_train[rng.below(input.min_size_train.len() as u64) as usize];
-            (shortest_edge_size(height, width, short, input.max_size_train), None)
+            (shortest_edge_size(height, width, short, input.max_size_train, input.resize_style), None)
         };
         let flip = rng.uniform(0.0, 1.0) < input.flip_prob;
         Geometry { original: (height, width), resized, crop, flip }
@@ -83,7 +95,7 @@ impl Geometry {
 
     /// The deterministic evaluation geometry (test size, no flip).
     pub fn test(input: &InputConfig, height: u32, width: u32) -> Geometry {
-        let resized = shortest_edge_size(height, width, input.min_size_test, input.max_size_test);
+        let resized = shortest_edge_size(height, width, input.min_size_test, input.max_size_test, input.resize_style);
         Geometry { original: (height, width), resized, crop: None, flip: false }
     }
 
@@ -309,14 +321,14 @@ pub struct SampleTargets {
 }
 
 /// One decoded and transformed image with its targets.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Sample {
     /// COCO image id.
     pub image_id: u64,
     /// The transform that was applied.
     pub geometry: Geometry,
-    /// Output pixels (RGB).
-    pub image: RgbImage,
+    /// The network input: `[3, h, w]` float32, normalised ([`crate::pixels::prepare`]).
+    pub image: tch::Tensor,
     /// Non-crowd instances that survived the transform.
     pub targets: SampleTargets,
 }
@@ -380,7 +392,7 @@ pub fn transform_targets(record: &ImageRecord, geometry: &Geometry) -> SampleTar
     targets
 }
 
-/// Decodes, checks the size against the JSON and transforms one image with its targets.
+/// Decodes, checks the size against the JSON and transforms one image with its targets into its network input.
 pub fn load_sample(record: &ImageRecord, input: &InputConfig, train: bool, rng: &mut Rng) -> Result<Sample, DataError> {
     let image = crate::decode::decode_record(record)?;
     let geometry = if train {
@@ -389,6 +401,6 @@ pub fn load_sample(record: &ImageRecord, input: &InputConfig, train: bool, rng: 
         Geometry::test(input, record.height, record.width)
     };
     let targets = transform_targets(record, &geometry);
-    let image = geometry.apply_image(&image)?;
+    let image = crate::pixels::prepare(&image, &geometry, input)?;
     Ok(Sample { image_id: record.image_id, geometry, image, targets })
 }

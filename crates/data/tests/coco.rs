@@ -255,26 +255,39 @@ fn concatenation_requires_equal_categories() {
 }
 
 #[test]
-fn load_train_filters_images_without_instances_and_load_val_keeps_them() {
+fn filtering_for_training_drops_images_without_instances() {
     let fixture = Fixture::new();
     let json = fixture.json(GOOD);
     let split =
         SplitConfig { annotations: OneOrMany::One(json), images: OneOrMany::One(fixture.dir.path().join("img")) };
-    let mut config = DataConfig {
-        train: split.clone(),
-        val: split,
-        missing_images: MissingImagePolicy::Error,
-        allow_outside_image_root: false,
-        filter_empty: true,
-        num_workers: 0,
-        prefetch: 1,
-        aspect_ratio_grouping: false,
-        synth: None,
-    };
-    let train = data::load_train(&config, false).unwrap();
+    let config = DataConfig { train: split.clone(), val: split, ..DataConfig::default() };
+    let options = LoadOptions::from_config(&config, false);
+    let mut train = CocoDataset::load_split(&config.train, "train", options).unwrap();
+    assert_eq!(train.images.len(), 2);
+    train.filter_for_training();
     assert_eq!(train.images.len(), 1);
     assert_eq!(train.stats.filtered_empty_images, 1);
-    assert_eq!(data::load_val(&config, false).unwrap().images.len(), 2);
-    config.filter_empty = false;
-    assert_eq!(data::load_train(&config, false).unwrap().images.len(), 2);
+}
+
+#[test]
+fn category_id_labels_follow_the_ids() {
+    let fixture = Fixture::new();
+    let json = fixture.json(GOOD);
+    let options = LoadOptions { labels: data::LabelLayout::CategoryId, ..LoadOptions::default() };
+    let dataset = CocoDataset::load(&json, &fixture.dir.path().join("img"), options).unwrap();
+    let contiguous = CocoDataset::load(&json, &fixture.dir.path().join("img"), LoadOptions::default()).unwrap();
+    let largest = *dataset.categories.ids().last().unwrap();
+    assert_eq!(dataset.categories.len(), largest as usize);
+    for &id in dataset.categories.ids() {
+        let label = dataset.categories.label(id).unwrap();
+        assert_eq!(label, id as i64 - 1);
+        assert_eq!(dataset.categories.category_id(label), Some(id));
+        let contiguous_label = contiguous.categories.label(id).unwrap();
+        assert_eq!(dataset.categories.name(label), contiguous.categories.name(contiguous_label));
+    }
+    let annotations = dataset.images.iter().flat_map(|r| &r.annotations);
+    assert!(annotations.clone().count() > 0);
+    for ann in annotations {
+        assert_eq!(ann.label, ann.category_id as i64 - 1);
+    }
 }

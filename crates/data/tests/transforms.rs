@@ -137,20 +137,35 @@ fn flipping_twice_is_identity() {
 }
 
 #[test]
-fn shortest_edge_resize_matches_detectron2() {
+fn shortest_edge_sizes_follow_each_framework() {
     use data::transform::shortest_edge_size;
-    assert_eq!(shortest_edge_size(480, 640, 800, 1333), (800, 1067));
-    assert_eq!(shortest_edge_size(640, 427, 800, 1333), (1199, 800));
-    assert_eq!(shortest_edge_size(200, 1000, 800, 1333), (267, 1333));
+    use data::ResizeStyle::{Detectron2, Torchvision};
+    assert_eq!(shortest_edge_size(480, 640, 800, 1333, Detectron2), (800, 1067));
+    assert_eq!(shortest_edge_size(640, 427, 800, 1333, Detectron2), (1199, 800));
+    assert_eq!(shortest_edge_size(200, 1000, 800, 1333, Detectron2), (267, 1333));
+    assert_eq!(shortest_edge_size(480, 1280, 800, 1333, Detectron2), (500, 1333));
+    // Values printed by torchvision 0.26's GeneralizedRCNNTransform.
+    assert_eq!(shortest_edge_size(480, 640, 800, 1333, Torchvision), (800, 1066));
+    assert_eq!(shortest_edge_size(427, 640, 800, 1333, Torchvision), (800, 1199));
+    assert_eq!(shortest_edge_size(640, 480, 800, 1333, Torchvision), (1066, 800));
+    assert_eq!(shortest_edge_size(333, 500, 800, 1333, Torchvision), (800, 1201));
     assert_eq!(data::transform::resize_scale_size(480, 640, 1024, 0.5), (384, 512));
 }
 
 #[test]
 fn collate_pads_normalises_and_orders_channels() {
+    let mut input = InputConfig { format: PixelFormat::Bgr, ..InputConfig::default() };
+    input.pixel_mean = [10.0, 20.0, 30.0];
+    input.pixel_std = [2.0, 4.0, 5.0];
+    let sample = |w: u32, h: u32, pixel: [u8; 3]| {
+        let geometry = Geometry { original: (h * 2, w * 2), resized: (h, w), crop: None, flip: false };
+        let image = RgbImage { width: w, height: h, data: pixel.repeat((w * h) as usize) };
+        (geometry, data::pixels::prepare(&image, &geometry, &input).unwrap())
+    };
     let sample = |w: u32, h: u32, pixel: [u8; 3]| data::transform::Sample {
         image_id: 7,
-        geometry: Geometry { original: (h * 2, w * 2), resized: (h, w), crop: None, flip: false },
-        image: RgbImage { width: w, height: h, data: pixel.repeat((w * h) as usize) },
+        geometry: sample(w, h, pixel).0,
+        image: sample(w, h, pixel).1,
         targets: data::transform::SampleTargets {
             boxes: vec![[1.0, 2.0, 3.0, 4.0]],
             labels: vec![5],
@@ -158,9 +173,6 @@ fn collate_pads_normalises_and_orders_channels() {
             annotation_ids: vec![9],
         },
     };
-    let mut input = InputConfig { format: PixelFormat::Bgr, ..InputConfig::default() };
-    input.pixel_mean = [10.0, 20.0, 30.0];
-    input.pixel_std = [2.0, 4.0, 5.0];
     let batch = data::batch::collate(vec![sample(40, 33, [100, 150, 200]), sample(70, 20, [0, 0, 0])], &input).unwrap();
     assert_eq!(batch.images.size(), vec![2, 3, 64, 96]);
     assert_eq!(batch.image_sizes, vec![(33, 40), (20, 70)]);

@@ -1,5 +1,5 @@
-//! The `[model]` section of an experiment config: backbone, FPN, anchors, RPN, RoI heads and input
-//! normalisation. Every default is detectron2's from-scratch GN recipe (`shared/notes/vovnet.md`);
+//! The `[model]` section of an experiment config: backbone, FPN, anchors, RPN, RoI heads. (How images become
+//! the model's input is the data crate's `[input]` section.) Every default is detectron2's from-scratch GN recipe (`shared/notes/vovnet.md`);
 //! [`DetectorConfig::torchvision_maskrcnn_r50_fpn`] expresses torchvision's `maskrcnn_resnet50_fpn` (v1).
 
 use backbone::{BackboneConfig, NormKind};
@@ -18,27 +18,6 @@ pub enum HeadNorm {
     GN,
 }
 
-/// Channel order the network expects; images always arrive as RGB and are flipped for `BGR`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum ChannelOrder {
-    /// Red, green, blue (torchvision).
-    RGB,
-    /// Blue, green, red (detectron2 and the VoVNet authors).
-    #[default]
-    BGR,
-}
-
-/// How the test-time resize computes the new image size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum ResizeStyle {
-    /// detectron2's `ResizeShortestEdge`: sizes rounded to the nearest integer.
-    #[default]
-    Detectron2,
-    /// torchvision's `GeneralizedRCNNTransform`: a float32 scale factor, sizes floored.
-    Torchvision,
-}
-
 /// How detections are mapped back to the original image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
@@ -52,41 +31,16 @@ pub enum OutputStyle {
     Torchvision,
 }
 
-/// Input normalisation and test-time resizing.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct InputConfig {
-    /// Channel order of `pixel_mean`/`pixel_std` and of the network's input.
-    pub format: ChannelOrder,
-    /// Largest pixel value the mean and std are expressed in: 255 (detectron2) or 1 (torchvision).
-    pub value_range: f64,
-    /// Per-channel mean subtracted from the image, in `format` order.
-    pub pixel_mean: [f64; 3],
-    /// Per-channel std the image is divided by, in `format` order.
-    pub pixel_std: [f64; 3],
-    /// The padded batch's height and width are multiples of this.
-    pub size_divisibility: i64,
-    /// Test-time shorter side.
-    pub min_size_test: i64,
-    /// Test-time cap on the longer side.
-    pub max_size_test: i64,
-    /// Rounding of the test-time resize.
-    pub resize_style: ResizeStyle,
-}
-
-impl Default for InputConfig {
-    fn default() -> Self {
-        InputConfig {
-            format: ChannelOrder::BGR,
-            value_range: 255.0,
-            pixel_mean: [103.530, 116.280, 123.675],
-            pixel_std: [57.375, 57.120, 58.395],
-            size_divisibility: 32,
-            min_size_test: 800,
-            max_size_test: 1333,
-            resize_style: ResizeStyle::Detectron2,
-        }
-    }
+/// How the dataset's category ids map to the classifier's labels; the trainer loads datasets accordingly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ClassLayout {
+    /// Label `i` is the dataset's `i`-th category by id (detectron2); `num_classes` is the category count.
+    #[default]
+    Contiguous,
+    /// Label `id - 1` is category `id` (torchvision's COCO models: 90 foreground labels for COCO's ids 1..90,
+    /// ten of them unused); `num_classes` is the largest category id.
+    CategoryId,
 }
 
 fn default_in_features() -> Vec<String> {
@@ -220,6 +174,8 @@ pub struct RoiHeadsConfig {
     pub canonical_level: i64,
     /// How boxes and masks are mapped back to the original image.
     pub output_style: OutputStyle,
+    /// What the labels mean: the dataset's categories in id order, or category ids (torchvision's layout).
+    pub class_layout: ClassLayout,
 }
 
 impl Default for RoiHeadsConfig {
@@ -238,6 +194,7 @@ impl Default for RoiHeadsConfig {
             canonical_box_size: 224.0,
             canonical_level: 4,
             output_style: OutputStyle::Detectron2,
+            class_layout: ClassLayout::Contiguous,
         }
     }
 }
@@ -337,9 +294,6 @@ impl Default for MaskHeadConfig {
 pub struct DetectorConfig {
     /// The backbone network.
     pub backbone: BackboneConfig,
-    /// Input normalisation and test-time resizing.
-    #[serde(default)]
-    pub input: InputConfig,
     /// Feature pyramid.
     #[serde(default)]
     pub fpn: FpnConfig,
@@ -365,7 +319,6 @@ impl DetectorConfig {
     pub fn scratch(backbone: &str, num_classes: i64) -> Self {
         DetectorConfig {
             backbone: BackboneConfig::new(backbone),
-            input: InputConfig::default(),
             fpn: FpnConfig::default(),
             anchors: AnchorConfig::default(),
             rpn: RpnConfig::default(),
@@ -377,24 +330,15 @@ impl DetectorConfig {
 
     /// torchvision's `maskrcnn_resnet50_fpn` (v1) for inference: FrozenBN R-50, FPN with biases and no norm,
     /// rounded anchors with torchvision's strides, RPN 1000/1000 at test, `MultiScaleRoIAlign` (aligned=False,
-    /// sampling ratio 2), `TwoMLPHead`, ImageNet RGB normalisation in [0, 1], resize 800/1333 and torchvision's
-    /// post-processing. `num_classes` counts foreground classes only (torchvision's `num_classes` minus one).
+    /// sampling ratio 2), `TwoMLPHead`, torchvision's post-processing and its COCO label layout (label = category
+    /// id - 1). `num_classes` counts foreground classes only (torchvision's `num_classes` minus one). Its input
+    /// transform is the data crate's `InputConfig::torchvision()`.
     pub fn torchvision_maskrcnn_r50_fpn(num_classes: i64) -> Self {
         let mut backbone = BackboneConfig::new("R-50");
         backbone.norm = NormKind::FrozenBN;
         backbone.freeze_at = 2;
         DetectorConfig {
             backbone,
-            input: InputConfig {
-                format: ChannelOrder::RGB,
-                value_range: 1.0,
-                pixel_mean: [0.485, 0.456, 0.406],
-                pixel_std: [0.229, 0.224, 0.225],
-                size_divisibility: 32,
-                min_size_test: 800,
-                max_size_test: 1333,
-                resize_style: ResizeStyle::Torchvision,
-            },
             fpn: FpnConfig { norm: HeadNorm::None, ..Default::default() },
             anchors: AnchorConfig { round_cell_anchors: true, strides_from_sizes: true, ..Default::default() },
             rpn: RpnConfig {
@@ -407,6 +351,7 @@ impl DetectorConfig {
                 num_classes,
                 test_min_box_size: 1e-2,
                 output_style: OutputStyle::Torchvision,
+                class_layout: ClassLayout::CategoryId,
                 ..Default::default()
             },
             box_head: BoxHeadConfig {
@@ -433,7 +378,6 @@ impl DetectorConfig {
         let positive = [
             ("roi_heads.num_classes", self.roi_heads.num_classes),
             ("fpn.out_channels", self.fpn.out_channels),
-            ("input.size_divisibility", self.input.size_divisibility),
             ("rpn.batch_size_per_image", self.rpn.batch_size_per_image),
             ("rpn.pre_nms_topk_train", self.rpn.pre_nms_topk_train),
             ("rpn.pre_nms_topk_test", self.rpn.pre_nms_topk_test),
@@ -514,9 +458,6 @@ impl DetectorConfig {
             if norm == HeadNorm::GN && (groups <= 0 || width % groups != 0) {
                 return err(field, format!("{groups} groups do not divide the {width} channels"));
             }
-        }
-        if self.input.pixel_std.iter().any(|&s| s <= 0.0) || self.input.value_range <= 0.0 {
-            return err("input.pixel_std", "std and value_range must be positive".into());
         }
         Ok(())
     }

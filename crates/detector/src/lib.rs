@@ -22,7 +22,7 @@ pub mod torchvision;
 
 pub use config::DetectorConfig;
 pub use model::MaskRcnn;
-pub use structures::{preprocess, Detections, GtInstances, GtMasks, ImageBatch};
+pub use structures::{Detections, GtInstances, GtMasks, ImageBatch};
 
 /// Errors raised while building or running the detector.
 #[derive(Debug, thiserror::Error)]

@@ -1,7 +1,9 @@
 //! Images without annotations, batches of different sizes, zero surviving proposals and bad ground truth: no crash,
 //! correct zero losses, empty detections with the right shapes, typed errors.
 
-use detector::{preprocess, DetectorConfig, GtInstances, GtMasks, MaskRcnn};
+mod common;
+
+use detector::{DetectorConfig, GtInstances, GtMasks, MaskRcnn};
 use tch::{nn, Device, Kind, Tensor};
 
 fn images() -> Vec<Tensor> {
@@ -37,7 +39,7 @@ fn small_config() -> DetectorConfig {
 fn empty_annotations_and_mixed_sizes_train() {
     let config = small_config();
     let (_vs, model) = model(&config);
-    let batch = preprocess(&images(), &config.input, Device::Cpu).unwrap();
+    let batch = common::image_batch(&images(), &common::detectron2_input(), Device::Cpu);
     assert_eq!(batch.images.size(), [2, 3, 96, 96]);
 
     // One annotated image next to an empty one.
@@ -68,7 +70,7 @@ fn zero_surviving_proposals_give_zero_losses_and_no_detections() {
     let mut config = small_config();
     config.rpn.min_size = 1000.0;
     let (_vs, model) = model(&config);
-    let batch = preprocess(&images(), &config.input, Device::Cpu).unwrap();
+    let batch = common::image_batch(&images(), &common::detectron2_input(), Device::Cpu);
     let empty = [GtInstances::empty(Device::Cpu), GtInstances::empty(Device::Cpu)];
     let losses = model.forward_train(&batch, &empty).unwrap();
     for name in ["loss_cls", "loss_box_reg", "loss_mask"] {
@@ -96,7 +98,7 @@ fn inference_returns_masks_at_the_output_size() {
     let mut config = small_config();
     config.roi_heads.score_thresh_test = 0.0;
     let (_vs, model) = model(&config);
-    let batch = preprocess(&images(), &config.input, Device::Cpu).unwrap();
+    let batch = common::image_batch(&images(), &common::detectron2_input(), Device::Cpu);
     let detections = model.inference(&batch, &[(128, 192), (160, 100)]).unwrap();
     for (d, (h, w)) in detections.iter().zip([(128i64, 192i64), (160, 100)]) {
         let n = d.boxes.size()[0];
@@ -111,7 +113,7 @@ fn inference_returns_masks_at_the_output_size() {
 fn bad_ground_truth_is_a_typed_error() {
     let config = small_config();
     let (_vs, model) = model(&config);
-    let batch = preprocess(&images(), &config.input, Device::Cpu).unwrap();
+    let batch = common::image_batch(&images(), &common::detectron2_input(), Device::Cpu);
     let error =
         model.forward_train(&batch, &[square(1.0, 1.0, 9.0, 9.0, 3), GtInstances::empty(Device::Cpu)]).unwrap_err();
     assert!(error.to_string().contains("num_classes"), "{error}");

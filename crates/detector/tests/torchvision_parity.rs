@@ -7,10 +7,12 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use detector::structures::{pad_batch, resize_for_test};
+use data::pixels::{pad, prepare_test};
+use data::transform::RgbImage;
+use data::InputConfig;
 use detector::torchvision::import_torchvision;
-use detector::{DetectorConfig, MaskRcnn};
-use tch::{nn, Device, Tensor};
+use detector::{DetectorConfig, ImageBatch, MaskRcnn};
+use tch::{nn, Device, Kind, Tensor};
 
 /// torchvision's `num_classes` (background included): two foreground classes keep the scores above 0.05.
 const TORCHVISION_CLASSES: i64 = 3;
@@ -52,18 +54,22 @@ fn matches_torchvision_maskrcnn_resnet50_fpn() {
 
     let inputs = read(&dir.path().join("inputs.safetensors"));
     let expected = read(&dir.path().join("outputs.safetensors"));
-    let mean = Tensor::from_slice(&config.input.pixel_mean.map(|v| v as f32)).view([3, 1, 1]);
-    let std = Tensor::from_slice(&config.input.pixel_std.map(|v| v as f32)).view([3, 1, 1]);
-    // torchvision normalises the [0, 1] image, then resizes it, then pads the batch.
-    let mut resized = Vec::new();
+    // The oracle's images are torchvision's `to_tensor` of PIL's decoding (bytes / 255), which gives the bytes
+    // back exactly; from them on, the images go through our one input pipeline (the one evaluation and
+    // `trainer predict` use) in torchvision's style: normalise, resize, pad.
+    let input = InputConfig::torchvision();
+    let mut prepared = Vec::new();
     let mut original_sizes = Vec::new();
     for i in 0..files.len() {
         let image = &inputs[&format!("image{i}")];
-        original_sizes.push((image.size()[1], image.size()[2]));
-        resized.push(resize_for_test(&((image - &mean) / &std), &config.input));
+        let (height, width) = (image.size()[1], image.size()[2]);
+        let bytes = (image * 255.0).round().to_kind(Kind::Uint8).permute([1, 2, 0]).contiguous().flatten(0, -1);
+        let rgb = RgbImage { width: width as u32, height: height as u32, data: Vec::<u8>::try_from(&bytes).unwrap() };
+        original_sizes.push((height, width));
+        prepared.push(prepare_test(&rgb, &input).unwrap().0);
     }
-    let sizes = resized.iter().map(|t| (t.size()[1], t.size()[2])).collect();
-    let batch = pad_batch(&resized, sizes, config.input.size_divisibility);
+    let (images, image_sizes) = pad(&prepared, input.size_divisibility);
+    let batch = ImageBatch { images, image_sizes };
     let start = std::time::Instant::now();
     let detections = model.inference(&batch, &original_sizes).unwrap();
     eprintln!(

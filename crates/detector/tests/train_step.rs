@@ -11,7 +11,7 @@ mod common;
 
 use std::collections::BTreeMap;
 
-use detector::{preprocess, DetectorConfig, MaskRcnn};
+use detector::{DetectorConfig, MaskRcnn};
 use tch::{nn, Device, Kind, Tensor};
 
 /// The scratch recipe with 16 sampled RoIs per image (at most 4 foreground) so that a CPU step takes about a
@@ -36,7 +36,7 @@ fn scratch_v19_gn_overfits_two_images() {
     let model = MaskRcnn::new(&vs.root(), &config).unwrap();
     let samples = common::load_train_samples(&[499716, 425988], 160);
     let images: Vec<Tensor> = samples.iter().map(|s| s.image.shallow_clone()).collect();
-    let batch = preprocess(&images, &config.input, device).unwrap();
+    let batch = common::image_batch(&images, &common::detectron2_input(), device);
     let targets: Vec<_> = samples.iter().map(|s| common::gt_to(&s.gt, device)).collect();
 
     let params: Vec<(String, Tensor)> =

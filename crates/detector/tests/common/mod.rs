@@ -5,7 +5,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use detector::{Detections, GtInstances, GtMasks};
+use data::{InputConfig, PixelFormat};
+use detector::{Detections, GtInstances, GtMasks, ImageBatch};
 use tch::{Device, Kind, Tensor};
 
 /// The repository root (two levels above this crate).
@@ -94,6 +95,24 @@ pub fn load_train_samples(image_ids: &[i64], short_side: i64) -> Vec<Sample> {
             }
         })
         .collect()
+}
+
+/// detectron2's input statistics (BGR, 0-255 mean and std of its model zoo), the ones the tests and the
+/// detectron2 oracle share.
+pub fn detectron2_input() -> InputConfig {
+    InputConfig {
+        format: PixelFormat::Bgr,
+        pixel_mean: [103.530, 116.280, 123.675],
+        pixel_std: [57.375, 57.120, 58.395],
+        ..InputConfig::default()
+    }
+}
+
+/// `[3, H, W]` RGB 0..255 images normalised with `input` and padded into the model's batch, through the data
+/// crate's input pipeline (`data::pixels::preprocess`).
+pub fn image_batch(images: &[Tensor], input: &InputConfig, device: Device) -> ImageBatch {
+    let (images, image_sizes) = data::pixels::preprocess(images, input, device).unwrap();
+    ImageBatch { images, image_sizes }
 }
 
 /// Moves ground truth to `device`.
