@@ -19,7 +19,7 @@ use anyhow::Context;
 use data::loader::{Loader, LoaderOptions};
 use data::sampler::TrainSampler;
 use detector::config::OutputStyle;
-use detector::structures::{preprocess, GtInstances, GtMasks, ImageBatch};
+use detector::structures::{GtInstances, GtMasks, ImageBatch};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -164,6 +164,12 @@ pub enum BenchDetails {
     },
 }
 
+/// Synthetic pixels already at their input size, normalised and padded by the input pipeline (`[input]`).
+fn image_batch(pixels: &[Tensor], config: &Config, device: Device) -> anyhow::Result<ImageBatch> {
+    let (images, image_sizes) = data::pixels::preprocess(pixels, &config.input, device)?;
+    Ok(ImageBatch { images, image_sizes })
+}
+
 /// Median of a non-empty list of seconds.
 pub fn median(mut seconds: Vec<f64>) -> f64 {
     seconds.sort_by(f64::total_cmp);
@@ -282,7 +288,7 @@ impl SyntheticInputs {
             });
         }
         let pixels: Vec<Tensor> = pixels.unbind(0);
-        let mut batch = preprocess(&pixels, &config.model.input, device)?;
+        let mut batch = image_batch(&pixels, config, device)?;
         if config.channels_last {
             batch = images_to_channels_last(batch);
         }
@@ -399,7 +405,7 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
         Ok(())
     })?;
     let end_to_end_times = time_iterations(options, || {
-        let mut batch = preprocess(&inputs.pixels, &config.model.input, device)?;
+        let mut batch = image_batch(&inputs.pixels, &config, device)?;
         if config.channels_last {
             batch = images_to_channels_last(batch);
         }
@@ -413,9 +419,7 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let paste_times = time_iterations(options, || {
         let _ = match style {
             OutputStyle::Detectron2 => detector::ops::paste_masks(&roi_masks, &boxes, h, w, threshold),
-            OutputStyle::Torchvision => {
-                detector::postprocess::paste_masks_torchvision(&roi_masks, &boxes, h, w, threshold)
-            }
+            OutputStyle::Torchvision => detector::ops::paste_masks_torchvision(&roi_masks, &boxes, h, w).gt(threshold),
         };
         Ok(())
     })?;

@@ -4,8 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use data::config::{DataConfig, InputConfig, PixelFormat};
-use detector::config::{ChannelOrder, DetectorConfig};
+use data::config::{DataConfig, InputConfig};
+use detector::config::DetectorConfig;
 use serde::{Deserialize, Serialize};
 use toml::Value;
 
@@ -109,7 +109,8 @@ pub struct Config {
     /// Datasets (`data.train.*`, `data.val.*`); needed by train, eval and data check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<DataConfig>,
-    /// Resize, augmentation and pixel normalisation of the loader; `model.input` follows it.
+    /// How images become the network's input (resize, augmentation, normalisation, padding), in training,
+    /// evaluation, `predict` and `bench` alike.
     #[serde(default)]
     pub input: InputConfig,
     /// Optimizer and schedule.
@@ -139,55 +140,17 @@ impl Config {
         } else {
             format!("{} (with --set overrides)", path.display())
         };
-        let model_input_given = value.get("model").and_then(|m| m.get("input")).is_some();
-        let mut config: Config = from_value(value, &origin)?;
-        config.reconcile_model_input(model_input_given, &origin)?;
-        Ok(config)
-    }
-
-    /// The loader normalises images with `[input]`; the model's own preprocessing (used by `predict` on raw
-    /// images) must agree. Without a `[model.input]` section it is derived from `[input]`; with one, the two must
-    /// match, so a model never trains with one normalisation and predicts with another.
-    fn reconcile_model_input(&mut self, model_input_given: bool, origin: &str) -> Result<(), ConfigError> {
-        let input = &self.input;
-        let format = match input.format {
-            PixelFormat::Rgb => ChannelOrder::RGB,
-            PixelFormat::Bgr => ChannelOrder::BGR,
-        };
-        let mean = input.pixel_mean.map(f64::from);
-        let std = input.pixel_std.map(f64::from);
-        let model = &mut self.model.input;
-        if !model_input_given {
-            model.format = format;
-            model.value_range = 255.0;
-            model.pixel_mean = mean;
-            model.pixel_std = std;
-            model.size_divisibility = input.size_divisibility.into();
-            model.min_size_test = input.min_size_test.into();
-            model.max_size_test = input.max_size_test.into();
-            return Ok(());
+        if value.get("model").and_then(|m| m.get("input")).is_some() {
+            return Err(ConfigError::Invalid {
+                origin,
+                key: "model.input".into(),
+                message: "[model.input] was merged into [input], the one description of the input that training, \
+                          evaluation and predict share: move its keys there (format, value_range, pixel_mean, \
+                          pixel_std, size_divisibility, min_size_test, max_size_test, resize_style) and delete it"
+                    .into(),
+            });
         }
-        let scale = 255.0 / model.value_range;
-        let agree = |a: [f64; 3], b: [f64; 3]| a.iter().zip(b).all(|(x, y)| (x * scale - y).abs() < 1e-3);
-        let mismatches = [
-            ("format", model.format == format),
-            ("pixel_mean", agree(model.pixel_mean, mean)),
-            ("pixel_std", agree(model.pixel_std, std)),
-            ("size_divisibility", model.size_divisibility == i64::from(input.size_divisibility)),
-            ("min_size_test", model.min_size_test == i64::from(input.min_size_test)),
-            ("max_size_test", model.max_size_test == i64::from(input.max_size_test)),
-        ];
-        match mismatches.iter().find(|(_, ok)| !ok) {
-            None => Ok(()),
-            Some((key, _)) => Err(ConfigError::Invalid {
-                origin: origin.into(),
-                key: format!("model.input.{key}"),
-                message: format!(
-                    "differs from input.{key}; the loader normalises and resizes with [input], so set both alike \
-                     (or drop [model.input] to derive it)"
-                ),
-            }),
-        }
+        from_value(value, &origin)
     }
 
     /// The config as TOML, as written to `output_dir/config.toml`.

@@ -4,10 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use data::coco::CategoryMap;
+use data::pixels::{pad, prepare_test};
 use data::transform::{decode_rgb, RgbImage};
-use detector::structures::{preprocess, resize_for_test};
-use detector::MaskRcnn;
-use tch::{nn, Device, Kind, Tensor};
+use detector::{ImageBatch, MaskRcnn};
+use tch::{nn, Device};
 
 use crate::coco_eval::{write_detections, CompressedRle, Detection};
 use crate::config::Config;
@@ -16,31 +17,29 @@ use crate::events::encode_png;
 use crate::train::{images_to_channels_last, load_weights};
 use crate::visualize::{draw, DrawnDetection};
 
-/// Maps the model's contiguous labels to category ids and names.
+/// Maps the model's labels to category ids and names.
 #[derive(Debug, Clone)]
 pub struct LabelNames {
-    ids: Vec<u64>,
-    names: Vec<String>,
+    /// The validation split's categories in the model's label layout, when the config names that split.
+    categories: Option<CategoryMap>,
 }
 
 impl LabelNames {
-    /// From the validation annotations of the config when it has a `[data]` section; otherwise label `l` is
-    /// category `l + 1` (torchvision's convention, which equals the COCO id for torchvision's COCO models).
+    /// From the validation annotations when the config names them (in the model's label layout); otherwise label
+    /// `l` is category `l + 1` (torchvision's convention, which is the COCO id for torchvision's COCO models).
     pub fn for_config(config: &Config) -> anyhow::Result<LabelNames> {
-        if config.data.is_some() {
-            let val = crate::train::load_split(config, "val", false)?;
-            return Ok(LabelNames { ids: val.categories.ids().to_vec(), names: val.categories.names().to_vec() });
-        }
-        let count = config.model.roi_heads.num_classes as u64;
-        Ok(LabelNames { ids: (1..=count).collect(), names: (1..=count).map(|id| format!("class {id}")).collect() })
+        let has_val = config.data.as_ref().is_some_and(|d| !d.val.annotations.to_vec().is_empty());
+        let categories = if has_val { Some(crate::train::load_split(config, "val", false)?.categories) } else { None };
+        Ok(LabelNames { categories })
     }
 
     fn id(&self, label: i64) -> u64 {
-        self.ids.get(label as usize).copied().unwrap_or(label as u64 + 1)
+        self.categories.as_ref().and_then(|c| c.category_id(label)).unwrap_or(label as u64 + 1)
     }
 
-    fn name(&self, label: i64) -> &str {
-        self.names.get(label as usize).map_or("?", String::as_str)
+    fn name(&self, label: i64) -> String {
+        let name = self.categories.as_ref().and_then(|c| c.name(label));
+        name.map_or_else(|| format!("class {}", self.id(label)), String::from)
     }
 }
 
@@ -179,9 +178,10 @@ pub fn predict(
         let image_id = *image_id;
         let mut picture = decode_rgb(file)?;
         let (height, width) = (picture.height as i64, picture.width as i64);
-        let image = Tensor::from_slice(&picture.data).view([height, width, 3]).permute([2, 0, 1]).to_kind(Kind::Float);
-        let resized = resize_for_test(&image, &config.model.input);
-        let mut batch = preprocess(&[resized], &config.model.input, device)?;
+        // The same input pipeline as evaluation's loader: one image, test geometry, padded alone.
+        let (image, _) = prepare_test(&picture, &config.input)?;
+        let (images, image_sizes) = pad(&[image.to_device(device)], config.input.size_divisibility);
+        let mut batch = ImageBatch { images, image_sizes };
         if config.channels_last {
             batch = images_to_channels_last(batch);
         }

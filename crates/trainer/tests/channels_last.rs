@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use detector::structures::preprocess;
+use detector::structures::ImageBatch;
 use tch::{Device, Kind, Tensor};
 use trainer::config::Config;
 use trainer::solver::{Solver, SolverConfig};
@@ -91,7 +91,8 @@ fn channels_last_inference_matches_the_standard_layout() {
     tch::manual_seed(5);
     let (vs, model) = build_detector(&config, 4, Device::Cpu).unwrap();
     let pixels: Vec<Tensor> = (0..2).map(|_| Tensor::randint(256, [3, 64, 96], (Kind::Uint8, Device::Cpu))).collect();
-    let batch = preprocess(&pixels, &config.model.input, Device::Cpu).unwrap();
+    let (images, image_sizes) = data::pixels::preprocess(&pixels, &config.input, Device::Cpu).unwrap();
+    let batch = ImageBatch { images, image_sizes };
     let sizes = batch.image_sizes.clone();
     let standard = model.inference(&batch, &sizes).unwrap();
 

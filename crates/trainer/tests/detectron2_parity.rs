@@ -17,7 +17,7 @@ use std::process::Command;
 
 use detector::config::HeadNorm;
 use detector::detectron2::import_detectron2;
-use detector::{preprocess, DetectorConfig, MaskRcnn};
+use detector::{DetectorConfig, MaskRcnn};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
 use trainer::solver::{Solver, SolverConfig};
@@ -139,7 +139,7 @@ fn training_step_equals_detectron2(backbone: &str) {
     let config = take_all_config(backbone);
     let (vs, model) = imported(&config, &dir.join("weights.safetensors"));
 
-    let batch = preprocess(&images, &config.input, Device::Cpu).unwrap();
+    let batch = samples::image_batch(&images, &samples::detectron2_input(), Device::Cpu);
     let targets: Vec<_> = samples.iter().map(|s| samples::gt_to(&s.gt, Device::Cpu)).collect();
     let ours = forward_backward(&model, &batch, &targets, None, 1.0).unwrap();
     let theirs: BTreeMap<String, f64> =
@@ -222,7 +222,7 @@ fn ten_steps_track_detectron2() {
     ))
     .unwrap();
     let mut solver = Solver::from_var_store(&vs, &solver_config).unwrap();
-    let batch = preprocess(&images, &config.input, Device::Cpu).unwrap();
+    let batch = samples::image_batch(&images, &samples::detectron2_input(), Device::Cpu);
     let targets: Vec<_> = samples.iter().map(|s| samples::gt_to(&s.gt, Device::Cpu)).collect();
     let theirs: Vec<BTreeMap<String, f64>> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("losses.json")).unwrap()).unwrap();
@@ -296,7 +296,7 @@ fn val_images() -> Vec<Tensor> {
 
 /// Our detections on `images` against the oracle's `outputs.safetensors` in `dir`.
 fn assert_same_detections(model: &MaskRcnn, images: &[Tensor], dir: &Path, what: &str) {
-    let batch = preprocess(images, &model.config().input, Device::Cpu).unwrap();
+    let batch = samples::image_batch(images, &samples::detectron2_input(), Device::Cpu);
     let sizes: Vec<(i64, i64)> = images.iter().map(|t| (t.size()[1], t.size()[2])).collect();
     let detections = tch::no_grad(|| model.inference(&batch, &sizes)).unwrap();
     let expected = Tensor::read_safetensors(dir.join("outputs.safetensors")).unwrap().into_iter().collect();
@@ -333,8 +333,7 @@ fn exported_weights_predict_the_same_in_detectron2() {
     let dir = common::temp_dir("d2-export");
     let config_path = dir.join("v39.toml");
     std::fs::write(&config_path, "[model.backbone]\nname = \"V-39\"\n[model.roi_heads]\nnum_classes = 2\n").unwrap();
-    let mut config = DetectorConfig::scratch("V-39", 2);
-    config.input.min_size_test = 320;
+    let config = DetectorConfig::scratch("V-39", 2);
     tch::manual_seed(3);
     let vs = nn::VarStore::new(Device::Cpu);
     let model = MaskRcnn::new(&vs.root(), &config).unwrap();
