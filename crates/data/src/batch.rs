@@ -5,7 +5,8 @@ use tch::{Device, Kind, Tensor};
 use crate::config::InputConfig;
 use crate::error::DataError;
 use crate::pixels::pad;
-use crate::transform::{InstanceMask, Sample};
+use crate::sample::Sample;
+use crate::transform::InstanceMask;
 
 /// A mask target of one instance.
 #[derive(Debug)]

@@ -9,20 +9,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
+pub use crate::coco_json::Segmentation;
 use crate::coco_json::{check_bbox, convert_segmentation, escapes_root, parse_raw, read_with_progress, RawCoco};
 use crate::config::{MissingImagePolicy, SplitConfig};
 use crate::error::DataError;
-
-pub use crate::check::{check, verify_image_file, CheckReport, SplitReport};
-
-/// An instance mask as stored in the dataset.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Segmentation {
-    /// One or more polygons, each a flat list `x0, y0, x1, y1, ...` in image pixels.
-    Polygons(Vec<Vec<f64>>),
-    /// A run-length encoded bitmap of the full image (column-major, pycocotools layout).
-    Rle(hotcoco::Rle),
-}
 
 /// One validated annotation.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,6 +106,10 @@ impl CategoryMap {
     /// True when there are no classes.
     pub fn is_empty(&self) -> bool {
         self.ids.is_empty()
+    }
+    /// How ids become labels.
+    pub fn layout(&self) -> LabelLayout {
+        self.layout
     }
     /// The label of a COCO category id.
     pub fn label(&self, category_id: u64) -> Option<i64> {

@@ -8,8 +8,16 @@ use std::path::Path;
 use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use crate::coco::Segmentation;
 use crate::error::DataError;
+
+/// An instance mask as stored in the dataset.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Segmentation {
+    /// One or more polygons, each a flat list `x0, y0, x1, y1, ...` in image pixels.
+    Polygons(Vec<Vec<f64>>),
+    /// A run-length encoded bitmap of the full image (column-major, pycocotools layout).
+    Rle(hotcoco::Rle),
+}
 
 #[derive(Deserialize)]
 pub(crate) struct RawCoco {

@@ -4,7 +4,7 @@
 //! Flow: [`config::DataConfig`] / [`config::InputConfig`] (the `[data]` and `[input]` TOML sections) →
 //! [`coco::CocoDataset::load_split`] → [`sampler::TrainSampler`] → [`loader::Loader`] yielding [`batch::Batch`],
 //! each image made into the network's input by [`pixels`] (also used directly by `trainer predict`).
-//! [`coco::check`] backs `trainer data check`, [`synth::generate`] backs `trainer data synth`.
+//! [`check::check`] backs `trainer data check`, [`synth::generate`] backs `trainer data synth`.
 
 pub mod batch;
 pub mod check;
@@ -16,12 +16,14 @@ pub mod error;
 pub mod loader;
 pub mod pixels;
 pub mod rng;
+pub mod sample;
 pub mod sampler;
 pub mod synth;
 pub mod transform;
 
 pub use batch::{Batch, Target, TargetMask};
-pub use coco::{check, CategoryMap, CheckReport, CocoDataset, LabelLayout, LoadOptions};
+pub use check::{check, CheckReport};
+pub use coco::{CategoryMap, CocoDataset, LabelLayout, LoadOptions};
 pub use config::{DataConfig, InputConfig, MissingImagePolicy, PixelFormat, ResizeStyle};
 pub use error::DataError;
 pub use loader::{Loader, LoaderOptions};

@@ -13,8 +13,8 @@ use crate::coco::CocoDataset;
 use crate::config::{InputConfig, MissingImagePolicy, MAX_NUM_WORKERS};
 use crate::error::DataError;
 use crate::rng::Rng;
+use crate::sample::load_sample;
 use crate::sampler::{inference_batches, SampledBatch, SamplerState, TrainSampler};
-use crate::transform::load_sample;
 
 /// Loader threading and failure policy.
 #[derive(Debug, Clone, Copy)]

@@ -320,19 +320,6 @@ pub struct SampleTargets {
     pub annotation_ids: Vec<u64>,
 }
 
-/// One decoded and transformed image with its targets.
-#[derive(Debug)]
-pub struct Sample {
-    /// COCO image id.
-    pub image_id: u64,
-    /// The transform that was applied.
-    pub geometry: Geometry,
-    /// The network input: `[3, h, w]` float32, normalised ([`crate::pixels::prepare`]).
-    pub image: tch::Tensor,
-    /// Non-crowd instances that survived the transform.
-    pub targets: SampleTargets,
-}
-
 fn bitmap_bounds(bitmap: &[u8], width: usize) -> Option<[f64; 4]> {
     let mut b: Option<[f64; 4]> = None;
     for (i, _) in bitmap.iter().enumerate().filter(|(_, v)| **v != 0) {
@@ -390,17 +377,4 @@ pub fn transform_targets(record: &ImageRecord, geometry: &Geometry) -> SampleTar
         }
     }
     targets
-}
-
-/// Decodes, checks the size against the JSON and transforms one image with its targets into its network input.
-pub fn load_sample(record: &ImageRecord, input: &InputConfig, train: bool, rng: &mut Rng) -> Result<Sample, DataError> {
-    let image = crate::decode::decode_record(record)?;
-    let geometry = if train {
-        Geometry::train(input, record.height, record.width, rng)
-    } else {
-        Geometry::test(input, record.height, record.width)
-    };
-    let targets = transform_targets(record, &geometry);
-    let image = crate::pixels::prepare(&image, &geometry, input)?;
-    Ok(Sample { image_id: record.image_id, geometry, image, targets })
 }

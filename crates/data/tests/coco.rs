@@ -4,7 +4,8 @@ mod common;
 
 use std::path::PathBuf;
 
-use data::coco::{check, verify_image_file, CocoDataset, LoadOptions, Segmentation};
+use data::check::{check, verify_image_file};
+use data::coco::{CocoDataset, LoadOptions, Segmentation};
 use data::config::{DataConfig, InputConfig, MissingImagePolicy, OneOrMany, SplitConfig};
 use data::DataError;
 

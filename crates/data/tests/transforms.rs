@@ -162,7 +162,7 @@ fn collate_pads_normalises_and_orders_channels() {
         let image = RgbImage { width: w, height: h, data: pixel.repeat((w * h) as usize) };
         (geometry, data::pixels::prepare(&image, &geometry, &input).unwrap())
     };
-    let sample = |w: u32, h: u32, pixel: [u8; 3]| data::transform::Sample {
+    let sample = |w: u32, h: u32, pixel: [u8; 3]| data::sample::Sample {
         image_id: 7,
         geometry: sample(w, h, pixel).0,
         image: sample(w, h, pixel).1,

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context;
-use data::coco::CocoDataset;
+use data::coco::{CocoDataset, LabelLayout};
 use data::loader::{Loader, LoaderOptions};
 use data::transform::{decode_rgb, RgbImage};
 use detector::structures::{Detections, ImageBatch};
@@ -64,14 +64,18 @@ impl HostDetections {
     }
 }
 
-/// Turns one image's detections into COCO results (labels mapped back to category ids, masks RLE-encoded).
+/// Turns one image's detections into COCO results (labels mapped back to category ids, masks RLE-encoded);
+/// detections of a label no category of the dataset has are left out (possible only with category-id labels).
 pub fn to_coco(image_id: u64, detections: &HostDetections, dataset: &CocoDataset) -> anyhow::Result<Vec<Detection>> {
     let mut results = Vec::with_capacity(detections.labels.len());
     for (i, (&label, &score)) in detections.labels.iter().zip(&detections.scores).enumerate() {
-        let category_id = dataset
-            .categories
-            .category_id(label)
-            .with_context(|| format!("the model predicted label {label}, which the dataset does not have"))?;
+        let category_id = match dataset.categories.category_id(label) {
+            Some(id) => id,
+            // Category-id labels cover every id up to the largest, the unused ones too (torchvision's COCO models
+            // have 10): a detection of such a label matches no category of the dataset and is left out.
+            None if dataset.categories.layout() == LabelLayout::CategoryId => continue,
+            None => anyhow::bail!("the model predicted label {label}, which the dataset does not have"),
+        };
         let mask = detections.mask(i).map(|m| CompressedRle::from_tensor(&m)).transpose()?;
         results.push(Detection::from_xyxy(image_id, category_id, detections.boxes[i], score as f64, mask));
     }

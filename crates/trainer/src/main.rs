@@ -352,7 +352,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(synth) = &data.synth {
                 data::synth::ensure(synth)?;
             }
-            let report = data::coco::check(data, args.decode, true);
+            let report = data::check::check(data, args.decode, true);
             print!("{report}");
             anyhow::ensure!(report.problem_count() == 0, "{} problem(s) found", report.problem_count());
         }

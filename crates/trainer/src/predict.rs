@@ -33,13 +33,18 @@ impl LabelNames {
         Ok(LabelNames { categories })
     }
 
-    fn id(&self, label: i64) -> u64 {
-        self.categories.as_ref().and_then(|c| c.category_id(label)).unwrap_or(label as u64 + 1)
+    /// The category id of `label`: the dataset's when known (none for a label no category has, which only
+    /// category-id labels allow, as evaluation leaves such detections out), otherwise `label + 1`.
+    fn id(&self, label: i64) -> Option<u64> {
+        match &self.categories {
+            Some(categories) => categories.category_id(label),
+            None => Some(label as u64 + 1),
+        }
     }
 
     fn name(&self, label: i64) -> String {
         let name = self.categories.as_ref().and_then(|c| c.name(label));
-        name.map_or_else(|| format!("class {}", self.id(label)), String::from)
+        name.map_or_else(|| format!("class {}", label + 1), String::from)
     }
 }
 
@@ -188,13 +193,14 @@ pub fn predict(
         let detections = HostDetections::new(&model.inference(&batch, &[(height, width)])?.remove(0))?;
         let mut drawn = Vec::new();
         for (i, (&label, &score)) in detections.labels.iter().zip(&detections.scores).enumerate() {
+            let Some(category_id) = labels.id(label) else { continue };
             if (score as f64) < options.score_thresh {
                 continue;
             }
             let bbox = detections.boxes[i];
             let mask = detections.mask(i);
             let rle = mask.as_ref().map(CompressedRle::from_tensor).transpose()?;
-            results.push(Detection::from_xyxy(image_id, labels.id(label), bbox, score as f64, rle));
+            results.push(Detection::from_xyxy(image_id, category_id, bbox, score as f64, rle));
             drawn.push(DrawnDetection {
                 bbox,
                 text: format!("{} {score:.2}", labels.name(label)),
