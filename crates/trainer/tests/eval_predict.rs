@@ -14,9 +14,25 @@ use serde_json::Value;
 use tch::{nn, Device};
 use trainer::config::Config;
 
+/// The `[data]` and `[eval]` sections of both configs: coco-mini's validation split only (eval and predict need
+/// no training split), no pictures.
+fn validation_split() -> String {
+    let mini = coco_mini();
+    format!(
+        r#"[data]
+num_workers = 2
+[data.val]
+annotations = "{mini}/annotations/instances_val2017.json"
+images = "{mini}/val2017"
+[eval]
+vis_images = 0
+"#,
+        mini = mini.display()
+    )
+}
+
 /// A small from-scratch GN model for coco-mini's 80 categories, scoring every detection (random weights).
 fn scratch_config(dir: &Path) -> String {
-    let mini = coco_mini();
     let text = format!(
         r#"output_dir = "{out}"
 device = "cpu"
@@ -40,19 +56,12 @@ gn_groups = 8
 [model.mask_head]
 conv_dim = 32
 gn_groups = 8
-[data]
-num_workers = 2
-[data.val]
-annotations = "{mini}/annotations/instances_val2017.json"
-images = "{mini}/val2017"
 [input]
 min_size_test = 160
 max_size_test = 256
-[eval]
-vis_images = 0
-"#,
+{validation}"#,
         out = dir.join("run").display(),
-        mini = mini.display(),
+        validation = validation_split(),
     );
     let path = dir.join("scratch.toml");
     std::fs::write(&path, text).unwrap();
@@ -62,7 +71,6 @@ vis_images = 0
 /// The torchvision preset on coco-mini's validation split at a small size, scoring every detection.
 fn torchvision_config(dir: &Path) -> String {
     let preset = common::repo_root().join("configs/torchvision_maskrcnn_r50_fpn.toml");
-    let mini = coco_mini();
     let text = format!(
         r#"base = "{preset}"
 output_dir = "{out}"
@@ -70,20 +78,13 @@ device = "cpu"
 [model.roi_heads]
 score_thresh_test = 0.0
 detections_per_image = 20
-[data]
-num_workers = 2
-[data.val]
-annotations = "{mini}/annotations/instances_val2017.json"
-images = "{mini}/val2017"
 [input]
 min_size_test = 192
 max_size_test = 320
-[eval]
-vis_images = 0
-"#,
+{validation}"#,
         preset = preset.display(),
         out = dir.join("run").display(),
-        mini = mini.display(),
+        validation = validation_split(),
     );
     let path = dir.join("torchvision.toml");
     std::fs::write(&path, text).unwrap();
