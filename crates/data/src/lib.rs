@@ -7,6 +7,7 @@
 //! [`check::check`] backs `trainer data check`, [`synth::generate`] backs `trainer data synth`.
 
 pub mod batch;
+pub mod categories;
 pub mod check;
 pub mod coco;
 mod coco_json;
