@@ -9,6 +9,7 @@ pub mod anchors;
 pub mod config;
 pub mod detectron2;
 pub mod fpn;
+mod heads;
 pub mod layers;
 mod losses;
 pub mod model;

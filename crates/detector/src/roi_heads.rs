@@ -9,11 +9,11 @@
 
 use std::collections::BTreeMap;
 
-use backbone::layers::ConvInit;
 use tch::{nn, Kind, Reduction, Tensor};
 
-use crate::config::{BoxHeadConfig, HeadNorm, MaskHeadConfig, RoiHeadsConfig};
-use crate::layers::{ConvUnit, Deconv2x2, Linear, LinearInit};
+use crate::config::{BoxHeadConfig, MaskHeadConfig, RoiHeadsConfig};
+use crate::heads::{BoxHead, MaskHead};
+use crate::layers::{Linear, LinearInit};
 use crate::losses::smooth_l1_sum;
 use crate::ops::{
     batched_nms, box_iou, clip_boxes, subsample_labels, BoxCoder, LevelMapping, Matcher, PyramidRows, RoiPooler,
@@ -22,96 +22,6 @@ use crate::rpn::Proposals;
 use crate::structures::GtInstances;
 use crate::targets::mask_targets;
 use crate::DetectorError;
-
-/// `num_conv` convolutions then `num_fc` fully connected layers, all with ReLU.
-/// `count` 3x3 conv units (MSRA init, norm, ReLU) named `{prefix}1..{prefix}count` under `path`, from `channels`
-/// to `dim` channels; returns them with the output width (`channels` when `count` is 0).
-fn conv_stack(
-    path: &nn::Path,
-    prefix: &str,
-    count: i64,
-    channels: i64,
-    dim: i64,
-    norm: HeadNorm,
-    gn_groups: i64,
-) -> Result<(Vec<ConvUnit>, i64), DetectorError> {
-    let mut convs = Vec::new();
-    let mut c = channels;
-    for i in 0..count {
-        let p = path.sub(format!("{prefix}{}", i + 1));
-        convs.push(ConvUnit::new(&p, c, dim, 3, ConvInit::MsraFanOut, norm, gn_groups, true)?);
-        c = dim;
-    }
-    Ok((convs, c))
-}
-
-#[derive(Debug)]
-struct BoxHead {
-    convs: Vec<ConvUnit>,
-    fcs: Vec<Linear>,
-}
-
-impl BoxHead {
-    fn new(path: &nn::Path, config: &BoxHeadConfig, channels: i64) -> Result<BoxHead, DetectorError> {
-        let (convs, c) =
-            conv_stack(path, "conv", config.num_conv, channels, config.conv_dim, config.norm, config.gn_groups)?;
-        let mut width = c * config.pooler_resolution * config.pooler_resolution;
-        let mut fcs = Vec::new();
-        for i in 0..config.num_fc {
-            fcs.push(Linear::new(&path.sub(format!("fc{}", i + 1)), width, config.fc_dim, LinearInit::XavierFanIn));
-            width = config.fc_dim;
-        }
-        Ok(BoxHead { convs, fcs })
-    }
-
-    fn output_width(config: &BoxHeadConfig, channels: i64) -> i64 {
-        if config.num_fc > 0 {
-            config.fc_dim
-        } else {
-            let c = if config.num_conv > 0 { config.conv_dim } else { channels };
-            c * config.pooler_resolution * config.pooler_resolution
-        }
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let mut y = x.shallow_clone();
-        for conv in &self.convs {
-            y = conv.forward(&y);
-        }
-        let mut y = y.flatten(1, -1);
-        for fc in &self.fcs {
-            y = fc.forward(&y).relu();
-        }
-        y
-    }
-}
-
-/// 4 convs, a 2x2 deconvolution with ReLU and a 1x1 per-class predictor.
-#[derive(Debug)]
-struct MaskHead {
-    convs: Vec<ConvUnit>,
-    deconv: Deconv2x2,
-    predictor: backbone::layers::Conv2d,
-}
-
-impl MaskHead {
-    fn new(path: &nn::Path, config: &MaskHeadConfig, channels: i64, classes: i64) -> Result<MaskHead, DetectorError> {
-        let (convs, c) =
-            conv_stack(path, "mask_fcn", config.num_conv, channels, config.conv_dim, config.norm, config.gn_groups)?;
-        let deconv = Deconv2x2::new(&path.sub("deconv"), c, config.conv_dim);
-        let opts = backbone::layers::ConvOpts { bias: true, init: ConvInit::Normal(0.001), ..Default::default() };
-        let predictor = backbone::layers::Conv2d::new(&path.sub("predictor"), config.conv_dim, classes, 1, opts);
-        Ok(MaskHead { convs, deconv, predictor })
-    }
-
-    fn forward(&self, x: &Tensor) -> Tensor {
-        let mut y = x.shallow_clone();
-        for conv in &self.convs {
-            y = conv.forward(&y);
-        }
-        self.predictor.forward(&self.deconv.forward(&y).relu())
-    }
-}
 
 /// Boxes, scores and labels of one image before masks and rescaling.
 #[derive(Debug)]
@@ -451,6 +361,7 @@ fn empty_detections(device: tch::Device) -> BoxDetections {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::HeadNorm;
     use crate::structures::GtMasks;
     use tch::Device;
 
