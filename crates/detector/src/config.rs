@@ -2,12 +2,16 @@
 //! the model's input is the data crate's `[input]` section.) Every default is detectron2's from-scratch GN recipe (`shared/notes/vovnet.md`);
 //! [`DetectorConfig::torchvision_maskrcnn_r50_fpn`] expresses torchvision's `maskrcnn_resnet50_fpn` (v1).
 
-use backbone::{BackboneConfig, NormKind};
+use std::sync::Arc;
+
+use backbone::norm::NormSpec;
+use backbone::{BackboneConfig, BatchStatsReducer, NormKind};
 use serde::{Deserialize, Serialize};
 
 use crate::DetectorError;
 
-/// Norm layer after the convolutions of the FPN and the heads. Convolutions followed by a norm have no bias.
+/// Norm layer after the convolutions of the FPN and the heads (detectron2's `FPN.NORM`, `ROI_BOX_HEAD.NORM`,
+/// `ROI_MASK_HEAD.NORM`). Convolutions followed by a norm have no bias.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum HeadNorm {
     /// No norm; convolutions carry a bias (torchvision, pretrained detectron2 configs).
@@ -16,6 +20,25 @@ pub enum HeadNorm {
     /// GroupNorm with `gn_groups` groups (the from-scratch recipe).
     #[default]
     GN,
+    /// BatchNorm: the local batch's statistics in training, the running ones at test time.
+    BN,
+    /// BatchNorm with statistics over every training process, weighted by each one's element count
+    /// (detectron2's `NaiveSyncBatchNorm(stats_mode="N")`), so a process whose head has no RoIs joins with zero
+    /// weight instead of hanging the others. In one process it is BN.
+    SyncBN,
+}
+
+impl HeadNorm {
+    /// The norm layer this choice builds (`None` without one); `reducer` serves SyncBN.
+    pub fn spec(self, gn_groups: i64, reducer: Option<Arc<dyn BatchStatsReducer>>) -> Option<NormSpec> {
+        let kind = match self {
+            HeadNorm::None => return None,
+            HeadNorm::GN => NormKind::GN,
+            HeadNorm::BN => NormKind::BN,
+            HeadNorm::SyncBN => NormKind::SyncBN,
+        };
+        Some(NormSpec { kind, gn_groups, reducer })
+    }
 }
 
 /// How detections are mapped back to the original image.
@@ -123,6 +146,13 @@ pub struct RpnConfig {
     pub smooth_l1_beta: f64,
     /// Box coder weights (dx, dy, dw, dh).
     pub bbox_reg_weights: [f64; 4],
+    /// 3x3 convolutions (with ReLU) shared by the levels before the two predictors: 1 is detectron2's
+    /// `StandardRPNHead`, 2 the `new_baselines` LSJ recipe's (`conv_dims = [-1, -1]`).
+    pub num_conv: i64,
+    /// Norm after each of those convolutions (detectron2's RPN head has none).
+    pub norm: HeadNorm,
+    /// Groups of a GroupNorm `norm`.
+    pub gn_groups: i64,
 }
 
 impl Default for RpnConfig {
@@ -139,6 +169,9 @@ impl Default for RpnConfig {
             iou_thresholds: [0.3, 0.7],
             smooth_l1_beta: 0.0,
             bbox_reg_weights: [1.0, 1.0, 1.0, 1.0],
+            num_conv: 1,
+            norm: HeadNorm::None,
+            gn_groups: 32,
         }
     }
 }
@@ -379,6 +412,7 @@ impl DetectorConfig {
             ("roi_heads.num_classes", self.roi_heads.num_classes),
             ("fpn.out_channels", self.fpn.out_channels),
             ("rpn.batch_size_per_image", self.rpn.batch_size_per_image),
+            ("rpn.num_conv", self.rpn.num_conv),
             ("rpn.pre_nms_topk_train", self.rpn.pre_nms_topk_train),
             ("rpn.pre_nms_topk_test", self.rpn.pre_nms_topk_test),
             ("rpn.post_nms_topk_train", self.rpn.post_nms_topk_train),
@@ -448,12 +482,13 @@ impl DetectorConfig {
             return err("roi_heads.in_features", "needs at least one pyramid level".into());
         }
         for ((field, norm, groups), width) in [
+            ("rpn.gn_groups", self.rpn.norm, self.rpn.gn_groups),
             ("fpn.gn_groups", self.fpn.norm, self.fpn.gn_groups),
             ("box_head.gn_groups", self.box_head.norm, self.box_head.gn_groups),
             ("mask_head.gn_groups", self.mask_head.norm, self.mask_head.gn_groups),
         ]
         .into_iter()
-        .zip([self.fpn.out_channels, self.box_head.conv_dim, self.mask_head.conv_dim])
+        .zip([self.fpn.out_channels, self.fpn.out_channels, self.box_head.conv_dim, self.mask_head.conv_dim])
         {
             if norm == HeadNorm::GN && (groups <= 0 || width % groups != 0) {
                 return err(field, format!("{groups} groups do not divide the {width} channels"));

@@ -2,8 +2,10 @@
 //! backbone level, top-down nearest-neighbour upsampling added to the laterals, and P6 as a max-pool (kernel 1,
 //! stride 2) of P5 for the RPN.
 
+use std::sync::Arc;
+
 use backbone::layers::ConvInit;
-use backbone::FeatureSpec;
+use backbone::{BatchStatsReducer, FeatureSpec};
 use tch::{nn, Tensor};
 
 use crate::config::FpnConfig;
@@ -22,7 +24,14 @@ pub struct Fpn {
 impl Fpn {
     /// Builds the pyramid under `path` (`lateral{k}.*`, `output{k}.*`) on the backbone outputs `backbone_specs`,
     /// using those named in `config.in_features`.
-    pub fn new(path: &nn::Path, config: &FpnConfig, backbone_specs: &[FeatureSpec]) -> Result<Fpn, DetectorError> {
+    /// `reducer` serves a SyncBN `config.norm`.
+    pub fn new(
+        path: &nn::Path,
+        config: &FpnConfig,
+        backbone_specs: &[FeatureSpec],
+        reducer: Option<Arc<dyn BatchStatsReducer>>,
+    ) -> Result<Fpn, DetectorError> {
+        let norm = config.norm.spec(config.gn_groups, reducer);
         let mut laterals = Vec::new();
         let mut outputs = Vec::new();
         let mut in_indices = Vec::new();
@@ -46,26 +55,10 @@ impl Fpn {
             previous_stride = spec.stride;
             let level = spec.stride.trailing_zeros();
             let c = config.out_channels;
-            laterals.push(ConvUnit::new(
-                &path.sub(format!("lateral{level}")),
-                spec.channels,
-                c,
-                1,
-                ConvInit::XavierFanIn,
-                config.norm,
-                config.gn_groups,
-                false,
-            )?);
-            outputs.push(ConvUnit::new(
-                &path.sub(format!("output{level}")),
-                c,
-                c,
-                3,
-                ConvInit::XavierFanIn,
-                config.norm,
-                config.gn_groups,
-                false,
-            )?);
+            let lateral = &path.sub(format!("lateral{level}"));
+            laterals.push(ConvUnit::new(lateral, (spec.channels, c, 1), ConvInit::XavierFanIn, norm.as_ref(), false)?);
+            let output = &path.sub(format!("output{level}"));
+            outputs.push(ConvUnit::new(output, (c, c, 3), ConvInit::XavierFanIn, norm.as_ref(), false)?);
             in_indices.push(index);
             specs.push(FeatureSpec { name: format!("p{level}"), stride: spec.stride, channels: c });
         }
@@ -80,13 +73,14 @@ impl Fpn {
         &self.specs
     }
 
-    /// Turns the backbone outputs (in backbone order) into the pyramid, finest first.
-    pub fn forward(&self, backbone_outputs: &[Tensor]) -> Vec<Tensor> {
+    /// Turns the backbone outputs (in backbone order) into the pyramid, finest first; `train` selects BatchNorm's
+    /// batch statistics.
+    pub fn forward(&self, backbone_outputs: &[Tensor], train: bool) -> Vec<Tensor> {
         let count = self.laterals.len();
         let mut results: Vec<Tensor> = Vec::with_capacity(count + 1);
         let mut previous: Option<Tensor> = None;
         for i in (0..count).rev() {
-            let lateral = self.laterals[i].forward(&backbone_outputs[self.in_indices[i]]);
+            let lateral = self.laterals[i].forward(&backbone_outputs[self.in_indices[i]], train);
             let merged = match previous {
                 None => lateral,
                 Some(top) => {
@@ -94,7 +88,7 @@ impl Fpn {
                     lateral + top.upsample_nearest2d([size[2], size[3]], None, None)
                 }
             };
-            results.push(self.outputs[i].forward(&merged));
+            results.push(self.outputs[i].forward(&merged, train));
             previous = Some(merged);
         }
         results.reverse();

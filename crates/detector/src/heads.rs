@@ -2,10 +2,14 @@
 //! (`MaskRCNNConvUpsampleHead`: convolutions, a 2x deconvolution and a per-class 1x1 predictor) as networks; the
 //! RoI heads around them sample, pool, compute losses and post-process.
 
+use std::sync::Arc;
+
 use backbone::layers::ConvInit;
+use backbone::norm::NormSpec;
+use backbone::BatchStatsReducer;
 use tch::{nn, Tensor};
 
-use crate::config::{BoxHeadConfig, HeadNorm, MaskHeadConfig};
+use crate::config::{BoxHeadConfig, MaskHeadConfig};
 use crate::layers::{ConvUnit, Deconv2x2, Linear, LinearInit};
 use crate::DetectorError;
 
@@ -17,14 +21,13 @@ fn conv_stack(
     count: i64,
     channels: i64,
     dim: i64,
-    norm: HeadNorm,
-    gn_groups: i64,
+    norm: Option<&NormSpec>,
 ) -> Result<(Vec<ConvUnit>, i64), DetectorError> {
     let mut convs = Vec::new();
     let mut c = channels;
     for i in 0..count {
         let p = path.sub(format!("{prefix}{}", i + 1));
-        convs.push(ConvUnit::new(&p, c, dim, 3, ConvInit::MsraFanOut, norm, gn_groups, true)?);
+        convs.push(ConvUnit::new(&p, (c, dim, 3), ConvInit::MsraFanOut, norm, true)?);
         c = dim;
     }
     Ok((convs, c))
@@ -37,9 +40,15 @@ pub(crate) struct BoxHead {
 }
 
 impl BoxHead {
-    pub(crate) fn new(path: &nn::Path, config: &BoxHeadConfig, channels: i64) -> Result<BoxHead, DetectorError> {
-        let (convs, c) =
-            conv_stack(path, "conv", config.num_conv, channels, config.conv_dim, config.norm, config.gn_groups)?;
+    /// The head under `path` on `channels`-wide pooled features; `reducer` serves a SyncBN `config.norm`.
+    pub(crate) fn new(
+        path: &nn::Path,
+        config: &BoxHeadConfig,
+        channels: i64,
+        reducer: Option<Arc<dyn BatchStatsReducer>>,
+    ) -> Result<BoxHead, DetectorError> {
+        let norm = config.norm.spec(config.gn_groups, reducer);
+        let (convs, c) = conv_stack(path, "conv", config.num_conv, channels, config.conv_dim, norm.as_ref())?;
         let mut width = c * config.pooler_resolution * config.pooler_resolution;
         let mut fcs = Vec::new();
         for i in 0..config.num_fc {
@@ -58,10 +67,11 @@ impl BoxHead {
         }
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+    /// `train` selects BatchNorm's batch statistics.
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.shallow_clone();
         for conv in &self.convs {
-            y = conv.forward(&y);
+            y = conv.forward(&y, train);
         }
         let mut y = y.flatten(1, -1);
         for fc in &self.fcs {
@@ -85,19 +95,21 @@ impl MaskHead {
         config: &MaskHeadConfig,
         channels: i64,
         classes: i64,
+        reducer: Option<Arc<dyn BatchStatsReducer>>,
     ) -> Result<MaskHead, DetectorError> {
-        let (convs, c) =
-            conv_stack(path, "mask_fcn", config.num_conv, channels, config.conv_dim, config.norm, config.gn_groups)?;
+        let norm = config.norm.spec(config.gn_groups, reducer);
+        let (convs, c) = conv_stack(path, "mask_fcn", config.num_conv, channels, config.conv_dim, norm.as_ref())?;
         let deconv = Deconv2x2::new(&path.sub("deconv"), c, config.conv_dim);
         let opts = backbone::layers::ConvOpts { bias: true, init: ConvInit::Normal(0.001), ..Default::default() };
         let predictor = backbone::layers::Conv2d::new(&path.sub("predictor"), config.conv_dim, classes, 1, opts);
         Ok(MaskHead { convs, deconv, predictor })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor) -> Tensor {
+    /// `train` selects BatchNorm's batch statistics.
+    pub(crate) fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = x.shallow_clone();
         for conv in &self.convs {
-            y = conv.forward(&y);
+            y = conv.forward(&y, train);
         }
         self.predictor.forward(&self.deconv.forward(&y).relu())
     }

@@ -1,17 +1,16 @@
-//! Layers of the heads: a convolution with an optional GroupNorm, a fully connected layer and a transposed
+//! Layers of the heads: a convolution with an optional norm, a fully connected layer and a transposed
 //! convolution, each reporting its multiply-accumulates to `backbone::flops` so `trainer info` covers the heads.
 
 use backbone::flops;
 use backbone::layers::{Conv2d, ConvInit, ConvOpts};
 use backbone::norm::{Norm, NormSpec};
-use backbone::NormKind;
 use tch::{nn, Tensor};
 
-use crate::config::HeadNorm;
 use crate::DetectorError;
 
-/// A convolution (variables `weight`, `bias` when there is no norm) followed by an optional GroupNorm
-/// (`norm.weight`, `norm.bias`) and ReLU, named as detectron2 names its `Conv2d` with `norm`.
+/// A convolution (variables `weight`, `bias` when there is no norm) followed by an optional norm (`norm.weight`,
+/// `norm.bias`, and for BatchNorm `norm.running_mean`, `norm.running_var`) and ReLU, named as detectron2 names its
+/// `Conv2d` with `norm`.
 #[derive(Debug)]
 pub struct ConvUnit {
     conv: Conv2d,
@@ -20,33 +19,26 @@ pub struct ConvUnit {
 }
 
 impl ConvUnit {
-    /// A `kernel x kernel` convolution from `cin` to `cout` channels under `path`; the bias exists only without a
-    /// norm and starts at zero.
-    #[allow(clippy::too_many_arguments)]
+    /// A `kernel x kernel` convolution from `cin` to `cout` channels under `path`, then the norm `norm` describes
+    /// (see [`crate::config::HeadNorm::spec`]); the bias exists only without a norm and starts at zero.
     pub fn new(
         path: &nn::Path,
-        cin: i64,
-        cout: i64,
-        kernel: i64,
+        (cin, cout, kernel): (i64, i64, i64),
         init: ConvInit,
-        norm: HeadNorm,
-        gn_groups: i64,
+        norm: Option<&NormSpec>,
         relu: bool,
     ) -> Result<ConvUnit, DetectorError> {
-        let opts = ConvOpts { bias: norm == HeadNorm::None, init, ..Default::default() };
+        let opts = ConvOpts { bias: norm.is_none(), init, ..Default::default() };
         let conv = Conv2d::new(path, cin, cout, kernel, opts);
-        let norm = match norm {
-            HeadNorm::None => None,
-            HeadNorm::GN => Some(Norm::new(&path.sub("norm"), cout, &NormSpec::new(NormKind::GN, gn_groups))?),
-        };
+        let norm = norm.map(|spec| Norm::new(&path.sub("norm"), cout, spec)).transpose()?;
         Ok(ConvUnit { conv, norm, relu })
     }
 
-    /// conv → (norm) → (ReLU).
-    pub fn forward(&self, x: &Tensor) -> Tensor {
+    /// conv → (norm; BatchNorm uses batch statistics when `train`) → (ReLU).
+    pub fn forward(&self, x: &Tensor, train: bool) -> Tensor {
         let mut y = self.conv.forward(x);
         if let Some(norm) = &self.norm {
-            y = norm.forward_t(&y, true);
+            y = norm.forward_t(&y, train);
         }
         if self.relu {
             y = y.relu();

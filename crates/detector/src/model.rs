@@ -41,8 +41,8 @@ impl MaskRcnn {
         reducer: Option<Arc<dyn BatchStatsReducer>>,
     ) -> Result<MaskRcnn, DetectorError> {
         config.validate()?;
-        let backbone = Backbone::new(&path.sub("backbone"), &config.backbone, reducer)?;
-        let fpn = Fpn::new(&path.sub("fpn"), &config.fpn, &backbone.output_specs())?;
+        let backbone = Backbone::new(&path.sub("backbone"), &config.backbone, reducer.clone())?;
+        let fpn = Fpn::new(&path.sub("fpn"), &config.fpn, &backbone.output_specs(), reducer.clone())?;
         let specs = fpn.output_specs().to_vec();
         let strides: Vec<i64> = specs.iter().map(|s| s.stride).collect();
         if config.anchors.sizes.len() != specs.len() {
@@ -51,7 +51,8 @@ impl MaskRcnn {
                 message: format!("{} lists for {} pyramid levels", config.anchors.sizes.len(), specs.len()),
             });
         }
-        let rpn = Rpn::new(&path.sub("rpn"), &config.rpn, &config.anchors, config.fpn.out_channels, &strides)?;
+        let channels = config.fpn.out_channels;
+        let rpn = Rpn::new(&path.sub("rpn"), &config.rpn, &config.anchors, (channels, &strides), reducer.clone())?;
         let roi_levels = config
             .roi_heads
             .in_features
@@ -85,6 +86,7 @@ impl MaskRcnn {
             config.fpn.out_channels,
             &roi_strides,
             level_mapping,
+            reducer,
         )?;
         Ok(MaskRcnn { backbone, fpn, rpn, roi_heads, roi_levels, config: config.clone() })
     }
@@ -99,9 +101,9 @@ impl MaskRcnn {
         &self.backbone
     }
 
-    /// Pyramid levels `p2`..`p6`.
-    fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
-        self.fpn.forward(&self.backbone.forward_t(images, train))
+    /// Pyramid levels `p2`..`p6` of a batch of normalised images; `train` selects BatchNorm's batch statistics.
+    pub fn features(&self, images: &Tensor, train: bool) -> Vec<Tensor> {
+        self.fpn.forward(&self.backbone.forward_t(images, train), train)
     }
 
     /// Training step forward: `loss_rpn_cls`, `loss_rpn_loc`, `loss_cls`, `loss_box_reg` and `loss_mask`, each a

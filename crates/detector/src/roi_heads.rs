@@ -8,7 +8,9 @@
 //! read once per image; RoIAlign with adaptive sampling once per pooler call.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use backbone::BatchStatsReducer;
 use tch::{nn, Kind, Reduction, Tensor};
 
 use crate::config::{BoxHeadConfig, MaskHeadConfig, RoiHeadsConfig};
@@ -61,7 +63,9 @@ pub struct RoiHeads {
 
 impl RoiHeads {
     /// Builds the heads: `box_head.*`, `box_predictor.{cls_score,bbox_pred}.*` and `mask_head.*` under `path`,
-    /// for pyramid levels of `channels` channels at `strides` (the levels named in `roi_heads.in_features`).
+    /// for pyramid levels of `channels` channels at `strides` (the levels named in `roi_heads.in_features`);
+    /// `reducer` serves SyncBN head norms.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         path: &nn::Path,
         config: &RoiHeadsConfig,
@@ -70,6 +74,7 @@ impl RoiHeads {
         channels: i64,
         strides: &[i64],
         level_mapping: LevelMapping,
+        reducer: Option<Arc<dyn BatchStatsReducer>>,
     ) -> Result<RoiHeads, DetectorError> {
         let scales: Vec<f64> = strides.iter().map(|&s| 1.0 / s as f64).collect();
         let pooler = |resolution: i64, sampling_ratio: i64, aligned: bool| {
@@ -84,7 +89,7 @@ impl RoiHeads {
             .with_level_mapping(level_mapping)
         };
         let k = config.num_classes;
-        let box_head = BoxHead::new(&path.sub("box_head"), box_config, channels)?;
+        let box_head = BoxHead::new(&path.sub("box_head"), box_config, channels, reducer.clone())?;
         let width = BoxHead::output_width(box_config, channels);
         let predictor = path.sub("box_predictor");
         let box_outputs = if box_config.cls_agnostic_bbox_reg { 4 } else { 4 * k };
@@ -103,7 +108,7 @@ impl RoiHeads {
                 mask_config.pooler_sampling_ratio,
                 mask_config.pooler_aligned,
             ),
-            mask_head: MaskHead::new(&path.sub("mask_head"), mask_config, channels, mask_classes)?,
+            mask_head: MaskHead::new(&path.sub("mask_head"), mask_config, channels, mask_classes, reducer)?,
             box_coder: BoxCoder::new(box_config.bbox_reg_weights),
             matcher: Matcher::new(vec![config.iou_threshold], vec![0, 1], false)?,
             config: config.clone(),
@@ -182,7 +187,7 @@ impl RoiHeads {
         // The box and mask poolers read the same maps at the same scales: stack them once.
         let rows = self.stack(features);
         let pooled = self.box_pooler.pool(&rows, &boxes);
-        let hidden = self.box_head.forward(&pooled);
+        let hidden = self.box_head.forward(&pooled, true);
         let logits = self.cls_score.forward(&hidden);
         let deltas = self.bbox_pred.forward(&hidden);
         let classes = Tensor::cat(&sampled.iter().map(|s| s.classes.shallow_clone()).collect::<Vec<_>>(), 0);
@@ -231,7 +236,7 @@ impl RoiHeads {
         }
         let mask_targets = Tensor::cat(&targets_per_image, 0).to_device(device);
         let mask_features = self.mask_pooler.pool(&rows, &fg_boxes);
-        let mask_logits = self.mask_head.forward(&mask_features);
+        let mask_logits = self.mask_head.forward(&mask_features, true);
         let mask_logits = self.select_class_masks(&mask_logits, &fg_classes);
         losses.insert(
             "loss_mask".to_string(),
@@ -272,7 +277,7 @@ impl RoiHeads {
             return image_sizes.iter().map(|_| empty_detections(device)).collect();
         }
         let pooled = self.box_pooler.pool(rows, &boxes);
-        let hidden = self.box_head.forward(&pooled);
+        let hidden = self.box_head.forward(&pooled, false);
         let probs = self.cls_score.forward(&hidden).softmax(-1, Kind::Float);
         let deltas = self.bbox_pred.forward(&hidden);
         let all_boxes = Tensor::cat(&boxes, 0);
@@ -332,7 +337,7 @@ impl RoiHeads {
         }
         let boxes: Vec<Tensor> = detections.iter().map(|d| d.boxes.shallow_clone()).collect();
         let labels = Tensor::cat(&detections.iter().map(|d| d.labels.shallow_clone()).collect::<Vec<_>>(), 0);
-        let logits = self.mask_head.forward(&self.mask_pooler.pool(rows, &boxes));
+        let logits = self.mask_head.forward(&self.mask_pooler.pool(rows, &boxes), false);
         let probs = self.select_class_masks(&logits, &labels).sigmoid();
         let mut offset = 0;
         counts
@@ -386,8 +391,9 @@ mod tests {
             pooler_resolution: 7,
             ..Default::default()
         };
-        let heads = RoiHeads::new(&vs.root(), &config, &box_config, &mask_config, 8, &[4, 8], LevelMapping::Detectron2)
-            .unwrap();
+        let heads =
+            RoiHeads::new(&vs.root(), &config, &box_config, &mask_config, 8, &[4, 8], LevelMapping::Detectron2, None)
+                .unwrap();
         let features = [
             Tensor::randn([1, 8, 32, 32], (Kind::Float, Device::Cpu)),
             Tensor::randn([1, 8, 16, 16], (Kind::Float, Device::Cpu)),

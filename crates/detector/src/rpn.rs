@@ -1,4 +1,4 @@
-//! Region proposal network (detectron2 `RPN` with `StandardRPNHead`): a shared 3x3 conv + ReLU, objectness and
+//! Region proposal network (detectron2 `RPN` with `StandardRPNHead`): shared 3x3 conv(s) + ReLU, objectness and
 //! box-delta 1x1 convs per level; anchor labelling with low-quality matches and balanced sampling for the losses;
 //! proposal selection by per-level top-k, clipping, removal of small boxes, per-level NMS and per-image top-k.
 //!
@@ -7,11 +7,15 @@
 
 use std::collections::BTreeMap;
 
+use std::sync::Arc;
+
 use backbone::layers::{Conv2d, ConvInit, ConvOpts};
+use backbone::BatchStatsReducer;
 use tch::{nn, Kind, Reduction, Tensor};
 
 use crate::anchors::AnchorGenerator;
 use crate::config::{AnchorConfig, RpnConfig};
+use crate::layers::ConvUnit;
 use crate::losses::smooth_l1_sum;
 use crate::ops::{batched_nms, box_iou, clip_boxes, nonempty, subsample_labels, BoxCoder, Matcher};
 use crate::structures::GtInstances;
@@ -29,7 +33,7 @@ pub struct Proposals {
 /// The RPN: head, anchors, box coder and anchor matcher.
 #[derive(Debug)]
 pub struct Rpn {
-    conv: Conv2d,
+    convs: Vec<ConvUnit>,
     objectness_logits: Conv2d,
     anchor_deltas: Conv2d,
     anchor_generator: AnchorGenerator,
@@ -39,14 +43,15 @@ pub struct Rpn {
 }
 
 impl Rpn {
-    /// Builds the head under `path` (`conv.*`, `objectness_logits.*`, `anchor_deltas.*`) for pyramid levels of
-    /// `channels` channels at `strides`.
+    /// Builds the head under `path` (`conv.*`, or `conv.conv0.*`, `conv.conv1.*`, ... as detectron2 names more
+    /// than one; `objectness_logits.*`, `anchor_deltas.*`) for pyramid levels of `channels` channels at
+    /// `strides`; `reducer` serves a SyncBN `config.norm`.
     pub fn new(
         path: &nn::Path,
         config: &RpnConfig,
         anchors: &AnchorConfig,
-        channels: i64,
-        strides: &[i64],
+        (channels, strides): (i64, &[i64]),
+        reducer: Option<Arc<dyn BatchStatsReducer>>,
     ) -> Result<Rpn, DetectorError> {
         let anchor_generator = AnchorGenerator::new(anchors, strides);
         let a = anchor_generator.num_cell_anchors();
@@ -57,8 +62,16 @@ impl Rpn {
             ..Default::default()
         };
         let [low, high] = config.iou_thresholds;
+        let norm = config.norm.spec(config.gn_groups, reducer);
+        let conv_path = path.sub("conv");
+        let convs = (0..config.num_conv)
+            .map(|i| {
+                let p = if config.num_conv == 1 { conv_path.clone() } else { conv_path.sub(format!("conv{i}")) };
+                ConvUnit::new(&p, (channels, channels, 3), ConvInit::Normal(0.01), norm.as_ref(), true)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Rpn {
-            conv: Conv2d::new(&path.sub("conv"), channels, channels, 3, opts(3)),
+            convs,
             objectness_logits: Conv2d::new(&path.sub("objectness_logits"), channels, a, 1, opts(1)),
             anchor_deltas: Conv2d::new(&path.sub("anchor_deltas"), channels, 4 * a, 1, opts(1)),
             anchor_generator,
@@ -81,8 +94,9 @@ impl Rpn {
         let n = features[0].size()[0];
         let mut logits = Vec::with_capacity(features.len());
         let mut deltas = Vec::with_capacity(features.len());
+        let train = targets.is_some();
         for feature in features {
-            let t = self.conv.forward(feature).relu();
+            let t = self.convs.iter().fold(feature.shallow_clone(), |x, conv| conv.forward(&x, train));
             let l = self.objectness_logits.forward(&t);
             let d = self.anchor_deltas.forward(&t);
             let s = d.size();
