@@ -88,6 +88,11 @@ fn sync_batch_norm_matches_batch_norm_over_both_batches() {
 }
 
 #[test]
+fn sync_batch_norm_with_an_empty_rank_matches_batch_norm_and_does_not_hang() {
+    run_pair("syncbn-empty-rank", Launch::Args);
+}
+
+#[test]
 fn data_parallel_sgd_matches_one_process_with_the_whole_batch() {
     run_pair("train", Launch::Args);
 }
