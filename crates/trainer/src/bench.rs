@@ -25,14 +25,15 @@ use tch::{Device, Kind, Tensor};
 
 use crate::autocast::autocast;
 use crate::config::Config;
+use crate::datasets::load_train_split;
+use crate::distributed::RankGroup;
+use crate::engine::forward_backward;
 use crate::evaluate::HostDetections;
+use crate::layout::{images_to_channels_last, to_channels_last, variables_to_channels_last};
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
+use crate::model::{build_model, BuiltModel};
 use crate::op_count::{count_ops, SYNCHRONISING_OPS};
 use crate::solver::{check_losses, AmpDtype, Solver};
-use crate::train::{
-    build_detector, forward_backward, images_to_channels_last, load_train_split, to_channels_last,
-    variables_to_channels_last,
-};
 
 /// Ground-truth instances per synthetic training image.
 pub const SYNTHETIC_INSTANCES: i64 = 4;
@@ -326,7 +327,7 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     start_peak_window(options.device);
     let device = options.device;
     tch::manual_seed(options.seed as i64);
-    let (vs, model) = build_detector(config, config.model.roi_heads.num_classes as usize, device)?;
+    let BuiltModel { vs, model } = build_model(config, device, &RankGroup::single())?;
     backbone::freeze(&vs, "backbone.", model.backbone());
     if config.channels_last {
         variables_to_channels_last(&vs);
@@ -377,7 +378,7 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let mut config = config.clone();
     config.model.roi_heads.score_thresh_test = 0.0;
     tch::manual_seed(options.seed as i64);
-    let (vs, model) = build_detector(&config, config.model.roi_heads.num_classes as usize, device)?;
+    let BuiltModel { vs, model } = build_model(&config, device, &RankGroup::single())?;
     if config.channels_last {
         variables_to_channels_last(&vs);
     }

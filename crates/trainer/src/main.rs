@@ -11,10 +11,12 @@ use trainer::config::Config;
 use trainer::convert::{convert, export};
 use trainer::device::parse_device;
 use trainer::distributed::{join, launch, role, worker_device, LaunchArgs, RankGroup, Role};
+use trainer::evaluate::evaluate_weights;
 use trainer::info::{model_info, parse_size, render};
-use trainer::predict::{load_model, predict, LabelNames, PredictOptions};
+use trainer::model::load_model;
+use trainer::predict::{predict, LabelNames, PredictOptions};
 use trainer::solver::AmpDtype;
-use trainer::train::{evaluate_weights, train, Resume, TrainOptions};
+use trainer::train::{train, Resume, TrainOptions};
 
 /// vovdet: Mask R-CNN with VoVNet backbones, trained from scratch on libtorch.
 #[derive(Parser)]
@@ -369,7 +371,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Predict(args) => {
             let (config, device) = args.common.load()?;
-            let (_vs, model) = load_model(&config, &args.weights, device)?;
+            let model = load_model(&config, &args.weights, device, &RankGroup::single())?;
             let labels = LabelNames::for_config(&config)?;
             let options = PredictOptions {
                 input: args.input,
@@ -377,7 +379,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 score_thresh: args.score_thresh,
                 json: args.json,
             };
-            let count = predict(&config, &model, &labels, &options, device)?;
+            let count = predict(&config, &model.model, &labels, &options, device)?;
             println!("{count} detections; pictures in {}", args.out.display());
         }
         Command::CocoEval(args) => {

@@ -7,13 +7,13 @@ use anyhow::Context;
 use data::transform::{decode_rgb, RgbImage};
 use detector::structures::{preprocess, resize_for_test};
 use detector::MaskRcnn;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::coco_eval::{write_detections, CompressedRle, Detection};
 use crate::config::Config;
 use crate::evaluate::HostDetections;
 use crate::events::encode_png;
-use crate::train::{images_to_channels_last, load_weights};
+use crate::layout::images_to_channels_last;
 use crate::visualize::{draw, DrawnDetection};
 
 /// Maps the model's contiguous labels to category ids and names.
@@ -28,7 +28,7 @@ impl LabelNames {
     /// category `l + 1` (torchvision's convention, which equals the COCO id for torchvision's COCO models).
     pub fn for_config(config: &Config) -> anyhow::Result<LabelNames> {
         if config.data.is_some() {
-            let val = crate::train::load_split(config, "val", false)?;
+            let val = crate::datasets::load_split(config, "val", false)?;
             return Ok(LabelNames { ids: val.categories.ids().to_vec(), names: val.categories.names().to_vec() });
         }
         let count = config.model.roi_heads.num_classes as u64;
@@ -139,15 +139,6 @@ pub fn plan_outputs(
 pub fn id_mapping_path(results: &Path) -> PathBuf {
     let stem = results.file_stem().and_then(|s| s.to_str()).unwrap_or("results");
     results.with_file_name(format!("{stem}.image_ids.json"))
-}
-
-/// Builds the model of `config` with `weights` (a checkpoint folder or a safetensors file with our names), its
-/// convolution weights channels-last when the config's `channels_last` is set.
-pub fn load_model(config: &Config, weights: &Path, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
-    let vs = nn::VarStore::new(device);
-    let model = MaskRcnn::new(&vs.root(), &config.model)?;
-    load_weights(config, &vs, weights)?;
-    Ok((vs, model))
 }
 
 /// Options of `trainer predict`.
