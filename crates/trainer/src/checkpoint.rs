@@ -38,6 +38,7 @@ use crate::manifest::{corrupt, digest_file, read_manifest, verify_files, MANIFES
 use crate::solver::{Solver, SolverScalars, SolverState};
 use crate::weights::{check_weights, read_tensors};
 
+pub use crate::checkpoint_error::CheckpointError;
 pub use crate::durable::is_disk_full;
 pub use crate::manifest::{FileDigest, Manifest, FORMAT_VERSION};
 pub use crate::weights::{init_weights, load_weights_into, named_variables};
@@ -50,32 +51,6 @@ const CONFIG_FILE: &str = "config.toml";
 const LAST_POINTER: &str = "last_checkpoint";
 const BEST_FOLDER: &str = "model_best";
 const BEST_FILE: &str = "best.json";
-
-/// Errors in writing or reading checkpoints; each names the file concerned.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    /// A file system operation failed (the OS error is the source, so a report of the chain prints it once).
-    #[error("{path}")]
-    Io { path: String, source: std::io::Error },
-    /// A write failed because the disk (or the user's quota) is full.
-    #[error(
-        "{path}: no space left on device: the disk holding {dir} is full. Free space there, then continue with \
-         --resume: the last complete checkpoint is untouched, and the partial one is removed at the next start"
-    )]
-    DiskFull { path: String, dir: String },
-    /// A checkpoint file that is missing, truncated, corrupt or unreadable.
-    #[error("checkpoint file {path} is unusable: {message}")]
-    Corrupt { path: String, message: String },
-    /// A valid checkpoint that does not fit the current model or solver.
-    #[error("checkpoint {path} does not fit this run: {message}")]
-    Mismatch { path: String, message: String },
-    /// `--resume` found no usable checkpoint.
-    #[error("no usable checkpoint in {dir}{details}")]
-    NothingToResume { dir: String, details: String },
-    /// An error from libtorch while writing tensors.
-    #[error("{path}")]
-    Torch { path: String, source: tch::TchError },
-}
 
 fn default_period() -> u64 {
     5000

@@ -4,6 +4,7 @@
 pub mod autocast;
 pub mod bench;
 pub mod checkpoint;
+mod checkpoint_error;
 pub mod coco_eval;
 mod coco_results;
 pub mod config;

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint_error::CheckpointError;
 
 /// Version of the checkpoint layout described in the `checkpoint` module documentation.
 pub const FORMAT_VERSION: u32 = 1;

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tch::{nn::VarStore, Tensor};
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint_error::CheckpointError;
 use crate::manifest::{corrupt, weights_file};
 
 /// The model's variables by name, in name order, as the checkpoint stores them.

@@ -2,7 +2,8 @@
 
 use tch::Tensor;
 
-use super::{multi_tensor, SolverError};
+use super::error::SolverError;
+use super::multi_tensor;
 
 /// `torch.nn.utils.clip_grad_norm_` over the gradients of `params` (L2): scales every gradient in place by
 /// `min(1, max_norm / (total + 1e-6))` and returns the total norm before clipping (one host read).

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::SolverError;
+use super::error::SolverError;
 
 /// Which decay the learning rate follows after warm-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

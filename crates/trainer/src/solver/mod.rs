@@ -6,6 +6,7 @@
 
 mod clip;
 mod config;
+mod error;
 mod multi_tensor;
 mod scaler;
 mod schedule;
@@ -18,33 +19,10 @@ use tch::{nn::VarStore, Tensor};
 
 pub use clip::{clip_grad_norm, total_grad_norm};
 pub use config::{AmpConfig, AmpDtype, BatchScaling, ClipGradientsConfig, LrSchedulerKind, SolverConfig, WarmupMethod};
+pub use error::SolverError;
 pub use scaler::LossScaler;
 pub use schedule::LrSchedule;
 pub use sgd::{is_norm_param, weight_decay_for, Sgd};
-
-/// Errors raised while configuring, stepping or restoring the solver.
-#[derive(Debug, thiserror::Error)]
-pub enum SolverError {
-    /// A `[solver]` value that cannot work.
-    #[error("`solver.{key}`: {message}")]
-    Config { key: String, message: String },
-    /// A loss term became NaN or infinite: the run must stop before the weights are touched. `iteration` counts
-    /// from 1, as the log lines do (`iter 3/100` is the iteration that completes the third step).
-    #[error("iteration {iteration}: loss term `{term}` is {value}; stopping (the last checkpoint is untouched)")]
-    NonFiniteLoss { iteration: u64, term: String, value: f64 },
-    /// Gradients became NaN or infinite without a loss scaler that could skip the step (`iteration` from 1).
-    #[error("iteration {iteration}: the gradient norm is {norm}; stopping (the last checkpoint is untouched)")]
-    NonFiniteGradients { iteration: u64, norm: f64 },
-    /// A saved solver state that does not fit the current parameters.
-    #[error("solver state: {0}")]
-    State(String),
-    /// An error from libtorch.
-    #[error(transparent)]
-    Torch(#[from] tch::TchError),
-    /// An error from libtorch's multi-tensor operators (src/optim_shim.cpp).
-    #[error("optimizer tensor operation: {0}")]
-    Tensor(String),
-}
 
 /// Stops the run on the first NaN or infinite loss term, naming the iteration and the term. `completed` is the
 /// number of optimizer steps finished before this iteration ([`Solver::iteration`]); the error numbers the

@@ -4,8 +4,7 @@ use std::ffi::{c_char, c_int, c_void};
 
 use tch::Tensor;
 
-use super::sgd::SgdParam;
-use super::SolverError;
+use super::error::SolverError;
 use crate::shim::take_message;
 
 /// An `at::Tensor*`, which is what tch's `C_tensor*` points to.
@@ -45,17 +44,18 @@ fn check(message: *mut c_char) -> Result<(), SolverError> {
     take_message(message).map_or(Ok(()), |text| Err(SolverError::Tensor(text)))
 }
 
-/// One SGD step over `group` (parameters with gradients and the same decay); creates missing buffers.
+/// One SGD step over `group` (parameters with gradients and the same decay, each with its momentum buffer);
+/// creates missing buffers.
 pub(super) fn sgd_step(
-    mut group: Vec<&mut SgdParam>,
+    mut group: Vec<(&Tensor, &mut Option<Tensor>)>,
     lr: f64,
     momentum: f64,
     weight_decay: f64,
     nesterov: bool,
 ) -> Result<(), SolverError> {
-    let params: Vec<RawTensor> = group.iter().map(|p| raw(&p.tensor)).collect();
+    let params: Vec<RawTensor> = group.iter().map(|(tensor, _)| raw(tensor)).collect();
     let mut buffers: Vec<RawTensor> =
-        group.iter().map(|p| p.momentum_buffer.as_ref().map_or(std::ptr::null_mut(), raw)).collect();
+        group.iter().map(|(_, buffer)| buffer.as_ref().map_or(std::ptr::null_mut(), raw)).collect();
     let had_buffer: Vec<bool> = buffers.iter().map(|b| !b.is_null()).collect();
     // SAFETY: `params` and `buffers` hold `count` live at::Tensor pointers (or NULL buffers) for the call.
     let result = check(unsafe {
@@ -69,10 +69,10 @@ pub(super) fn sgd_step(
             c_int::from(nesterov),
         )
     });
-    for ((param, buffer), had) in group.iter_mut().zip(&buffers).zip(had_buffer) {
+    for (((_, momentum_buffer), buffer), had) in group.iter_mut().zip(&buffers).zip(had_buffer) {
         if !had && !buffer.is_null() {
             // SAFETY: the shim allocated this at::Tensor for us; ownership passes to tch.
-            param.momentum_buffer = Some(unsafe { Tensor::from_ptr(buffer.cast()) });
+            **momentum_buffer = Some(unsafe { Tensor::from_ptr(buffer.cast()) });
         }
     }
     result

@@ -3,7 +3,8 @@
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use super::{multi_tensor, SolverError};
+use super::error::SolverError;
+use super::multi_tensor;
 
 /// `torch.amp.GradScaler`'s dynamic loss scale: the loss is multiplied by `scale` before backward; a step whose
 /// unscaled gradients contain inf/NaN is skipped and halves the scale; `growth_interval` good steps in a row

@@ -1,6 +1,6 @@
 //! detectron2's learning-rate schedules: warm-up followed by multi-step or cosine decay.
 
-use super::{LrSchedulerKind, SolverConfig, WarmupMethod};
+use super::config::{LrSchedulerKind, SolverConfig, WarmupMethod};
 
 /// fvcore's `ParamScheduler.WHERE_EPSILON`, used by detectron2's composite and multi-step schedulers.
 const WHERE_EPSILON: f64 = 1e-6;

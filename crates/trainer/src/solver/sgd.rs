@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use tch::Tensor;
 
-use super::{multi_tensor, SolverConfig, SolverError};
+use super::config::SolverConfig;
+use super::error::SolverError;
+use super::multi_tensor;
 
 /// Whether `name` is a parameter of a normalization layer. Our norm layers are submodules named `norm` or
 /// `norm1`, `norm2`, ... (and torchvision-style `*_norm`), so the rule is: the path component before the final
@@ -95,10 +97,11 @@ impl Sgd {
         decays.sort_by(f64::total_cmp);
         decays.dedup();
         for decay in decays {
-            let group: Vec<&mut SgdParam> = self
+            let group: Vec<(&Tensor, &mut Option<Tensor>)> = self
                 .params
                 .iter_mut()
                 .filter(|p| p.weight_decay.to_bits() == decay.to_bits() && p.tensor.grad().defined())
+                .map(|p| (&p.tensor, &mut p.momentum_buffer))
                 .collect();
             multi_tensor::sgd_step(group, lr, self.momentum, decay, self.nesterov)?;
         }
