@@ -38,17 +38,18 @@ use crate::solver::{check_losses, AmpDtype, Solver};
 /// Ground-truth instances per synthetic training image.
 pub const SYNTHETIC_INSTANCES: i64 = 4;
 
-/// What to measure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What to measure: the `MODE` argument of `trainer bench` (its variants' documentation is the command's help)
+/// and the `mode` of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchMode {
-    /// Training step throughput on fixed synthetic inputs.
+    /// Training step (forward, backward, solver step) on fixed synthetic inputs: mean images/s, median s/iter.
     Train,
-    /// Seconds per image at batch 1.
+    /// Batch-1 inference: model time, end to end (host pixels to host detections) and mask pasting, per image.
     Infer,
-    /// Training loader throughput.
+    /// The training loader alone on the config's train split: images/s.
     Data,
-    /// Backbone forward latency, GFLOPs and GFLOP/s.
+    /// Forward latency, GFLOPs, GFLOP/s, parameters and peak memory of the backbone alone.
     Backbone,
 }
 

@@ -5,8 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use backbone::WeightFormat;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use trainer::bench::{bench_backbone, bench_data, bench_infer, bench_train, BenchDetails, BenchOptions, BenchReport};
+use clap::{Args, Parser, Subcommand};
+use trainer::bench::{
+    bench_backbone, bench_data, bench_infer, bench_train, BenchDetails, BenchMode, BenchOptions, BenchReport,
+};
 use trainer::config::Config;
 use trainer::convert::{convert, export};
 use trainer::device::parse_device;
@@ -215,18 +217,6 @@ struct InfoArgs {
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum BenchMode {
-    /// Training step (forward, backward, solver step) on fixed synthetic inputs: mean images/s, median s/iter.
-    Train,
-    /// Batch-1 inference: model time, end to end (host pixels to host detections) and mask pasting, per image.
-    Infer,
-    /// The training loader alone on the config's train split: images/s.
-    Data,
-    /// Forward latency, GFLOPs, GFLOP/s, parameters and peak memory of the backbone alone.
-    Backbone,
 }
 
 #[derive(Args)]
