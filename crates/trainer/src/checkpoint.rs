@@ -52,16 +52,6 @@ const LAST_POINTER: &str = "last_checkpoint";
 const BEST_FOLDER: &str = "model_best";
 const BEST_FILE: &str = "best.json";
 
-fn default_period() -> u64 {
-    5000
-}
-fn default_keep_last() -> usize {
-    3
-}
-fn default_best_mode() -> BestMode {
-    BestMode::Max
-}
-
 /// Whether a larger or a smaller `best_metric` is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -74,30 +64,22 @@ pub enum BestMode {
 
 /// The `[checkpoint]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Save every this many iterations (and at the end of training).
-    #[serde(default = "default_period")]
     pub period: u64,
     /// Periodic checkpoints kept on disk (older ones are deleted; `model_best` is separate). At least 1.
-    #[serde(default = "default_keep_last")]
     pub keep_last: usize,
     /// Evaluation metric that selects `model_best`, e.g. `segm/AP`; none disables the best copy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub best_metric: Option<String>,
     /// `max` or `min`.
-    #[serde(default = "default_best_mode")]
     pub best_mode: BestMode,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig {
-            period: default_period(),
-            keep_last: default_keep_last(),
-            best_metric: None,
-            best_mode: default_best_mode(),
-        }
+        CheckpointConfig { period: 5000, keep_last: 3, best_metric: None, best_mode: BestMode::Max }
     }
 }
 

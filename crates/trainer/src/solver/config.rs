@@ -26,13 +26,11 @@ pub enum WarmupMethod {
 
 /// The `[solver.clip_gradients]` section: clipping by the global L2 norm of all gradients.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ClipGradientsConfig {
     /// Whether to clip.
-    #[serde(default)]
     pub enabled: bool,
     /// Largest allowed global L2 norm (`torch.nn.utils.clip_grad_norm_`'s `max_norm`).
-    #[serde(default = "default_clip_max_norm")]
     pub max_norm: f64,
 }
 
@@ -48,157 +46,101 @@ pub enum AmpDtype {
 
 /// The `[solver.amp]` section: mixed precision (autocast) on CUDA or CPU.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct AmpConfig {
     /// Whether to use autocast.
-    #[serde(default)]
     pub enabled: bool,
     /// fp16 or bf16.
-    #[serde(default = "default_amp_dtype")]
     pub dtype: AmpDtype,
     /// First fp16 loss scale (`torch.amp.GradScaler`'s `init_scale`).
-    #[serde(default = "default_init_scale")]
     pub init_scale: f64,
     /// Good steps after which the fp16 loss scale doubles.
-    #[serde(default = "default_growth_interval")]
     pub growth_interval: u64,
-}
-
-fn default_max_iter() -> u64 {
-    90_000
-}
-fn default_ims_per_batch() -> u64 {
-    16
-}
-fn default_base_lr() -> f64 {
-    0.02
-}
-fn default_momentum() -> f64 {
-    0.9
-}
-fn default_weight_decay() -> f64 {
-    1e-4
-}
-fn default_steps() -> Vec<u64> {
-    vec![60_000, 80_000]
-}
-fn default_gamma() -> f64 {
-    0.1
-}
-fn default_warmup_iters() -> u64 {
-    1000
-}
-fn default_warmup_factor() -> f64 {
-    0.001
-}
-fn default_warmup_method() -> WarmupMethod {
-    WarmupMethod::Linear
-}
-fn default_scheduler() -> LrSchedulerKind {
-    LrSchedulerKind::Multistep
-}
-fn default_clip_max_norm() -> f64 {
-    1.0
-}
-fn default_accumulate() -> u64 {
-    1
-}
-fn default_amp_dtype() -> AmpDtype {
-    AmpDtype::Fp16
-}
-fn default_init_scale() -> f64 {
-    65536.0
-}
-fn default_growth_interval() -> u64 {
-    2000
 }
 
 impl Default for ClipGradientsConfig {
     fn default() -> Self {
-        ClipGradientsConfig { enabled: false, max_norm: default_clip_max_norm() }
+        ClipGradientsConfig { enabled: false, max_norm: 1.0 }
     }
 }
 
 impl Default for AmpConfig {
     fn default() -> Self {
-        AmpConfig {
-            enabled: false,
-            dtype: default_amp_dtype(),
-            init_scale: default_init_scale(),
-            growth_interval: default_growth_interval(),
-        }
+        AmpConfig { enabled: false, dtype: AmpDtype::Fp16, init_scale: 65536.0, growth_interval: 2000 }
     }
 }
 
 /// The `[solver]` section. Defaults are detectron2's COCO 1x recipe (`Base-RCNN-FPN`: LR 0.02 for batch 16,
 /// 90k iterations, steps 60k/80k, warm-up 1000 iterations from 0.001).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SolverConfig {
     /// Optimizer steps in the whole run.
-    #[serde(default = "default_max_iter")]
     pub max_iter: u64,
     /// Total images per optimizer step over all processes and accumulated micro-batches.
-    #[serde(default = "default_ims_per_batch")]
     pub ims_per_batch: u64,
     /// Peak learning rate (after warm-up).
-    #[serde(default = "default_base_lr")]
     pub base_lr: f64,
     /// Final learning rate of the cosine schedule.
-    #[serde(default)]
     pub base_lr_end: f64,
     /// SGD momentum.
-    #[serde(default = "default_momentum")]
     pub momentum: f64,
     /// Nesterov momentum.
-    #[serde(default)]
     pub nesterov: bool,
     /// Weight decay of ordinary parameters.
-    #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
     /// Weight decay of normalization-layer parameters (see [`is_norm_param`]).
-    #[serde(default)]
     pub weight_decay_norm: f64,
     /// Weight decay of every `*.bias`, overriding the two above; absent means biases follow their layer
     /// (detectron2's `WEIGHT_DECAY_BIAS = None`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub weight_decay_bias: Option<f64>,
     /// `multistep` or `cosine`.
-    #[serde(default = "default_scheduler")]
     pub lr_scheduler: LrSchedulerKind,
     /// Iterations at which the multi-step schedule multiplies the LR by `gamma` (steps past `max_iter` are ignored).
-    #[serde(default = "default_steps")]
     pub steps: Vec<u64>,
     /// Multi-step decay factor.
-    #[serde(default = "default_gamma")]
     pub gamma: f64,
     /// Warm-up length in iterations.
-    #[serde(default = "default_warmup_iters")]
     pub warmup_iters: u64,
     /// LR multiplier at iteration 0.
-    #[serde(default = "default_warmup_factor")]
     pub warmup_factor: f64,
     /// `linear` or `constant`.
-    #[serde(default = "default_warmup_method")]
     pub warmup_method: WarmupMethod,
     /// Global-norm gradient clipping.
-    #[serde(default)]
     pub clip_gradients: ClipGradientsConfig,
     /// Micro-batches accumulated into one optimizer step (each of `ims_per_batch / accumulate` images).
-    #[serde(default = "default_accumulate")]
     pub accumulate: u64,
     /// Mixed precision.
-    #[serde(default)]
     pub amp: AmpConfig,
     /// Scale the LR linearly (and the schedule's iterations inversely) when the actual total batch differs
     /// from `ims_per_batch`, as detectron2's `REFERENCE_WORLD_SIZE` does.
-    #[serde(default)]
     pub scale_lr_to_batch: bool,
 }
 
 impl Default for SolverConfig {
     fn default() -> Self {
-        toml::from_str("").expect("every solver field has a default")
+        SolverConfig {
+            max_iter: 90_000,
+            ims_per_batch: 16,
+            base_lr: 0.02,
+            base_lr_end: 0.0,
+            momentum: 0.9,
+            nesterov: false,
+            weight_decay: 1e-4,
+            weight_decay_norm: 0.0,
+            weight_decay_bias: None,
+            lr_scheduler: LrSchedulerKind::Multistep,
+            steps: vec![60_000, 80_000],
+            gamma: 0.1,
+            warmup_iters: 1000,
+            warmup_factor: 0.001,
+            warmup_method: WarmupMethod::Linear,
+            clip_gradients: ClipGradientsConfig::default(),
+            accumulate: 1,
+            amp: AmpConfig::default(),
+            scale_lr_to_batch: false,
+        }
     }
 }
 
