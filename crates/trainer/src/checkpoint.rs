@@ -160,10 +160,9 @@ fn parse_checkpoint_name(name: &str) -> Option<u64> {
     (digits.len() >= 7 && digits.chars().all(|c| c.is_ascii_digit())).then(|| digits.parse().ok())?
 }
 
+/// The commit the trainer was built from, recorded by build.rs when it was built in a git checkout.
 fn git_commit() -> Option<String> {
-    let output = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
-    let commit = String::from_utf8(output.stdout).ok()?.trim().to_string();
-    (output.status.success() && !commit.is_empty()).then_some(commit)
+    option_env!("VOVDET_GIT_COMMIT").map(str::to_string)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {

@@ -24,7 +24,7 @@ pub struct Manifest {
     pub format: u32,
     /// vovdet (trainer crate) version.
     pub vovdet_version: String,
-    /// `git rev-parse HEAD` of the working directory, when it is a git checkout.
+    /// The commit the trainer was built from (`git rev-parse HEAD` at build time), when built in a git checkout.
     pub git_commit: Option<String>,
     /// libtorch version.
     pub libtorch_version: String,
