@@ -213,7 +213,7 @@ fn measured_peak(device: Device) -> (Option<u64>, PeakMemorySource) {
     match peak_memory(device) {
         Ok((bytes, source)) => (Some(bytes), source),
         Err(e) => {
-            eprintln!("warning: {e}");
+            log::warn!("{e}");
             (None, source)
         }
     }
@@ -222,7 +222,7 @@ fn measured_peak(device: Device) -> (Option<u64>, PeakMemorySource) {
 /// Starts the peak-memory window, warning (not failing) when it cannot be reset.
 fn start_peak_window(device: Device) {
     if let Err(e) = reset_peak_memory(device) {
-        eprintln!("warning: {e}; the peak memory covers the whole process");
+        log::warn!("{e}; the peak memory covers the whole process");
     }
 }
 

@@ -19,7 +19,7 @@ pub fn load_split(config: &Config, name: &str, progress: bool) -> anyhow::Result
     )?;
     if let Some(synth) = &data.synth {
         if data::synth::ensure(synth)? {
-            eprintln!("generated the synthetic dataset in {}", synth.out.display());
+            log::info!("generated the synthetic dataset in {}", synth.out.display());
         }
     }
     let split = if name == "train" { &data.train } else { &data.val };

@@ -475,8 +475,37 @@ fn keep_freed_memory_in_the_heap() {
     }
 }
 
+/// Prints the library's `log` records (the trainer's and its crates') to standard error, as the trainer's own
+/// messages have always looked: warnings as `warning: ...`, errors as `error: ...`, information as it is.
+/// Debug and trace records are dropped.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        match record.level() {
+            log::Level::Error => eprintln!("error: {}", record.args()),
+            log::Level::Warn => eprintln!("warning: {}", record.args()),
+            _ => eprintln!("{}", record.args()),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
     keep_freed_memory_in_the_heap();
+    static LOGGER: StderrLogger = StderrLogger;
+    // Only fails when a logger is already set, which nothing else in this process does.
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(first) = argv.get(1).and_then(|a| a.to_str()) {
         if !first.starts_with('-') && !SUBCOMMANDS.contains(&first) {

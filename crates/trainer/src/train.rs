@@ -86,8 +86,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
     let start = solver.iteration();
     let max_iter = solver_config.max_iter;
     if main && resumed.is_none() && !checkpointer.list()?.is_empty() {
-        eprintln!(
-            "warning: {} holds checkpoints of an earlier run; this run starts from iteration 0 (pass --resume to \
+        log::warn!(
+            "{} holds checkpoints of an earlier run; this run starts from iteration 0 (pass --resume to \
              continue that run instead)",
             output_dir.display()
         );
@@ -101,7 +101,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
             resumed.iter().flat_map(|c| crate::notices::resume_differences(c, &config_toml, &dataset_fingerprint)),
         );
         for notice in notices {
-            eprintln!("warning: {notice}");
+            log::warn!("{notice}");
         }
     }
     let data_config = config.data.as_ref().expect("checked by load_split");
@@ -168,7 +168,7 @@ fn prepare_output_dir(
     let output_dir = &config.output_dir;
     if options.resume == Resume::Last {
         if let Some(note) = crate::notices::nothing_to_resume(output_dir, checkpointer) {
-            eprintln!("warning: {note}");
+            log::warn!("{note}");
         }
     }
     std::fs::create_dir_all(output_dir).with_context(|| format!("cannot create {}", output_dir.display()))?;
@@ -187,7 +187,7 @@ fn solver_config(config: &Config, world_size: usize, main: bool) -> anyhow::Resu
     if solver_config.scale_lr_to_batch {
         if let Some(scaling) = solver_config.scale_to_batch(solver_config.ims_per_batch) {
             if main {
-                eprintln!("{}", scaling.message);
+                log::info!("{}", scaling.message);
             }
         }
     }
@@ -214,8 +214,8 @@ fn initial_model(config: &Config, options: &TrainOptions, num_classes: usize) ->
         Some(path) => {
             let missing = init_weights(&vs, path)?;
             if !missing.is_empty() && options.group.is_main() {
-                eprintln!(
-                    "warning: {} has no values for {} variables (kept their initialisation)",
+                log::warn!(
+                    "{} has no values for {} variables (kept their initialisation)",
                     path.display(),
                     missing.len()
                 );
@@ -240,7 +240,7 @@ fn resume(
         Resume::No => None,
         Resume::Last => checkpointer.resume(vs, solver)?.map(|r| {
             for warning in r.warnings.iter().filter(|_| options.group.is_main()) {
-                eprintln!("warning: {warning}");
+                log::warn!("{warning}");
             }
             r.checkpoint
         }),
@@ -272,7 +272,7 @@ fn train_sampler(
             .with_context(|| format!("checkpoint {}: sampler state", checkpoint.path.display()))?;
         sampler.restore(state);
         if group.is_main() {
-            eprintln!("resumed from {} at iteration {start}", checkpoint.path.display());
+            log::info!("resumed from {} at iteration {start}", checkpoint.path.display());
         }
     }
     Ok(sampler)
