@@ -57,7 +57,7 @@ impl Drop for Region {
         // SAFETY: restores exactly what `enter` reported; the shim only calls libtorch's autocast setters.
         let message = unsafe { vovdet_autocast_exit(self.cuda, self.previous_enabled, self.previous_dtype) };
         if let Some(message) = take_message(message) {
-            eprintln!("warning: leaving autocast: {message}");
+            log::warn!("leaving autocast: {message}");
         }
     }
 }

@@ -25,29 +25,31 @@ use tch::{Device, Kind, Tensor};
 
 use crate::autocast::autocast;
 use crate::config::Config;
+use crate::datasets::load_train_split;
+use crate::distributed::RankGroup;
+use crate::engine::forward_backward;
 use crate::evaluate::HostDetections;
+use crate::layout::{images_to_channels_last, to_channels_last, variables_to_channels_last};
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
+use crate::model::{build_model, BuiltModel};
 use crate::op_count::{count_ops, SYNCHRONISING_OPS};
 use crate::solver::{check_losses, AmpDtype, Solver};
-use crate::train::{
-    build_detector, forward_backward, images_to_channels_last, load_train_split, to_channels_last,
-    variables_to_channels_last,
-};
 
 /// Ground-truth instances per synthetic training image.
 pub const SYNTHETIC_INSTANCES: i64 = 4;
 
-/// What to measure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// What to measure: the `MODE` argument of `trainer bench` (its variants' documentation is the command's help)
+/// and the `mode` of the report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum BenchMode {
-    /// Training step throughput on fixed synthetic inputs.
+    /// Training step (forward, backward, solver step) on fixed synthetic inputs: mean images/s, median s/iter.
     Train,
-    /// Seconds per image at batch 1.
+    /// Batch-1 inference: model time, end to end (host pixels to host detections) and mask pasting, per image.
     Infer,
-    /// Training loader throughput.
+    /// The training loader alone on the config's train split: images/s.
     Data,
-    /// Backbone forward latency, GFLOPs and GFLOP/s.
+    /// Forward latency, GFLOPs, GFLOP/s, parameters and peak memory of the backbone alone.
     Backbone,
 }
 
@@ -217,7 +219,7 @@ fn measured_peak(device: Device) -> (Option<u64>, PeakMemorySource) {
     match peak_memory(device) {
         Ok((bytes, source)) => (Some(bytes), source),
         Err(e) => {
-            eprintln!("warning: {e}");
+            log::warn!("{e}");
             (None, source)
         }
     }
@@ -226,7 +228,7 @@ fn measured_peak(device: Device) -> (Option<u64>, PeakMemorySource) {
 /// Starts the peak-memory window, warning (not failing) when it cannot be reset.
 fn start_peak_window(device: Device) {
     if let Err(e) = reset_peak_memory(device) {
-        eprintln!("warning: {e}; the peak memory covers the whole process");
+        log::warn!("{e}; the peak memory covers the whole process");
     }
 }
 
@@ -332,7 +334,7 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     start_peak_window(options.device);
     let device = options.device;
     tch::manual_seed(options.seed as i64);
-    let (vs, model) = build_detector(config, config.model.roi_heads.num_classes as usize, device)?;
+    let BuiltModel { vs, model } = build_model(config, device, &RankGroup::single())?;
     backbone::freeze(&vs, "backbone.", model.backbone());
     if config.channels_last {
         variables_to_channels_last(&vs);
@@ -383,7 +385,7 @@ pub fn bench_infer(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let mut config = config.clone();
     config.model.roi_heads.score_thresh_test = 0.0;
     tch::manual_seed(options.seed as i64);
-    let (vs, model) = build_detector(&config, config.model.roi_heads.num_classes as usize, device)?;
+    let BuiltModel { vs, model } = build_model(&config, device, &RankGroup::single())?;
     if config.channels_last {
         variables_to_channels_last(&vs);
     }

@@ -38,6 +38,7 @@ use crate::manifest::{corrupt, digest_file, read_manifest, verify_files, MANIFES
 use crate::solver::{Solver, SolverScalars, SolverState};
 use crate::weights::{check_weights, read_tensors};
 
+pub use crate::checkpoint_error::CheckpointError;
 pub use crate::durable::is_disk_full;
 pub use crate::manifest::{FileDigest, Manifest, FORMAT_VERSION};
 pub use crate::weights::{init_weights, load_weights_into, named_variables};
@@ -51,42 +52,6 @@ const LAST_POINTER: &str = "last_checkpoint";
 const BEST_FOLDER: &str = "model_best";
 const BEST_FILE: &str = "best.json";
 
-/// Errors in writing or reading checkpoints; each names the file concerned.
-#[derive(Debug, thiserror::Error)]
-pub enum CheckpointError {
-    /// A file system operation failed (the OS error is the source, so a report of the chain prints it once).
-    #[error("{path}")]
-    Io { path: String, source: std::io::Error },
-    /// A write failed because the disk (or the user's quota) is full.
-    #[error(
-        "{path}: no space left on device: the disk holding {dir} is full. Free space there, then continue with \
-         --resume: the last complete checkpoint is untouched, and the partial one is removed at the next start"
-    )]
-    DiskFull { path: String, dir: String },
-    /// A checkpoint file that is missing, truncated, corrupt or unreadable.
-    #[error("checkpoint file {path} is unusable: {message}")]
-    Corrupt { path: String, message: String },
-    /// A valid checkpoint that does not fit the current model or solver.
-    #[error("checkpoint {path} does not fit this run: {message}")]
-    Mismatch { path: String, message: String },
-    /// `--resume` found no usable checkpoint.
-    #[error("no usable checkpoint in {dir}{details}")]
-    NothingToResume { dir: String, details: String },
-    /// An error from libtorch while writing tensors.
-    #[error("{path}")]
-    Torch { path: String, source: tch::TchError },
-}
-
-fn default_period() -> u64 {
-    5000
-}
-fn default_keep_last() -> usize {
-    3
-}
-fn default_best_mode() -> BestMode {
-    BestMode::Max
-}
-
 /// Whether a larger or a smaller `best_metric` is better.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -99,30 +64,22 @@ pub enum BestMode {
 
 /// The `[checkpoint]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
     /// Save every this many iterations (and at the end of training).
-    #[serde(default = "default_period")]
     pub period: u64,
     /// Periodic checkpoints kept on disk (older ones are deleted; `model_best` is separate). At least 1.
-    #[serde(default = "default_keep_last")]
     pub keep_last: usize,
     /// Evaluation metric that selects `model_best`, e.g. `segm/AP`; none disables the best copy.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub best_metric: Option<String>,
     /// `max` or `min`.
-    #[serde(default = "default_best_mode")]
     pub best_mode: BestMode,
 }
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig {
-            period: default_period(),
-            keep_last: default_keep_last(),
-            best_metric: None,
-            best_mode: default_best_mode(),
-        }
+        CheckpointConfig { period: 5000, keep_last: 3, best_metric: None, best_mode: BestMode::Max }
     }
 }
 
@@ -187,10 +144,8 @@ pub struct Resumed {
 /// libtorch seed for `iteration` of a run seeded with `seed` (SplitMix64 of both): reseeding libtorch with it at
 /// the start of every iteration makes libtorch's random stream resumable without reading its generator state.
 pub fn torch_seed(seed: u64, iteration: u64) -> i64 {
-    let mut z = seed ^ iteration.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(0x632B_E59B_D9B4_E019);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    ((z ^ (z >> 31)) >> 1) as i64
+    let word = seed ^ iteration.wrapping_mul(data::rng::GOLDEN_GAMMA).wrapping_add(0x632B_E59B_D9B4_E019);
+    (data::rng::finalize(word) >> 1) as i64
 }
 
 /// The folder name of the checkpoint after `iteration` steps.
@@ -203,10 +158,9 @@ fn parse_checkpoint_name(name: &str) -> Option<u64> {
     (digits.len() >= 7 && digits.chars().all(|c| c.is_ascii_digit())).then(|| digits.parse().ok())?
 }
 
+/// The commit the trainer was built from, recorded by build.rs when it was built in a git checkout.
 fn git_commit() -> Option<String> {
-    let output = std::process::Command::new("git").args(["rev-parse", "HEAD"]).output().ok()?;
-    let commit = String::from_utf8(output.stdout).ok()?.trim().to_string();
-    (output.status.success() && !commit.is_empty()).then_some(commit)
+    option_env!("VOVDET_GIT_COMMIT").map(str::to_string)
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, CheckpointError> {
@@ -458,4 +412,16 @@ pub fn resume_from(path: &Path, vs: &VarStore, solver: &mut Solver) -> Result<Lo
     })?;
     load_weights_into(vs, &checkpoint.model, &model_path, true)?;
     Ok(checkpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checkpoints of earlier runs resume on these seeds: the values of the original implementation.
+    #[test]
+    fn torch_seeds_never_change() {
+        assert_eq!(torch_seed(0, 0), 3_952_864_364_094_478_165);
+        assert_eq!(torch_seed(42, 1000), 8_263_439_269_554_719_443);
+    }
 }

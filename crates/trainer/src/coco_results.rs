@@ -8,7 +8,8 @@ use std::path::Path;
 use hotcoco::{Annotation, Segmentation, COCO};
 use serde::{Deserialize, Serialize};
 
-use crate::coco_eval::{CocoEvalError, GroundTruth};
+use crate::coco_error::CocoEvalError;
+use crate::coco_gt::GroundTruth;
 
 /// A COCO compressed RLE mask (`counts` in COCO's string encoding).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

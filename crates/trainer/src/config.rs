@@ -42,41 +42,28 @@ pub enum ConfigError {
 fn default_output_dir() -> PathBuf {
     PathBuf::from("output")
 }
-fn default_seed() -> u64 {
-    0
-}
 fn default_device() -> String {
     "auto".into()
 }
 
-fn default_vis_images() -> usize {
-    4
-}
-fn default_true() -> bool {
-    true
-}
-
 /// The `[eval]` section: COCO evaluation on the validation split during and after training.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct EvalConfig {
     /// Evaluate every this many iterations; 0 evaluates only at the end.
-    #[serde(default)]
     pub period: u64,
     /// Evaluate when training finishes.
-    #[serde(default = "default_true")]
     pub at_end: bool,
     /// Evaluate on the first N validation images only (quick checks); absent means all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_images: Option<usize>,
     /// Validation images drawn with their predictions into TensorBoard at each evaluation.
-    #[serde(default = "default_vis_images")]
     pub vis_images: usize,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { period: 0, at_end: true, max_images: None, vis_images: default_vis_images() }
+        EvalConfig { period: 0, at_end: true, max_images: None, vis_images: 4 }
     }
 }
 
@@ -88,7 +75,7 @@ pub struct Config {
     #[serde(default = "default_output_dir")]
     pub output_dir: PathBuf,
     /// Seed of every random generator.
-    #[serde(default = "default_seed")]
+    #[serde(default)]
     pub seed: u64,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
@@ -267,6 +254,21 @@ mod tests {
     /// A temporary folder removed when the guard drops.
     fn temp_dir(tag: &str) -> tempfile::TempDir {
         tempfile::Builder::new().prefix(&format!("vovdet-config-{tag}-")).tempdir().unwrap()
+    }
+
+    #[test]
+    fn absent_keys_take_each_sections_default() {
+        assert_eq!(toml::from_str::<SolverConfig>("").unwrap(), SolverConfig::default());
+        assert_eq!(toml::from_str::<CheckpointConfig>("").unwrap(), CheckpointConfig::default());
+        assert_eq!(toml::from_str::<EvalConfig>("").unwrap(), EvalConfig::default());
+        assert_eq!(toml::from_str::<LogConfig>("").unwrap(), LogConfig::default());
+        // A partial section keeps the defaults of the keys it leaves out, nested sections included.
+        let solver: SolverConfig = toml::from_str("base_lr = 0.01\n[amp]\nenabled = true\n").unwrap();
+        let amp = crate::solver::AmpConfig { enabled: true, ..Default::default() };
+        assert_eq!(solver, SolverConfig { base_lr: 0.01, amp, ..SolverConfig::default() });
+        // `model` stays required.
+        let missing = toml::from_str::<Config>("seed = 1").unwrap_err().to_string();
+        assert!(missing.contains("model"), "{missing}");
     }
 
     #[test]

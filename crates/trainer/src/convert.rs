@@ -10,8 +10,8 @@ use backbone::{ImportReport, WeightFormat};
 use tch::{Device, Tensor};
 
 use crate::config::Config;
-use crate::info::build_model;
-use crate::train::load_weights;
+use crate::distributed::RankGroup;
+use crate::model::{build_model, load_model};
 
 /// Name prefixes under which whole-detector checkpoints keep their backbone, per format.
 fn backbone_prefixes(format: WeightFormat) -> &'static [&'static str] {
@@ -27,7 +27,7 @@ fn backbone_prefixes(format: WeightFormat) -> &'static [&'static str] {
 /// R-CNN state dict converts the whole model; anything else (an ImageNet ResNet, a vovnet-detectron2 backbone)
 /// converts the backbone, and only the backbone's tensors are written (load them with `--init-weights`).
 pub fn convert(config: &Config, format: WeightFormat, input: &Path, output: &Path) -> anyhow::Result<ImportReport> {
-    let model = build_model(config, Device::Cpu)?;
+    let model = build_model(config, Device::Cpu, &RankGroup::single())?;
     let source = read_safetensors(input)?;
     let whole_model = source.iter().any(|(name, _)| name.starts_with("roi_heads."));
     let report = match format {
@@ -67,8 +67,7 @@ pub fn export(config: &Config, format: WeightFormat, input: &Path, output: &Path
         format == WeightFormat::Detectron2,
         "--to {format}: exporting is supported to detectron2's names only (--to detectron2)"
     );
-    let model = build_model(config, Device::Cpu)?;
-    load_weights(config, &model.vs, input)?;
+    let model = load_model(config, input, Device::Cpu, &RankGroup::single())?;
     let named = detector::detectron2::export_detectron2(&model.vs, &model.model)?;
     Tensor::write_safetensors(&named, output).map_err(|e| write_error(output, e))?;
     Ok(named.len())

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use tch::Tensor;
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint_error::CheckpointError;
 
 /// Prefix of staging and scratch entries in an output folder; they are never valid checkpoints.
 pub(crate) const TEMP_PREFIX: &str = ".tmp-";

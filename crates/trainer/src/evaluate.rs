@@ -15,8 +15,10 @@ use tch::{Device, Kind, Tensor};
 
 use crate::coco_eval::{evaluate as coco_evaluate, write_detections, CompressedRle, Detection, GroundTruth, IouType};
 use crate::config::Config;
+use crate::datasets::load_split;
 use crate::distributed::RankGroup;
-use crate::train::images_to_channels_last;
+use crate::layout::images_to_channels_last;
+use crate::model::{check_num_classes, load_model, BuiltModel};
 use crate::visualize::{draw, DrawnDetection};
 
 /// What one evaluation produced.
@@ -183,4 +185,21 @@ pub fn drawn(
         });
     }
     Ok(out)
+}
+
+/// `trainer eval`: loads weights (a checkpoint folder or a safetensors file) and evaluates the validation split,
+/// sharded over the ranks of `group` when distributed.
+pub fn evaluate_weights(
+    config: &Config,
+    weights: &Path,
+    device: Device,
+    group: &RankGroup,
+) -> anyhow::Result<EvalOutcome> {
+    let val_set = Arc::new(load_split(config, "val", !config.log.quiet && group.is_main())?);
+    let annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
+    check_num_classes(config, val_set.categories.len())?;
+    let BuiltModel { vs: _vs, model } = load_model(config, weights, device, group)?;
+    let gt = if group.is_main() { Some(GroundTruth::load(&annotations)?) } else { None };
+    let results_dir = config.output_dir.join("inference");
+    evaluate(&model, config, val_set, gt.as_ref(), device, Some(&results_dir), group)
 }

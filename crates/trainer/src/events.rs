@@ -29,31 +29,21 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> EventsError + '_ {
     move |source| EventsError::Io { path: path.display().to_string(), source }
 }
 
-fn default_log_period() -> u64 {
-    20
-}
-fn default_tensorboard() -> bool {
-    true
-}
-
 /// The `[log]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
     /// Log (console, `metrics.jsonl`, TensorBoard) every this many iterations.
-    #[serde(default = "default_log_period")]
     pub period: u64,
     /// Write TensorBoard event files under `output_dir/tensorboard`.
-    #[serde(default = "default_tensorboard")]
     pub tensorboard: bool,
     /// Plain log lines instead of a progress bar (non-interactive output).
-    #[serde(default)]
     pub quiet: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { period: default_log_period(), tensorboard: default_tensorboard(), quiet: false }
+        LogConfig { period: 20, tensorboard: true, quiet: false }
     }
 }
 

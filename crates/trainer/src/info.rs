@@ -4,13 +4,13 @@
 use std::collections::BTreeMap;
 
 use anyhow::Context;
-use backbone::Backbone;
 use detector::structures::ImageBatch;
-use detector::MaskRcnn;
 use serde::Serialize;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 use crate::config::Config;
+use crate::distributed::RankGroup;
+use crate::model::build_model;
 
 /// What `trainer info` reports.
 #[derive(Debug, Serialize)]
@@ -40,31 +40,9 @@ pub fn parse_size(text: &str) -> anyhow::Result<[i64; 2]> {
     parse().with_context(|| format!("size `{text}`: expected HEIGHTxWIDTH with positive integers, e.g. 800x1344"))
 }
 
-/// The model a config describes, built on a fresh var store.
-pub struct BuiltModel {
-    /// Owns every variable: `backbone.*`, `fpn.*`, `rpn.*`, `roi_heads.*`.
-    pub vs: nn::VarStore,
-    /// The whole detector.
-    pub model: MaskRcnn,
-}
-
-impl BuiltModel {
-    /// The detector's backbone.
-    pub fn backbone(&self) -> &Backbone {
-        self.model.backbone()
-    }
-}
-
-/// Builds the configured model on `device`.
-pub fn build_model(config: &Config, device: Device) -> anyhow::Result<BuiltModel> {
-    let vs = nn::VarStore::new(device);
-    let model = MaskRcnn::new(&vs.root(), &config.model)?;
-    Ok(BuiltModel { vs, model })
-}
-
 /// Counts parameters per top-level module and runs one forward pass at `input` to count FLOPs and shapes.
 pub fn model_info(config: &Config, input: [i64; 2], device: Device) -> anyhow::Result<ModelInfo> {
-    let model = build_model(config, device)?;
+    let model = build_model(config, device, &RankGroup::single())?;
     let mut params = BTreeMap::new();
     let mut total = 0;
     for (name, tensor) in model.vs.variables() {

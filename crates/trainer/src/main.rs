@@ -5,16 +5,20 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use backbone::WeightFormat;
-use clap::{Args, Parser, Subcommand, ValueEnum};
-use trainer::bench::{bench_backbone, bench_data, bench_infer, bench_train, BenchDetails, BenchOptions, BenchReport};
+use clap::{Args, Parser, Subcommand};
+use trainer::bench::{
+    bench_backbone, bench_data, bench_infer, bench_train, BenchDetails, BenchMode, BenchOptions, BenchReport,
+};
 use trainer::config::Config;
 use trainer::convert::{convert, export};
 use trainer::device::parse_device;
 use trainer::distributed::{join, launch, role, worker_device, LaunchArgs, RankGroup, Role};
+use trainer::evaluate::evaluate_weights;
 use trainer::info::{model_info, parse_size, render};
-use trainer::predict::{load_model, predict, LabelNames, PredictOptions};
+use trainer::model::load_model;
+use trainer::predict::{predict, LabelNames, PredictOptions};
 use trainer::solver::AmpDtype;
-use trainer::train::{evaluate_weights, train, Resume, TrainOptions};
+use trainer::train::{train, Resume, TrainOptions};
 
 /// vovdet: Mask R-CNN with VoVNet backbones, trained from scratch on libtorch.
 #[derive(Parser)]
@@ -215,18 +219,6 @@ struct InfoArgs {
     json: bool,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum BenchMode {
-    /// Training step (forward, backward, solver step) on fixed synthetic inputs: mean images/s, median s/iter.
-    Train,
-    /// Batch-1 inference: model time, end to end (host pixels to host detections) and mask pasting, per image.
-    Infer,
-    /// The training loader alone on the config's train split: images/s.
-    Data,
-    /// Forward latency, GFLOPs, GFLOP/s, parameters and peak memory of the backbone alone.
-    Backbone,
-}
-
 #[derive(Args)]
 struct BenchArgs {
     /// What to measure.
@@ -369,7 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Predict(args) => {
             let (config, device) = args.common.load()?;
-            let (_vs, model) = load_model(&config, &args.weights, device)?;
+            let model = load_model(&config, &args.weights, device, &RankGroup::single())?;
             let labels = LabelNames::for_config(&config)?;
             let options = PredictOptions {
                 input: args.input,
@@ -377,7 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 score_thresh: args.score_thresh,
                 json: args.json,
             };
-            let count = predict(&config, &model, &labels, &options, device)?;
+            let count = predict(&config, &model.model, &labels, &options, device)?;
             println!("{count} detections; pictures in {}", args.out.display());
         }
         Command::CocoEval(args) => {
@@ -483,8 +475,37 @@ fn keep_freed_memory_in_the_heap() {
     }
 }
 
+/// Prints the library's `log` records (the trainer's and its crates') to standard error, as the trainer's own
+/// messages have always looked: warnings as `warning: ...`, errors as `error: ...`, information as it is.
+/// Debug and trace records are dropped.
+struct StderrLogger;
+
+impl log::Log for StderrLogger {
+    fn enabled(&self, metadata: &log::Metadata) -> bool {
+        metadata.level() <= log::Level::Info
+    }
+
+    fn log(&self, record: &log::Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        match record.level() {
+            log::Level::Error => eprintln!("error: {}", record.args()),
+            log::Level::Warn => eprintln!("warning: {}", record.args()),
+            _ => eprintln!("{}", record.args()),
+        }
+    }
+
+    fn flush(&self) {}
+}
+
 fn main() -> ExitCode {
     keep_freed_memory_in_the_heap();
+    static LOGGER: StderrLogger = StderrLogger;
+    // Only fails when a logger is already set, which nothing else in this process does.
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
     let mut argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     if let Some(first) = argv.get(1).and_then(|a| a.to_str()) {
         if !first.starts_with('-') && !SUBCOMMANDS.contains(&first) {

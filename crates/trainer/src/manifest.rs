@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint_error::CheckpointError;
 
 /// Version of the checkpoint layout described in the `checkpoint` module documentation.
 pub const FORMAT_VERSION: u32 = 1;
@@ -24,7 +24,7 @@ pub struct Manifest {
     pub format: u32,
     /// vovdet (trainer crate) version.
     pub vovdet_version: String,
-    /// `git rev-parse HEAD` of the working directory, when it is a git checkout.
+    /// The commit the trainer was built from (`git rev-parse HEAD` at build time), when built in a git checkout.
     pub git_commit: Option<String>,
     /// libtorch version.
     pub libtorch_version: String,

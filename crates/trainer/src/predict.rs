@@ -8,13 +8,13 @@ use data::coco::CategoryMap;
 use data::pixels::{pad, prepare_test};
 use data::transform::{decode_rgb, RgbImage};
 use detector::{ImageBatch, MaskRcnn};
-use tch::{nn, Device};
+use tch::Device;
 
 use crate::coco_eval::{write_detections, CompressedRle, Detection};
 use crate::config::Config;
 use crate::evaluate::HostDetections;
 use crate::events::encode_png;
-use crate::train::{images_to_channels_last, load_weights};
+use crate::layout::images_to_channels_last;
 use crate::visualize::{draw, DrawnDetection};
 
 /// Maps the model's labels to category ids and names.
@@ -29,7 +29,8 @@ impl LabelNames {
     /// `l` is category `l + 1` (torchvision's convention, which is the COCO id for torchvision's COCO models).
     pub fn for_config(config: &Config) -> anyhow::Result<LabelNames> {
         let has_val = config.data.as_ref().is_some_and(|d| !d.val.annotations.to_vec().is_empty());
-        let categories = if has_val { Some(crate::train::load_split(config, "val", false)?.categories) } else { None };
+        let categories =
+            if has_val { Some(crate::datasets::load_split(config, "val", false)?.categories) } else { None };
         Ok(LabelNames { categories })
     }
 
@@ -143,15 +144,6 @@ pub fn plan_outputs(
 pub fn id_mapping_path(results: &Path) -> PathBuf {
     let stem = results.file_stem().and_then(|s| s.to_str()).unwrap_or("results");
     results.with_file_name(format!("{stem}.image_ids.json"))
-}
-
-/// Builds the model of `config` with `weights` (a checkpoint folder or a safetensors file with our names), its
-/// convolution weights channels-last when the config's `channels_last` is set.
-pub fn load_model(config: &Config, weights: &Path, device: Device) -> anyhow::Result<(nn::VarStore, MaskRcnn)> {
-    let vs = nn::VarStore::new(device);
-    let model = MaskRcnn::new(&vs.root(), &config.model)?;
-    load_weights(config, &vs, weights)?;
-    Ok((vs, model))
 }
 
 /// Options of `trainer predict`.

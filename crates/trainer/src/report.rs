@@ -1,7 +1,7 @@
 //! The one-line error report of the `trainer` binary: the chain of causes, each printed once (errors that repeat
 //! their source's text are not doubled), and what to do when the cause is a full disk.
 
-use crate::checkpoint::is_disk_full;
+use crate::durable::is_disk_full;
 
 /// `err` and its causes joined by `": "`, skipping a cause whose text the report already contains; when an OS
 /// error in the chain is a full disk (or quota) and no cause said so in words yet, a sentence saying what to do.

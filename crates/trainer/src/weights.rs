@@ -7,7 +7,7 @@ use std::path::Path;
 
 use tch::{nn::VarStore, Tensor};
 
-use crate::checkpoint::CheckpointError;
+use crate::checkpoint_error::CheckpointError;
 use crate::manifest::{corrupt, weights_file};
 
 /// The model's variables by name, in name order, as the checkpoint stores them.
@@ -80,7 +80,7 @@ pub fn load_weights_into(
 /// (verified against its manifest, see [`weights_file`]) or a `.safetensors` file (a note on stderr says that it
 /// cannot be verified); returns the model variables the file did not have.
 pub fn init_weights(vs: &VarStore, path: &Path) -> Result<Vec<String>, CheckpointError> {
-    let file = weights_file(path, &mut |note| eprintln!("note: {note}"))?;
+    let file = weights_file(path, &mut |note| log::info!("note: {note}"))?;
     let weights = read_tensors(&file)?;
     load_weights_into(vs, &weights, &file, false)
 }

@@ -8,8 +8,10 @@ use std::path::Path;
 use detector::structures::ImageBatch;
 use tch::{Device, Kind, Tensor};
 use trainer::config::Config;
+use trainer::distributed::RankGroup;
+use trainer::layout::{images_to_channels_last, to_channels_last, variables_to_channels_last};
+use trainer::model::{build_for_dataset, BuiltModel};
 use trainer::solver::{Solver, SolverConfig};
-use trainer::train::{build_detector, images_to_channels_last, to_channels_last, variables_to_channels_last};
 
 mod common;
 
@@ -89,7 +91,7 @@ fn channels_last_inference_matches_the_standard_layout() {
     let mut config = Config::load(Path::new(&tiny_config(&dir)), &[]).unwrap();
     config.model.roi_heads.score_thresh_test = 0.0;
     tch::manual_seed(5);
-    let (vs, model) = build_detector(&config, 4, Device::Cpu).unwrap();
+    let BuiltModel { vs, model } = build_for_dataset(&config, 4, Device::Cpu, &RankGroup::single()).unwrap();
     let pixels: Vec<Tensor> = (0..2).map(|_| Tensor::randint(256, [3, 64, 96], (Kind::Uint8, Device::Cpu))).collect();
     let (images, image_sizes) = data::pixels::preprocess(&pixels, &config.input, Device::Cpu).unwrap();
     let batch = ImageBatch { images, image_sizes };

@@ -20,8 +20,8 @@ use detector::detectron2::import_detectron2;
 use detector::{DetectorConfig, MaskRcnn};
 use serde_json::json;
 use tch::{nn, Device, Kind, Tensor};
+use trainer::engine::forward_backward;
 use trainer::solver::{Solver, SolverConfig};
-use trainer::train::forward_backward;
 
 /// Two fixture images with large objects, at a shorter side of 256 pixels.
 const TRAIN_IMAGES: [i64; 2] = [499716, 425988];

@@ -1,0 +1,16 @@
+//! The hooks of a training run, each one job, in the order [`crate::train::train`] runs them after a step:
+//! logging, evaluation, periodic checkpoints, the best model, the signal stop, and the final rank barrier.
+
+mod best_checkpointer;
+mod eval;
+mod periodic_checkpointer;
+mod periodic_writer;
+mod rank_barrier;
+mod signal_stop;
+
+pub use best_checkpointer::BestCheckpointer;
+pub use eval::EvalHook;
+pub use periodic_checkpointer::PeriodicCheckpointer;
+pub use periodic_writer::PeriodicWriter;
+pub use rank_barrier::RankBarrier;
+pub use signal_stop::SignalStop;

@@ -1,0 +1,242 @@
+//! The [`Trainer`] and its [`Hook`]s, after detectron2's `engine/train_loop.py`: the trainer runs one training
+//! step at a time (micro-batches of forward and backward, gradient averaging over the ranks, agreement on the
+//! logged losses and on stopping, the loss check and the solver step) and calls its hooks before training, after
+//! every step and after training; everything else a run does (logging, evaluation, checkpoints) is a hook.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+use data::loader::Loader;
+use detector::structures::{GtInstances, ImageBatch};
+use detector::MaskRcnn;
+use serde_json::json;
+use tch::{nn, Device, Tensor};
+
+use super::Logger;
+use crate::autocast::autocast;
+use crate::checkpoint::{named_variables, torch_seed, CheckpointContents, Checkpointer};
+use crate::datasets::model_inputs;
+use crate::distributed::RankGroup;
+use crate::evaluate::EvalOutcome;
+use crate::layout::images_to_channels_last;
+use crate::panics;
+use crate::solver::{check_losses, AmpDtype, Solver, StepReport};
+
+/// What a training run does around its steps, after detectron2's `HookBase`. Each method gets the trainer
+/// (its model, solver, loader, the last step's results) and may fail the run; hooks run in the order given to
+/// [`Trainer::run`].
+pub trait Hook {
+    /// Called once before the first step.
+    fn before_train(&mut self, _trainer: &mut Trainer) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Called after every step; [`Trainer::iteration`] counts the completed steps.
+    fn after_step(&mut self, _trainer: &mut Trainer) -> anyhow::Result<()> {
+        Ok(())
+    }
+
+    /// Called once after the last step, or after a stop ([`Trainer::interrupted`]).
+    fn after_train(&mut self, _trainer: &mut Trainer) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+/// How a training run ended.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// Completed iterations.
+    pub iteration: u64,
+    /// True when stopped by SIGINT/SIGTERM (a checkpoint was saved).
+    pub interrupted: bool,
+    /// The last evaluation, if any ran.
+    pub last_eval: Option<EvalOutcome>,
+}
+
+/// What a checkpoint records besides the model and solver: the resolved config and the training data's
+/// fingerprint (compared on resume).
+pub struct CheckpointInfo {
+    /// The resolved config, as written to `config.toml`.
+    pub config_toml: String,
+    /// [`crate::datasets::fingerprint`] of the training split.
+    pub dataset_fingerprint: String,
+}
+
+/// Owns what training steps need and runs them: see the module documentation. Built by
+/// [`crate::train::train`]; hooks read and update its public fields between steps.
+pub struct Trainer {
+    /// The detector being trained.
+    pub model: MaskRcnn,
+    /// Its variables.
+    pub vs: nn::VarStore,
+    /// The optimizer, schedule and loss scaler.
+    pub solver: Solver,
+    /// The training loader (its sampler state goes into checkpoints).
+    pub loader: Loader,
+    /// The ranks of the run.
+    pub group: RankGroup,
+    /// Where the model runs.
+    pub device: Device,
+    /// Writes, lists and prunes the run's checkpoints.
+    pub checkpointer: Checkpointer,
+    /// What checkpoints record besides the tensors.
+    pub checkpoint_info: CheckpointInfo,
+    /// Rank 0's log (`None` on the other ranks).
+    pub logger: Option<Logger>,
+    /// The experiment seed (torch's generator is reseeded from it at every iteration).
+    pub seed: u64,
+    /// Micro-batches per step.
+    pub accumulate: u64,
+    /// Autocast dtype, `None` in float32.
+    pub amp: Option<AmpDtype>,
+    /// Whether input images are laid out channels-last.
+    pub channels_last: bool,
+    /// The step at which training ends.
+    pub max_iter: u64,
+    /// Completed steps.
+    pub iteration: u64,
+    /// Set (by the signal handler) when this rank asks the run to stop; read once per step.
+    pub stop_signal: &'static AtomicBool,
+    /// The trainable variables whose gradients are averaged over the ranks.
+    pub parameters: Vec<Tensor>,
+    /// The last step's losses, averaged over micro-batches and ranks.
+    pub losses: BTreeMap<String, f64>,
+    /// The last step's solver report.
+    pub report: Option<StepReport>,
+    /// Seconds the last step waited for the loader.
+    pub data_seconds: f64,
+    /// Whether the ranks agreed in the last step to stop.
+    pub stop_agreed: bool,
+    /// Set by a hook to end the run after the current step as interrupted.
+    pub interrupted: bool,
+    /// The last evaluation and the iteration it ran at.
+    pub last_eval: Option<(u64, EvalOutcome)>,
+    /// The last checkpoint saved and its iteration.
+    pub last_checkpoint: Option<(u64, PathBuf)>,
+}
+
+impl Trainer {
+    /// Runs `hooks`' `before_train`, then steps until `max_iter` or until a hook sets
+    /// [`Trainer::interrupted`], calling every hook's `after_step` after each step, then `after_train`.
+    pub fn run(mut self, hooks: &mut [Box<dyn Hook + '_>]) -> anyhow::Result<TrainOutcome> {
+        for hook in hooks.iter_mut() {
+            hook.before_train(&mut self)?;
+        }
+        while self.iteration < self.max_iter && !self.interrupted {
+            self.run_step()?;
+            for hook in hooks.iter_mut() {
+                hook.after_step(&mut self)?;
+            }
+        }
+        for hook in hooks.iter_mut() {
+            hook.after_train(&mut self)?;
+        }
+        Ok(TrainOutcome {
+            iteration: self.iteration,
+            interrupted: self.interrupted,
+            last_eval: self.last_eval.map(|(_, outcome)| outcome),
+        })
+    }
+
+    /// One training step: `accumulate` micro-batches of [`forward_backward`], gradients averaged over the ranks,
+    /// the ranks' agreement on the logged losses and on stopping, [`check_losses`], and [`Solver::step`].
+    pub fn run_step(&mut self) -> anyhow::Result<()> {
+        let (rank, iteration) = (self.group.rank(), self.iteration);
+        tch::manual_seed(torch_seed(self.seed, iteration));
+        let mut loss_sums: BTreeMap<String, f64> = BTreeMap::new();
+        self.data_seconds = 0.0;
+        for _ in 0..self.accumulate {
+            let fetch = Instant::now();
+            let batch = self.loader.next().context("the training loader stopped")??.to_device(self.device);
+            self.data_seconds += fetch.elapsed().as_secs_f64();
+            let (mut images, targets) = model_inputs(batch);
+            if self.channels_last {
+                images = images_to_channels_last(images);
+            }
+            let values = forward_backward(&self.model, &images, &targets, self.amp, self.solver.loss_multiplier())
+                .with_context(|| format!("rank {rank}: iteration {}: forward and backward pass", iteration + 1))?;
+            for (key, value) in values {
+                *loss_sums.entry(key).or_default() += value;
+            }
+        }
+        self.group
+            .average_gradients(&self.parameters)
+            .with_context(|| format!("rank {rank}: iteration {}: averaging gradients", iteration + 1))?;
+        let local: Vec<f64> = loss_sums.values().map(|v| v / self.accumulate as f64).collect();
+        let (means, stop) = self
+            .group
+            .agree(&local, self.stop_signal.load(Ordering::SeqCst))
+            .with_context(|| format!("rank {rank}: iteration {}: agreeing on losses", iteration + 1))?;
+        self.stop_agreed = stop;
+        let logged: BTreeMap<String, f64> = loss_sums.keys().cloned().zip(means).collect();
+        check_losses(iteration, logged.iter().map(|(k, v)| (k.as_str(), *v)))?;
+        self.report = Some(self.solver.step()?);
+        self.losses = logged;
+        self.iteration += 1;
+        Ok(())
+    }
+
+    /// Saves a checkpoint of the current iteration (model, solver, sampler, seed, config, data fingerprint);
+    /// returns its folder.
+    pub fn save_checkpoint(&mut self) -> anyhow::Result<PathBuf> {
+        let model_tensors = named_variables(&self.vs);
+        let contents = CheckpointContents {
+            model: &model_tensors,
+            solver: &self.solver.state_dict(),
+            sampler: serde_json::to_value(self.loader.sampler_state())?,
+            rng: json!({"torch": "manual_seed(torch_seed(seed, iteration)) at every iteration", "seed": self.seed}),
+            config_toml: &self.checkpoint_info.config_toml,
+            device: format!("{:?}", self.device),
+            dataset_fingerprint: self.checkpoint_info.dataset_fingerprint.clone(),
+        };
+        let path = self.checkpointer.save(self.iteration, &contents)?;
+        self.last_checkpoint = Some((self.iteration, path.clone()));
+        Ok(path)
+    }
+}
+
+/// One micro-batch of training: the forward pass (under autocast in `amp`'s dtype when set; the solver's fp16
+/// loss scaler handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns each
+/// loss's value (one host read); a libtorch panic becomes an error. The [`Trainer`]'s steps and `trainer bench
+/// train` both run it.
+pub fn forward_backward(
+    model: &MaskRcnn,
+    images: &ImageBatch,
+    targets: &[GtInstances],
+    amp: Option<AmpDtype>,
+    loss_multiplier: f64,
+) -> anyhow::Result<BTreeMap<String, f64>> {
+    panics::catch(|| -> anyhow::Result<BTreeMap<String, f64>> {
+        let losses = autocast(images.images.device(), amp, || model.forward_train(images, targets))??;
+        let values = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
+        (total_loss(&losses) * loss_multiplier).backward();
+        Ok(values)
+    })?
+}
+
+/// Sum of named losses as one scalar tensor.
+fn total_loss(losses: &BTreeMap<String, Tensor>) -> Tensor {
+    let mut terms = losses.values();
+    let first = terms.next().expect("the model returns at least one loss").shallow_clone();
+    terms.fold(first, |acc, l| acc + l)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Kind;
+
+    #[test]
+    fn total_loss_sums_every_term() {
+        let losses: BTreeMap<String, Tensor> = [
+            ("loss_a".to_string(), Tensor::from(1.5f32)),
+            ("loss_b".to_string(), Tensor::from(0.25f32)),
+            ("loss_c".to_string(), Tensor::from(2.0f32)),
+        ]
+        .into();
+        assert_eq!(total_loss(&losses).to_kind(Kind::Double).double_value(&[]), 3.75);
+    }
+}
