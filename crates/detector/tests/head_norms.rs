@@ -12,7 +12,7 @@ use std::sync::Arc;
 use backbone::BatchStatsReducer;
 use detector::config::HeadNorm;
 use detector::detectron2::detectron2_variable_name;
-use detector::{DetectorConfig, MaskRcnn};
+use detector::{DetectorConfig, GtInstances, ImageBatch, MaskRcnn};
 use tch::{nn, Device, Kind, Tensor};
 
 /// The all-reduce of a world of one process: SyncBN takes its cross-process path with nothing to combine.
@@ -51,13 +51,18 @@ fn build(norm: HeadNorm, reducer: Option<Arc<dyn BatchStatsReducer>>) -> (nn::Va
     (vs, model)
 }
 
-#[test]
-fn bn_and_sync_bn_heads_train_and_predict_with_detectron2_names() {
-    tch::set_num_threads(2);
+/// Two coco-mini training images (shorter side 128) as a batch, with their ground truth.
+fn two_images() -> (ImageBatch, Vec<GtInstances>) {
     let samples = common::load_train_samples(&[499716, 425988], 128);
     let images: Vec<Tensor> = samples.iter().map(|s| s.image.shallow_clone()).collect();
     let batch = common::image_batch(&images, &common::detectron2_input(), Device::Cpu);
-    let targets: Vec<_> = samples.iter().map(|s| common::gt_to(&s.gt, Device::Cpu)).collect();
+    (batch, samples.iter().map(|s| common::gt_to(&s.gt, Device::Cpu)).collect())
+}
+
+#[test]
+fn bn_and_sync_bn_heads_train_and_predict_with_detectron2_names() {
+    tch::set_num_threads(2);
+    let (batch, targets) = two_images();
     for norm in [HeadNorm::BN, HeadNorm::SyncBN] {
         let (vs, model) = build(norm, Some(Arc::new(OneProcess)));
         let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
@@ -111,9 +116,7 @@ fn bn_and_sync_bn_heads_train_and_predict_with_detectron2_names() {
 #[test]
 fn sync_bn_in_one_process_equals_bn() {
     tch::set_num_threads(2);
-    let samples = common::load_train_samples(&[499716, 425988], 128);
-    let images: Vec<Tensor> = samples.iter().map(|s| s.image.shallow_clone()).collect();
-    let batch = common::image_batch(&images, &common::detectron2_input(), Device::Cpu);
+    let (batch, _) = two_images();
     // The pyramid in training mode (batch statistics): SyncBN's count-weighted cross-process path against BN.
     // (Whole-model losses are not compared: a rounding-level difference flips proposal top-k near-ties.)
     // The same weights in both (copied: tests in other threads draw from libtorch's global generator too).

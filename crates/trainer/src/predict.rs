@@ -177,8 +177,8 @@ pub fn predict(
         let (height, width) = (picture.height as i64, picture.width as i64);
         // The same input pipeline as evaluation's loader: one image, test geometry, padded alone.
         let (image, _) = prepare_test(&picture, &config.input)?;
-        let (images, image_sizes) = pad(&[image.to_device(device)], config.input.size_divisibility);
-        let mut batch = ImageBatch { images, image_sizes };
+        let (images, image_sizes) = pad(&[image], config.input.size_divisibility);
+        let mut batch = ImageBatch { images: images.to_device(device), image_sizes };
         if config.channels_last {
             batch = images_to_channels_last(batch);
         }

@@ -36,31 +36,13 @@ fn scratch_config(dir: &Path) -> String {
     let text = format!(
         r#"output_dir = "{out}"
 device = "cpu"
-[model.backbone]
-name = "V-19-slim-dw"
-gn_groups = 16
-[model.fpn]
-out_channels = 32
-gn_groups = 8
-[model.rpn]
-pre_nms_topk_test = 100
-post_nms_topk_test = 50
-[model.roi_heads]
-num_classes = 80
-score_thresh_test = 0.0
-detections_per_image = 20
-[model.box_head]
-conv_dim = 32
-fc_dim = 64
-gn_groups = 8
-[model.mask_head]
-conv_dim = 32
-gn_groups = 8
-[input]
+{model}[input]
 min_size_test = 160
 max_size_test = 256
 {validation}"#,
         out = dir.join("run").display(),
+        model = common::tiny_model(80)
+            .replace("[model.roi_heads]\n", "[model.roi_heads]\nscore_thresh_test = 0.0\ndetections_per_image = 20\n"),
         validation = validation_split(),
     );
     let path = dir.join("scratch.toml");

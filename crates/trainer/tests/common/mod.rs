@@ -73,14 +73,10 @@ pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// A tiny V-19-slim-dw Mask R-CNN on 8 synthetic 64-pixel images (generated on first use into `dir/shapes`).
-pub fn tiny_config(dir: &Path) -> String {
-    let shapes = dir.join("shapes");
-    let text = format!(
-        r#"output_dir = "{out}"
-seed = 3
-device = "cpu"
-[model.backbone]
+/// The `[model]` sections of a tiny V-19-slim-dw GN Mask R-CNN with `num_classes` classes.
+pub fn tiny_model(num_classes: usize) -> String {
+    format!(
+        r#"[model.backbone]
 name = "V-19-slim-dw"
 gn_groups = 16
 [model.fpn]
@@ -95,7 +91,7 @@ pre_nms_topk_test = 100
 post_nms_topk_test = 50
 batch_size_per_image = 64
 [model.roi_heads]
-num_classes = 4
+num_classes = {num_classes}
 batch_size_per_image = 32
 [model.box_head]
 conv_dim = 32
@@ -104,7 +100,18 @@ gn_groups = 8
 [model.mask_head]
 conv_dim = 32
 gn_groups = 8
-[data]
+"#
+    )
+}
+
+/// A tiny V-19-slim-dw Mask R-CNN on 8 synthetic 64-pixel images (generated on first use into `dir/shapes`).
+pub fn tiny_config(dir: &Path) -> String {
+    let shapes = dir.join("shapes");
+    let text = format!(
+        r#"output_dir = "{out}"
+seed = 3
+device = "cpu"
+{model}[data]
 num_workers = 2
 prefetch = 2
 [data.synth]
@@ -140,6 +147,7 @@ vis_images = 2
 period = 1
 quiet = true
 "#,
+        model = tiny_model(4),
         out = dir.join("out").display(),
         shapes = shapes.display()
     );
