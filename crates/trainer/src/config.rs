@@ -257,6 +257,19 @@ mod tests {
     }
 
     #[test]
+    fn an_old_model_input_section_is_refused_with_where_its_keys_went() {
+        let dir = temp_dir("model-input");
+        let path =
+            write(dir.path(), "old.toml", "[model.backbone]\nname = \"V-39\"\n[model.input]\nformat = \"RGB\"\n");
+        let error = Config::load(&path, &[]).unwrap_err().to_string();
+        assert!(error.contains("old.toml") && error.contains("model.input") && error.contains("[input]"), "{error}");
+        let set = ["model.input.min_size_test=640".to_string()];
+        let error =
+            Config::load(&write(dir.path(), "new.toml", "[model.backbone]\nname = \"V-39\"\n"), &set).unwrap_err();
+        assert!(error.to_string().contains("--set") && error.to_string().contains("model.input"), "{error}");
+    }
+
+    #[test]
     fn absent_keys_take_each_sections_default() {
         assert_eq!(toml::from_str::<SolverConfig>("").unwrap(), SolverConfig::default());
         assert_eq!(toml::from_str::<CheckpointConfig>("").unwrap(), CheckpointConfig::default());
