@@ -4,7 +4,7 @@
 //! With `resize_style = "detectron2"` the 8-bit image is resized (PIL's antialiased bilinear) and then normalised;
 //! with `"torchvision"` it is normalised first and resized with `interpolate(mode="bilinear")`, as torchvision's
 //! `GeneralizedRCNNTransform` does. Either way the geometry (sizes, crop, flip) is the [`Geometry`] that the
-//! targets follow. The detectron2 style runs no libtorch operator (table lookups and memory copies), so the
+//! targets follow. The detectron2 style runs no parallel libtorch operator (table lookups and memory copies), so the
 //! loader's worker threads do not compete with the training thread's OpenMP team; the torchvision style's resize
 //! is a libtorch operator (its preset is for evaluation and prediction).
 
@@ -122,9 +122,10 @@ pub fn prepare_test(image: &RgbImage, input: &InputConfig) -> Result<(Tensor, Ge
 /// Zero-pads `[3, h, w]` float images into one `[N, 3, H, W]` float32 CPU batch whose sides are the largest ones
 /// rounded up to a multiple of `divisibility`; returns it with each image's `(h, w)`.
 ///
-/// The copy is plain memory work, no libtorch operator: the loader's worker threads call this while the training
-/// thread runs the model, and a libtorch operator there would start a second OpenMP team on the same cores
-/// (measured: the demo's step went from 0.23 to 0.6 s when padding used `zeros` and `copy_`).
+/// The copy is plain memory work, no parallel libtorch operator: the loader's worker threads call this while the
+/// training thread runs the model, and such an operator there would start a second OpenMP team on the same cores
+/// (measured on the 2-core CI machine: about 0.6 s per demo step when padding used `zeros` and `copy_`, 0.38-0.51 s
+/// with this copy, the same as before the pipeline existed).
 pub fn pad(images: &[Tensor], divisibility: u32) -> (Tensor, Vec<(i64, i64)>) {
     let divisibility = i64::from(divisibility.max(1));
     let sizes: Vec<(i64, i64)> = images.iter().map(|t| (t.size()[1], t.size()[2])).collect();
