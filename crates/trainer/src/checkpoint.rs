@@ -4,6 +4,7 @@
 //! `output_dir/model_{iteration:07}/` holding
 //! - `model.safetensors`: the model weights;
 //! - `solver.safetensors`: the momentum buffers;
+//! - `ema.safetensors`, when `solver.ema` is on: the exponential moving average of the weights;
 //! - `state.json`: iteration, solver scalars (scheduler position = iteration, fp16 loss scale), the sampler
 //!   position and the RNG state (both opaque JSON from the caller);
 //! - `config.toml`: the resolved config;
@@ -34,13 +35,13 @@ use tch::{nn::VarStore, Tensor};
 use crate::durable::{
     install_folder, io_error, replace_file, sync_dir, sync_file, write_synced, write_tensors, TEMP_PREFIX,
 };
-use crate::manifest::{corrupt, digest_file, read_manifest, verify_files, MANIFEST_FILE, MODEL_FILE};
-use crate::solver::{Solver, SolverScalars, SolverState};
+use crate::manifest::{corrupt, digest_file, read_manifest, verify_files, EMA_FILE, MANIFEST_FILE, MODEL_FILE};
+use crate::solver::{EmaState, Solver, SolverScalars, SolverState};
 use crate::weights::{check_weights, read_tensors};
 
 pub use crate::checkpoint_error::CheckpointError;
 pub use crate::durable::is_disk_full;
-pub use crate::manifest::{FileDigest, Manifest, FORMAT_VERSION};
+pub use crate::manifest::{FileDigest, Manifest, WhichWeights, FORMAT_VERSION};
 pub use crate::weights::{init_weights, load_weights_into, named_variables};
 
 /// The libtorch version tch 0.24.0 is built against (its build script rejects any other).
@@ -95,6 +96,9 @@ pub struct TrainingState {
     pub sampler: serde_json::Value,
     /// RNG states the trainer owns, opaque to the checkpointer.
     pub rng: serde_json::Value,
+    /// EMA updates done, when the checkpoint holds an EMA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_updates: Option<u64>,
 }
 
 /// Everything a checkpoint stores, borrowed from the training loop.
@@ -103,6 +107,8 @@ pub struct CheckpointContents<'a> {
     pub model: &'a [(String, Tensor)],
     /// Solver state ([`Solver::state_dict`]).
     pub solver: &'a SolverState,
+    /// The EMA of the weights, when the run keeps one.
+    pub ema: Option<&'a EmaState>,
     /// Sampler position.
     pub sampler: serde_json::Value,
     /// RNG states the trainer owns.
@@ -126,6 +132,8 @@ pub struct LoadedCheckpoint {
     pub model: Vec<(String, Tensor)>,
     /// Solver tensors and scalars.
     pub solver: SolverState,
+    /// The EMA of the weights, when it was saved with one.
+    pub ema: Option<EmaState>,
     /// The resolved config it was trained with.
     pub config_toml: String,
     /// Its manifest.
@@ -176,11 +184,20 @@ pub fn load_checkpoint(folder: &Path) -> Result<LoadedCheckpoint, CheckpointErro
     let state: TrainingState = read_json(&folder.join(STATE_FILE))?;
     let model = read_tensors(&folder.join(MODEL_FILE))?;
     let solver_tensors = read_tensors(&folder.join(SOLVER_FILE))?;
+    let ema = if manifest.files.contains_key(EMA_FILE) {
+        let state_path = folder.join(STATE_FILE);
+        let updates =
+            state.ema_updates.ok_or_else(|| corrupt(&state_path, "has no ema_updates for ema.safetensors"))?;
+        Some(EmaState { tensors: read_tensors(&folder.join(EMA_FILE))?, updates })
+    } else {
+        None
+    };
     let config_path = folder.join(CONFIG_FILE);
     let config_toml = fs::read_to_string(&config_path).map_err(|e| corrupt(&config_path, e.to_string()))?;
     Ok(LoadedCheckpoint {
         path: folder.to_path_buf(),
         solver: SolverState { tensors: solver_tensors, scalars: state.solver.clone() },
+        ema,
         state,
         model,
         config_toml,
@@ -193,17 +210,22 @@ fn stage(staged: &Path, iteration: u64, contents: &CheckpointContents<'_>) -> Re
     fs::create_dir_all(staged).map_err(io_error(staged))?;
     write_tensors(&staged.join(MODEL_FILE), contents.model)?;
     write_tensors(&staged.join(SOLVER_FILE), &contents.solver.tensors)?;
+    if let Some(ema) = contents.ema {
+        write_tensors(&staged.join(EMA_FILE), &ema.tensors)?;
+    }
     let state = TrainingState {
         iteration,
         solver: contents.solver.scalars.clone(),
         sampler: contents.sampler.clone(),
         rng: contents.rng.clone(),
+        ema_updates: contents.ema.map(|ema| ema.updates),
     };
     let state_text = serde_json::to_string_pretty(&state).expect("training state serialises to JSON");
     write_synced(&staged.join(STATE_FILE), state_text.as_bytes())?;
     write_synced(&staged.join(CONFIG_FILE), contents.config_toml.as_bytes())?;
     let mut files = BTreeMap::new();
-    for file in [MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE] {
+    let ema_file = contents.ema.map(|_| EMA_FILE);
+    for file in [MODEL_FILE, SOLVER_FILE, STATE_FILE, CONFIG_FILE].into_iter().chain(ema_file) {
         files.insert(file.to_string(), digest_file(&staged.join(file))?);
     }
     let manifest = Manifest {

@@ -59,11 +59,14 @@ pub struct EvalConfig {
     pub max_images: Option<usize>,
     /// Validation images drawn with their predictions into TensorBoard at each evaluation.
     pub vis_images: usize,
+    /// Evaluate the EMA of the weights instead of the weights themselves (needs `solver.ema.enabled`); the
+    /// best checkpoint is then chosen by the EMA's metrics.
+    pub use_ema: bool,
 }
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        EvalConfig { period: 0, at_end: true, max_images: None, vis_images: 4 }
+        EvalConfig { period: 0, at_end: true, max_images: None, vis_images: 4, use_ema: false }
     }
 }
 

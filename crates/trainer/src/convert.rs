@@ -9,6 +9,7 @@ use backbone::weights::{assign, read_safetensors};
 use backbone::{ImportReport, WeightFormat};
 use tch::{Device, Tensor};
 
+use crate::checkpoint::WhichWeights;
 use crate::config::Config;
 use crate::distributed::RankGroup;
 use crate::model::{build_model, load_model};
@@ -67,7 +68,7 @@ pub fn export(config: &Config, format: WeightFormat, input: &Path, output: &Path
         format == WeightFormat::Detectron2,
         "--to {format}: exporting is supported to detectron2's names only (--to detectron2)"
     );
-    let model = load_model(config, input, Device::Cpu, &RankGroup::single())?;
+    let model = load_model(config, input, WhichWeights::Model, Device::Cpu, &RankGroup::single())?;
     let named = detector::detectron2::export_detectron2(&model.vs, &model.model)?;
     Tensor::write_safetensors(&named, output).map_err(|e| write_error(output, e))?;
     Ok(named.len())

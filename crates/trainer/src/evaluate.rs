@@ -13,6 +13,7 @@ use detector::structures::{Detections, ImageBatch};
 use detector::MaskRcnn;
 use tch::{Device, Kind, Tensor};
 
+use crate::checkpoint::WhichWeights;
 use crate::coco_eval::{evaluate as coco_evaluate, write_detections, CompressedRle, Detection, GroundTruth, IouType};
 use crate::config::Config;
 use crate::datasets::load_split;
@@ -188,17 +189,18 @@ pub fn drawn(
 }
 
 /// `trainer eval`: loads weights (a checkpoint folder or a safetensors file) and evaluates the validation split,
-/// sharded over the ranks of `group` when distributed.
+/// sharded over the ranks of `group` when distributed; `which` picks the model's weights or their EMA.
 pub fn evaluate_weights(
     config: &Config,
     weights: &Path,
+    which: WhichWeights,
     device: Device,
     group: &RankGroup,
 ) -> anyhow::Result<EvalOutcome> {
     let val_set = Arc::new(load_split(config, "val", !config.log.quiet && group.is_main())?);
     let annotations = val_set.sources.first().context("the validation split has no annotation file")?.clone();
     check_num_classes(config, val_set.categories.len())?;
-    let BuiltModel { vs: _vs, model } = load_model(config, weights, device, group)?;
+    let BuiltModel { vs: _vs, model } = load_model(config, weights, which, device, group)?;
     let gt = if group.is_main() { Some(GroundTruth::load(&annotations)?) } else { None };
     let results_dir = config.output_dir.join("inference");
     evaluate(&model, config, val_set, gt.as_ref(), device, Some(&results_dir), group)

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use trainer::bench::{
     bench_backbone, bench_data, bench_infer, bench_train, BenchDetails, BenchMode, BenchOptions, BenchReport,
 };
+use trainer::checkpoint::WhichWeights;
 use trainer::config::Config;
 use trainer::convert::{convert, export};
 use trainer::device::parse_device;
@@ -127,6 +128,9 @@ struct EvalArgs {
     /// Weights: a checkpoint folder or a .safetensors file.
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
+    /// Use the checkpoint's EMA weights (saved when solver.ema.enabled is on).
+    #[arg(long)]
+    ema: bool,
     /// Print one JSON object with every metric instead of the tables.
     #[arg(long)]
     json: bool,
@@ -177,6 +181,9 @@ struct PredictArgs {
     /// Weights: a checkpoint folder or a .safetensors file with vovdet names.
     #[arg(long, value_name = "FILE")]
     weights: PathBuf,
+    /// Use the checkpoint's EMA weights (saved when solver.ema.enabled is on).
+    #[arg(long)]
+    ema: bool,
     /// An image file or a folder of .jpg/.png files.
     #[arg(long, value_name = "IMAGE_OR_DIR")]
     input: PathBuf,
@@ -328,7 +335,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let Some((device, group)) = distributed_role(&args.launch, device)? else {
                 return Ok(());
             };
-            let outcome = evaluate_weights(&config, &args.weights, device, &group)?;
+            let outcome =
+                evaluate_weights(&config, &args.weights, WhichWeights::from_ema_flag(args.ema), device, &group)?;
             if !group.is_main() {
                 return Ok(());
             }
@@ -361,7 +369,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Predict(args) => {
             let (config, device) = args.common.load()?;
-            let model = load_model(&config, &args.weights, device, &RankGroup::single())?;
+            let model = load_model(
+                &config,
+                &args.weights,
+                WhichWeights::from_ema_flag(args.ema),
+                device,
+                &RankGroup::single(),
+            )?;
             let labels = LabelNames::for_config(&config)?;
             let options = PredictOptions {
                 input: args.input,

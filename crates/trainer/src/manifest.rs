@@ -16,6 +16,29 @@ pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The model weights' file name inside a checkpoint folder.
 pub const MODEL_FILE: &str = "model.safetensors";
+/// The file of a checkpoint holding the EMA of the weights (present when `solver.ema` was on).
+pub const EMA_FILE: &str = "ema.safetensors";
+
+/// Which weights of a checkpoint folder to load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhichWeights {
+    /// The model's own weights (`model.safetensors`).
+    #[default]
+    Model,
+    /// The exponential moving average of the weights (`ema.safetensors`, `--ema`).
+    Ema,
+}
+
+impl WhichWeights {
+    /// The choice of the `--ema` flag of `eval` and `predict`.
+    pub fn from_ema_flag(ema: bool) -> Self {
+        if ema {
+            WhichWeights::Ema
+        } else {
+            WhichWeights::Model
+        }
+    }
+}
 
 /// The provenance of a checkpoint, and the size and CRC32 of each of its files.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,7 +129,30 @@ pub fn verify_files(folder: &Path, manifest: &Manifest, names: Option<&[&str]>) 
 /// A checkpoint folder must have a manifest, and its `model.safetensors` must match the size and CRC32 recorded
 /// there. A bare safetensors file carries no manifest: it is used as it is, and `note` receives one line saying
 /// so (the caller prints it once).
-pub fn weights_file(path: &Path, note: &mut dyn FnMut(String)) -> Result<PathBuf, CheckpointError> {
+///
+/// [`WhichWeights::Ema`] picks the checkpoint's `ema.safetensors` and needs a checkpoint folder saved with the EMA on.
+pub fn weights_file(
+    path: &Path,
+    which: WhichWeights,
+    note: &mut dyn FnMut(String),
+) -> Result<PathBuf, CheckpointError> {
+    if which == WhichWeights::Ema {
+        if !path.is_dir() {
+            return Err(corrupt(
+                path,
+                "--ema needs a checkpoint folder (a bare weights file holds one set of weights)",
+            ));
+        }
+        let manifest = read_manifest(path, &[])?;
+        if !manifest.files.contains_key(EMA_FILE) {
+            return Err(corrupt(
+                path,
+                "this checkpoint has no EMA weights (it was saved with solver.ema.enabled = false); drop --ema",
+            ));
+        }
+        verify_files(path, &manifest, Some(&[EMA_FILE]))?;
+        return Ok(path.join(EMA_FILE));
+    }
     if !path.is_dir() {
         if !path.is_file() {
             return Err(corrupt(path, "no such weights file or checkpoint folder"));

@@ -11,7 +11,7 @@ use backbone::Backbone;
 use detector::MaskRcnn;
 use tch::{nn, Device};
 
-use crate::checkpoint::init_weights;
+use crate::checkpoint::{init_weights, WhichWeights};
 use crate::config::Config;
 use crate::distributed::RankGroup;
 use crate::layout::variables_to_channels_last;
@@ -64,9 +64,10 @@ pub fn build_for_dataset(
 
 /// Loads `weights` (a checkpoint folder or a safetensors file with our names) into the model variables of `vs`,
 /// refusing a file that lacks any of them, then lays the convolution weights out channels-last when the config's
-/// `channels_last` is set. For evaluation and prediction, which need every weight.
-pub fn load_weights(config: &Config, vs: &nn::VarStore, weights: &Path) -> anyhow::Result<()> {
-    let missing = init_weights(vs, weights)?;
+/// `channels_last` is set. For evaluation and prediction, which need every weight; `which` picks the model's
+/// weights or their EMA in a checkpoint folder.
+pub fn load_weights(config: &Config, vs: &nn::VarStore, weights: &Path, which: WhichWeights) -> anyhow::Result<()> {
+    let missing = init_weights(vs, weights, which)?;
     anyhow::ensure!(
         missing.is_empty(),
         "{} lacks {} model variables (e.g. `{}`); convert foreign weights with `trainer convert`",
@@ -82,9 +83,15 @@ pub fn load_weights(config: &Config, vs: &nn::VarStore, weights: &Path) -> anyho
 
 /// Builds the model of `config` for one rank of `group` with `weights` (see [`load_weights`]), its convolution
 /// weights channels-last when the config's `channels_last` is set.
-pub fn load_model(config: &Config, weights: &Path, device: Device, group: &RankGroup) -> anyhow::Result<BuiltModel> {
+pub fn load_model(
+    config: &Config,
+    weights: &Path,
+    which: WhichWeights,
+    device: Device,
+    group: &RankGroup,
+) -> anyhow::Result<BuiltModel> {
     let built = build_model(config, device, group)?;
-    load_weights(config, &built.vs, weights)?;
+    load_weights(config, &built.vs, weights, which)?;
     Ok(built)
 }
 

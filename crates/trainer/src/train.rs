@@ -11,16 +11,18 @@ use data::loader::{Loader, LoaderOptions};
 use data::sampler::{SamplerState, TrainSampler};
 use tch::{nn, Device};
 
-use crate::checkpoint::{init_weights, named_variables, resume_from, Checkpointer, LoadedCheckpoint};
+use crate::checkpoint::{init_weights, named_variables, resume_from, Checkpointer, LoadedCheckpoint, WhichWeights};
 use crate::coco_eval::GroundTruth;
 use crate::config::Config;
 use crate::datasets::{fingerprint, load_split, load_train_split};
 use crate::distributed::RankGroup;
-use crate::engine::hooks::{BestCheckpointer, EvalHook, PeriodicCheckpointer, PeriodicWriter, RankBarrier, SignalStop};
+use crate::engine::hooks::{
+    BestCheckpointer, EmaUpdater, EvalHook, PeriodicCheckpointer, PeriodicWriter, RankBarrier, SignalStop,
+};
 use crate::engine::{CheckpointInfo, Hook, Logger, TrainOutcome, Trainer};
 use crate::layout::{momentum_to_channels_last, variables_to_channels_last};
 use crate::model::{build_for_dataset, BuiltModel};
-use crate::solver::{Solver, SolverConfig};
+use crate::solver::{ModelEma, Solver, SolverConfig};
 
 /// Where training starts from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,6 +53,10 @@ pub struct TrainOptions {
 /// of each iteration, the ranks agree once per iteration on the logged losses and on stopping, and only rank 0
 /// writes logs, TensorBoard events, checkpoints and evaluation results.
 pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOutcome> {
+    anyhow::ensure!(
+        !config.eval.use_ema || config.solver.ema.enabled,
+        "eval.use_ema = true needs solver.ema.enabled = true (there is no EMA to evaluate)"
+    );
     let (signal_stop, stop_signal) = SignalStop::install();
     let group = &options.group;
     let (world_size, main) = (group.world_size(), group.is_main());
@@ -83,6 +89,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         momentum_to_channels_last(&mut solver)?;
     }
     let parameters = vs.trainable_variables();
+    let ema = model_ema(&vs, &solver_config, resumed.as_ref(), main)?;
     let start = solver.iteration();
     let max_iter = solver_config.max_iter;
     if main && resumed.is_none() && !checkpointer.list()?.is_empty() {
@@ -119,6 +126,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         model,
         vs,
         solver,
+        ema,
         loader,
         group: group.clone(),
         device: options.device,
@@ -141,9 +149,10 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         last_eval: None,
         last_checkpoint: None,
     };
-    // After a step: the log line first, then the evaluation (logged after it), the checkpoint, the best model
+    // After a step: the EMA update, the log line, then the evaluation (logged after it), the checkpoint, the best model
     // (which needs both), and the stop (which saves its own checkpoint); the barrier comes after training.
     let mut hooks: Vec<Box<dyn Hook + '_>> = vec![
+        Box::new(EmaUpdater),
         Box::new(PeriodicWriter::new(config.log.period, solver_config.ims_per_batch, skipped_at_load)),
         Box::new(EvalHook::new(config, val_set, gt)),
         Box::new(PeriodicCheckpointer),
@@ -152,6 +161,33 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         Box::new(RankBarrier),
     ];
     trainer.run(&mut hooks)
+}
+
+/// The EMA of the weights when `solver.ema` is on: the `resumed` checkpoint's, or the current weights' when it
+/// has none (rank 0 (`main`) says so). Built after the weights' final layout, as it keeps handles to them.
+fn model_ema(
+    vs: &nn::VarStore,
+    solver_config: &SolverConfig,
+    resumed: Option<&LoadedCheckpoint>,
+    main: bool,
+) -> anyhow::Result<Option<ModelEma>> {
+    if !solver_config.ema.enabled {
+        return Ok(None);
+    }
+    let mut ema = ModelEma::new(vs, &solver_config.ema);
+    if let Some(checkpoint) = resumed {
+        match &checkpoint.ema {
+            Some(state) => ema
+                .load_state_dict(state)
+                .with_context(|| format!("checkpoint {}: ema.safetensors", checkpoint.path.display()))?,
+            None if main => log::warn!(
+                "{} has no EMA of the weights (saved with solver.ema off); the EMA starts from its weights",
+                checkpoint.path.display()
+            ),
+            None => {}
+        }
+    }
+    Ok(Some(ema))
 }
 
 /// Rank 0's preparation of the output folder: the note when `--resume` finds nothing to resume, the folder
@@ -212,7 +248,7 @@ fn initial_model(config: &Config, options: &TrainOptions, num_classes: usize) ->
     let BuiltModel { vs, model } = build_for_dataset(config, num_classes, options.device, &options.group)?;
     match &options.init_weights {
         Some(path) => {
-            let missing = init_weights(&vs, path)?;
+            let missing = init_weights(&vs, path, WhichWeights::Model)?;
             if !missing.is_empty() && options.group.is_main() {
                 log::warn!(
                     "{} has no values for {} variables (kept their initialisation)",

@@ -8,7 +8,7 @@ use std::path::Path;
 use tch::{nn::VarStore, Tensor};
 
 use crate::checkpoint_error::CheckpointError;
-use crate::manifest::{corrupt, weights_file};
+use crate::manifest::{corrupt, weights_file, WhichWeights};
 
 /// The model's variables by name, in name order, as the checkpoint stores them.
 pub fn named_variables(vs: &VarStore) -> Vec<(String, Tensor)> {
@@ -78,9 +78,10 @@ pub fn load_weights_into(
 
 /// `--init-weights FILE` (and the weights of `eval` and `predict`): loads weights only, from a checkpoint folder
 /// (verified against its manifest, see [`weights_file`]) or a `.safetensors` file (a note on stderr says that it
-/// cannot be verified); returns the model variables the file did not have.
-pub fn init_weights(vs: &VarStore, path: &Path) -> Result<Vec<String>, CheckpointError> {
-    let file = weights_file(path, &mut |note| log::info!("note: {note}"))?;
+/// cannot be verified); returns the model variables the file did not have. `which` picks the model's weights or
+/// their EMA in a checkpoint folder.
+pub fn init_weights(vs: &VarStore, path: &Path, which: WhichWeights) -> Result<Vec<String>, CheckpointError> {
+    let file = weights_file(path, which, &mut |note| log::info!("note: {note}"))?;
     let weights = read_tensors(&file)?;
     load_weights_into(vs, &weights, &file, false)
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use tch::{nn, nn::VarStore, Device, Kind, Tensor};
 use trainer::checkpoint::{
     init_weights, load_checkpoint, named_variables, resume_from, torch_seed, CheckpointConfig, CheckpointContents,
-    CheckpointError, Checkpointer,
+    CheckpointError, Checkpointer, WhichWeights,
 };
 use trainer::solver::{Solver, SolverConfig};
 
@@ -44,6 +44,7 @@ fn save(checkpointer: &Checkpointer, vs: &VarStore, solver: &Solver) -> std::pat
     let contents = CheckpointContents {
         model: &weights,
         solver: &state,
+        ema: None,
         sampler: serde_json::json!({"epoch": 2, "position": solver.iteration() * 4}),
         rng: serde_json::json!({"augmentation": [1, 2, 3]}),
         config_toml: "[solver]\nbase_lr = 0.02\n",
@@ -163,7 +164,7 @@ fn mismatched_models_are_rejected_without_changes() {
     let bigger = VarStore::new(Device::Cpu);
     let _ = bigger.root().sub("stem").sub("conv").var("weight", &[4, 3, 3, 3], nn::Init::Const(0.0));
     let _ = bigger.root().sub("head").var("weight", &[2], nn::Init::Const(0.0));
-    let missing = init_weights(&bigger, &path).unwrap();
+    let missing = init_weights(&bigger, &path, WhichWeights::Model).unwrap();
     assert_eq!(missing, vec!["head.weight".to_string()]);
     let conv: BTreeMap<String, Tensor> = named_variables(&bigger).into_iter().collect();
     let source: BTreeMap<String, Tensor> = named_variables(&vs).into_iter().collect();

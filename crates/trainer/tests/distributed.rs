@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{checkpoint_weights, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, wait_for};
+use common::{checkpoint_tensors, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, wait_for};
 
 /// The tiny GN Mask R-CNN of the training tests (8 synthetic 64-pixel images), set up for the equivalence test
 /// (see `batch_split_over_processes_and_micro_batches_matches_one_batch`): every loss normalised by a per-image
@@ -38,6 +38,10 @@ flip_prob = 0.0
 [solver]
 max_iter = 10
 steps = [8]
+[solver.ema]
+enabled = true
+decay = 0.9
+warmup = 3
 [checkpoint]
 period = 10
 keep_last = 1
@@ -105,12 +109,15 @@ fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
         let output = run(&args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));
     }
-    let procs = checkpoint_weights(&outputs[1].join("model_0000010"));
-    let accumulated = checkpoint_weights(&outputs[2].join("model_0000010"));
-    assert_eq!(procs.len(), accumulated.len());
-    for ((name, a), (other_name, b)) in procs.iter().zip(&accumulated) {
-        assert_eq!(name, other_name);
-        assert!(a.equal(b), "{name} differs between 2 processes and 2 micro-batches");
+    // The weights and their EMA (solver.ema is on; every rank keeps its own from the averaged gradients).
+    for file in ["model.safetensors", "ema.safetensors"] {
+        let procs = checkpoint_tensors(&outputs[1].join("model_0000010"), file);
+        let accumulated = checkpoint_tensors(&outputs[2].join("model_0000010"), file);
+        assert_eq!(procs.len(), accumulated.len());
+        for ((name, a), (other_name, b)) in procs.iter().zip(&accumulated) {
+            assert_eq!(name, other_name);
+            assert!(a.equal(b), "{file}: {name} differs between 2 processes and 2 micro-batches");
+        }
     }
     let loss_records: Vec<Vec<serde_json::Value>> = outputs.iter().map(|out| metrics(out)).collect();
     assert!(loss_records.iter().all(|records| records.len() == 10), "10 metrics lines per run");
@@ -139,11 +146,13 @@ fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
         let output = run(&args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));
     }
-    for ((name, a), (_, b)) in checkpoint_weights(&outputs[1].join("model_0000010"))
-        .iter()
-        .zip(&checkpoint_weights(&resumed.join("model_0000010")))
-    {
-        assert!(a.equal(b), "{name} differs after a distributed resume");
+    for file in ["model.safetensors", "ema.safetensors"] {
+        for ((name, a), (_, b)) in checkpoint_tensors(&outputs[1].join("model_0000010"), file)
+            .iter()
+            .zip(&checkpoint_tensors(&resumed.join("model_0000010"), file))
+        {
+            assert!(a.equal(b), "{file}: {name} differs after a distributed resume");
+        }
     }
 
     let weights_dir = outputs[0].join("model_0000010");

@@ -1,12 +1,16 @@
 //! Solver tests: detectron2's LR schedule values, SGD parity with `torch.optim.SGD` (momentum, Nesterov,
-//! weight-decay groups, clipping) over 20 steps, and exact continuation after a state round trip.
+//! weight-decay groups, clipping) over 20 steps, exact continuation after a state round trip, and the EMA of the
+//! weights against the same update rule in PyTorch over 20 steps.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
-use trainer::solver::{LrSchedule, LrSchedulerKind, Solver, SolverConfig, SolverState, WarmupMethod};
+use trainer::solver::{
+    EmaConfig, LrSchedule, LrSchedulerKind, ModelEma, Solver, SolverConfig, SolverState, WarmupMethod,
+};
 
 fn python() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -363,4 +367,79 @@ fn accumulating_micro_batches_equals_one_large_batch() {
     println!("accumulate 4 x 2 vs batch 8 after 10 steps: max |difference| = {difference:e}");
     assert!(difference < 1e-6, "accumulated micro-batches drift from the large batch by {difference}");
     assert!(max_abs_diff(&whole, &initial) > 1e-2, "the weights did not move");
+}
+
+/// Deterministic "weights after step `step`" for a tensor of `numel` values (no global generator: the tests run
+/// in parallel threads).
+fn weights_at(step: usize, salt: usize, numel: usize) -> Vec<f32> {
+    (0..numel).map(|i| ((step * 7 + salt * 13 + i) as f32 * 0.37).sin() * (1.0 + step as f32 * 0.05)).collect()
+}
+
+fn ema_matches_torch(config: EmaConfig) {
+    const STEPS: usize = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let vs = VarStore::new(Device::Cpu);
+    let root = vs.root();
+    let shapes: [(&str, &[i64], bool); 4] = [
+        ("head.weight", &[4, 3], true),
+        ("head.bias", &[4], true),
+        ("norm.running_var", &[3], false),
+        ("stem.frozen", &[2, 2], false),
+    ];
+    for (name, shape, trainable) in shapes {
+        let (module, leaf) = name.split_once('.').unwrap();
+        let path = &root / module;
+        if trainable {
+            let _ = path.var(leaf, shape, nn::Init::Const(0.0));
+        } else {
+            let _ = path.zeros_no_train(leaf, shape);
+        }
+    }
+    let variables = vs.variables();
+    let set_weights = |step: usize| {
+        tch::no_grad(|| {
+            for (salt, (name, shape, _)) in shapes.iter().enumerate() {
+                let numel = shape.iter().product::<i64>() as usize;
+                let values = Tensor::from_slice(&weights_at(step, salt, numel)).reshape(*shape);
+                variables[*name].shallow_clone().copy_(&values);
+            }
+        })
+    };
+    set_weights(0);
+    let mut ema = ModelEma::new(&vs, &config);
+    let mut written = Vec::new();
+    for step in 0..=STEPS {
+        if step > 0 {
+            set_weights(step);
+            ema.update().unwrap();
+        }
+        for (name, _, _) in shapes {
+            written.push((format!("{step}/{name}"), variables[name].detach().copy()));
+        }
+    }
+    Tensor::write_safetensors(&written, dir.path().join("weights.safetensors")).unwrap();
+    let names = |trainable: bool| shapes.iter().filter(|s| s.2 == trainable).map(|s| s.0).collect::<Vec<_>>();
+    let oracle = serde_json::json!({
+        "decay": config.decay, "warmup": config.warmup, "steps": STEPS,
+        "averaged": names(true), "copied": names(false),
+    });
+    std::fs::write(dir.path().join("config.json"), oracle.to_string()).unwrap();
+    let status = Command::new(python()).arg(script("ema_reference.py")).arg(dir.path()).status().unwrap();
+    assert!(status.success(), "ema_reference.py failed");
+    let expected: BTreeMap<String, Tensor> =
+        Tensor::read_safetensors(dir.path().join("torch.safetensors")).unwrap().into_iter().collect();
+    let ours: BTreeMap<String, Tensor> = ema.named_tensors().into_iter().collect();
+    assert_eq!(ours.len(), expected.len());
+    let worst = ours.iter().map(|(name, t)| max_abs_diff(t, &expected[name])).fold(0.0f64, f64::max);
+    println!("EMA {config:?}: max |ours - PyTorch| after {STEPS} updates = {worst:e}");
+    assert_eq!(worst, 0.0, "the EMA differs from the PyTorch reference (expected bit-identical)");
+    // The EMA moved: it is neither the first nor the last weights.
+    let last = &variables["head.weight"];
+    assert!(max_abs_diff(&ours["head.weight"], last) > 1e-3);
+}
+
+#[test]
+fn ema_matches_pytorch_over_20_steps_with_and_without_warmup() {
+    ema_matches_torch(EmaConfig { enabled: true, decay: 0.8, warmup: 5 });
+    ema_matches_torch(EmaConfig { enabled: true, decay: 0.9, warmup: 0 });
 }

@@ -8,7 +8,8 @@ use std::time::Duration;
 mod common;
 
 use common::{
-    checkpoint_weights, coco_mini, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, trainer, wait_for,
+    checkpoint_tensors, checkpoint_weights, coco_mini, metrics, metrics_lines, repo_root, stderr, temp_dir,
+    tiny_config, trainer, wait_for,
 };
 
 #[test]
@@ -45,6 +46,81 @@ fn resumed_run_is_bit_identical_to_an_uninterrupted_one() {
     };
     assert_eq!(records(&straight).len(), 6);
     assert_eq!(records(&straight), records(&resumed));
+}
+
+/// With `solver.ema` on: the EMA resumes bit for bit, it differs from the weights, the training run's evaluation
+/// (`eval.use_ema`) is `trainer eval --ema` of the same checkpoint (identical COCO results), and `--ema` on a
+/// checkpoint without an EMA or on a bare weights file is a clear error.
+#[test]
+fn ema_resumes_exactly_and_is_what_eval_use_ema_and_eval_ema_evaluate() {
+    let dir = temp_dir("ema");
+    let config = tiny_config(&dir);
+    let ema = [
+        "--set",
+        "solver.ema.enabled=true",
+        "--set",
+        "solver.ema.decay=0.9",
+        "--set",
+        "solver.ema.warmup=2",
+        "--set",
+        "model.roi_heads.score_thresh_test=0.0",
+    ];
+    let run = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["train", &config, "--output", out.to_str().unwrap()];
+        args.extend(ema);
+        args.extend(extra);
+        let output = trainer(&args);
+        assert!(output.status.success(), "{args:?}: {}", stderr(&output));
+        output
+    };
+    let straight = dir.join("straight");
+    let output = run(&straight, &["--set", "eval.at_end=true", "--set", "eval.use_ema=true"]);
+    assert!(stderr(&output).contains("evaluating the EMA"), "{}", stderr(&output));
+    let resumed = dir.join("resumed");
+    run(&resumed, &["--set", "solver.max_iter=3"]);
+    run(&resumed, &["--resume"]);
+    let last = |run: &Path| run.join("model_0000006");
+    for file in ["model.safetensors", "ema.safetensors"] {
+        let (a, b) = (checkpoint_tensors(&last(&straight), file), checkpoint_tensors(&last(&resumed), file));
+        assert_eq!(a.len(), b.len());
+        for ((name, ta), (_, tb)) in a.iter().zip(&b) {
+            assert!(ta.equal(tb), "{file}: {name} differs after resume");
+        }
+    }
+    let (weights, averages) =
+        (checkpoint_weights(&last(&straight)), checkpoint_tensors(&last(&straight), "ema.safetensors"));
+    assert!(weights.iter().zip(&averages).any(|((_, w), (_, a))| !w.equal(a)), "the EMA equals the weights");
+
+    let evaluate = |name: &str, weights: &Path, extra: &[&str]| {
+        let out = dir.join(name);
+        let set_output = format!("output_dir={:?}", out.to_str().unwrap());
+        let mut args = vec!["eval", &config, "--weights", weights.to_str().unwrap(), "--json", "--set", &set_output];
+        args.extend(["--set", "model.roi_heads.score_thresh_test=0.0"]);
+        args.extend(extra);
+        let output = trainer(&args);
+        (output.status.success(), stderr(&output), out.join("inference/coco_instances_results.json"))
+    };
+    let read = |path: &Path| std::fs::read_to_string(path).unwrap();
+    let trained = read(&straight.join("inference/coco_instances_results.json"));
+    let (ok, err, with_ema) = evaluate("eval-ema", &last(&straight), &["--ema"]);
+    assert!(ok, "{err}");
+    assert!(trained.len() > 100, "the evaluation should have detections: {trained}");
+    assert_eq!(read(&with_ema), trained, "eval --ema differs from the training run's eval.use_ema evaluation");
+    let (ok, err, without) = evaluate("eval-model", &last(&straight), &[]);
+    assert!(ok, "{err}");
+    assert_ne!(read(&without), trained, "the model's own weights evaluate exactly as their EMA");
+
+    let plain = dir.join("plain");
+    let output = trainer(&["train", &config, "--output", plain.to_str().unwrap(), "--set", "solver.max_iter=2"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let (ok, err, _) = evaluate("eval-no-ema", &plain.join("model_0000002"), &["--ema"]);
+    assert!(!ok && err.contains("model_0000002") && err.contains("no EMA weights"), "{err}");
+    let bare = last(&straight).join("model.safetensors");
+    let (ok, err, _) = evaluate("eval-bare", &bare, &["--ema"]);
+    assert!(!ok && err.contains("--ema needs a checkpoint folder"), "{err}");
+    let output =
+        trainer(&["train", &config, "--output", dir.join("bad").to_str().unwrap(), "--set", "eval.use_ema=true"]);
+    assert!(!output.status.success() && stderr(&output).contains("eval.use_ema"), "{}", stderr(&output));
 }
 
 #[test]

@@ -23,7 +23,7 @@ use crate::distributed::RankGroup;
 use crate::evaluate::EvalOutcome;
 use crate::layout::images_to_channels_last;
 use crate::panics;
-use crate::solver::{check_losses, AmpDtype, Solver, StepReport};
+use crate::solver::{check_losses, AmpDtype, ModelEma, Solver, StepReport};
 
 /// What a training run does around its steps, after detectron2's `HookBase`. Each method gets the trainer
 /// (its model, solver, loader, the last step's results) and may fail the run; hooks run in the order given to
@@ -74,6 +74,8 @@ pub struct Trainer {
     pub vs: nn::VarStore,
     /// The optimizer, schedule and loss scaler.
     pub solver: Solver,
+    /// The EMA of the weights (`solver.ema`), updated by [`crate::engine::hooks::EmaUpdater`].
+    pub ema: Option<ModelEma>,
     /// The training loader (its sampler state goes into checkpoints).
     pub loader: Loader,
     /// The ranks of the run.
@@ -179,13 +181,15 @@ impl Trainer {
         Ok(())
     }
 
-    /// Saves a checkpoint of the current iteration (model, solver, sampler, seed, config, data fingerprint);
+    /// Saves a checkpoint of the current iteration (model, solver, EMA, sampler, seed, config, data fingerprint);
     /// returns its folder.
     pub fn save_checkpoint(&mut self) -> anyhow::Result<PathBuf> {
         let model_tensors = named_variables(&self.vs);
+        let ema = self.ema.as_ref().map(ModelEma::state_dict);
         let contents = CheckpointContents {
             model: &model_tensors,
             solver: &self.solver.state_dict(),
+            ema: ema.as_ref(),
             sampler: serde_json::to_value(self.loader.sampler_state())?,
             rng: json!({"torch": "manual_seed(torch_seed(seed, iteration)) at every iteration", "seed": self.seed}),
             config_toml: &self.checkpoint_info.config_toml,

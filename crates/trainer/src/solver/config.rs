@@ -58,6 +58,28 @@ pub struct AmpConfig {
     pub growth_interval: u64,
 }
 
+/// The `[solver.ema]` section: an exponential moving average of the weights, updated after every step with
+/// mmdetection's `ExpMomentumEMA` rule (YOLOX's): at update `t` (from 1) the EMA keeps
+/// `decay_t = decay * (1 - exp(-t / warmup))` of itself and takes `1 - decay_t` of the weights, so the average
+/// follows the weights closely at first and settles to `decay` after a few `warmup` updates (`warmup = 0`: `decay`
+/// from the start, d2go's rule). Trainable parameters are averaged; buffers and frozen parameters are copied.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EmaConfig {
+    /// Whether to keep the average.
+    pub enabled: bool,
+    /// The decay it settles to, in [0, 1).
+    pub decay: f64,
+    /// Iterations over which the decay ramps up (the time constant of the ramp); 0 for none.
+    pub warmup: u64,
+}
+
+impl Default for EmaConfig {
+    fn default() -> Self {
+        EmaConfig { enabled: false, decay: 0.9998, warmup: 2000 }
+    }
+}
+
 impl Default for ClipGradientsConfig {
     fn default() -> Self {
         ClipGradientsConfig { enabled: false, max_norm: 1.0 }
@@ -116,6 +138,8 @@ pub struct SolverConfig {
     /// Scale the LR linearly (and the schedule's iterations inversely) when the actual total batch differs
     /// from `ims_per_batch`, as detectron2's `REFERENCE_WORLD_SIZE` does.
     pub scale_lr_to_batch: bool,
+    /// Exponential moving average of the weights.
+    pub ema: EmaConfig,
 }
 
 impl Default for SolverConfig {
@@ -140,6 +164,7 @@ impl Default for SolverConfig {
             accumulate: 1,
             amp: AmpConfig::default(),
             scale_lr_to_batch: false,
+            ema: EmaConfig::default(),
         }
     }
 }
@@ -184,6 +209,9 @@ impl SolverConfig {
         if self.clip_gradients.enabled && (self.clip_gradients.max_norm.is_nan() || self.clip_gradients.max_norm <= 0.0)
         {
             return bad("clip_gradients.max_norm", "must be positive");
+        }
+        if self.ema.enabled && !(0.0..1.0).contains(&self.ema.decay) {
+            return bad("ema.decay", "must be in [0, 1)");
         }
         if self.amp.enabled && self.amp.dtype == AmpDtype::Fp16 {
             if !(self.amp.init_scale.is_finite() && self.amp.init_scale > 0.0) {
@@ -234,6 +262,9 @@ mod tests {
         assert_eq!((config.max_iter, config.ims_per_batch, config.base_lr), (90_000, 16, 0.02));
         assert!(config.validate().is_ok());
         let bad = SolverConfig { accumulate: 3, ..SolverConfig::default() };
+        let bad_ema =
+            SolverConfig { ema: EmaConfig { enabled: true, decay: 1.0, warmup: 0 }, ..SolverConfig::default() };
+        assert!(bad_ema.validate().unwrap_err().to_string().contains("solver.ema.decay"));
         assert!(bad.validate().unwrap_err().to_string().contains("solver.accumulate"));
         let custom = SolverConfig {
             weight_decay_bias: Some(0.0),

@@ -1,11 +1,12 @@
 //! The solver: the `[solver]` config section, detectron2's learning-rate schedules (warm-up + multi-step or
 //! cosine, computed with the same fvcore formulas), a hand-written SGD over named tensors that matches
 //! `torch.optim.SGD` (momentum, Nesterov, per-name weight-decay groups), global-norm gradient clipping, gradient
-//! accumulation and a dynamic fp16 loss scaler. Everything it holds can be saved and restored exactly, which
+//! accumulation, a dynamic fp16 loss scaler and the EMA of the weights. Everything it holds can be saved and restored exactly, which
 //! tch's built-in optimizers cannot do.
 
 mod clip;
 mod config;
+mod ema;
 mod error;
 mod multi_tensor;
 mod scaler;
@@ -18,7 +19,10 @@ use serde::{Deserialize, Serialize};
 use tch::{nn::VarStore, Tensor};
 
 pub use clip::{clip_grad_norm, total_grad_norm};
-pub use config::{AmpConfig, AmpDtype, BatchScaling, ClipGradientsConfig, LrSchedulerKind, SolverConfig, WarmupMethod};
+pub use config::{
+    AmpConfig, AmpDtype, BatchScaling, ClipGradientsConfig, EmaConfig, LrSchedulerKind, SolverConfig, WarmupMethod,
+};
+pub use ema::{EmaState, ModelEma};
 pub use error::SolverError;
 pub use scaler::LossScaler;
 pub use schedule::LrSchedule;

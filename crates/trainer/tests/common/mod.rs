@@ -38,7 +38,12 @@ pub fn temp_dir(tag: &str) -> TestDir {
 
 /// The model tensors of a checkpoint folder, sorted by name.
 pub fn checkpoint_weights(checkpoint: &Path) -> Vec<(String, Tensor)> {
-    let mut tensors = Tensor::read_safetensors(checkpoint.join("model.safetensors")).unwrap();
+    checkpoint_tensors(checkpoint, "model.safetensors")
+}
+
+/// The tensors of one safetensors `file` of a checkpoint folder, sorted by name.
+pub fn checkpoint_tensors(checkpoint: &Path, file: &str) -> Vec<(String, Tensor)> {
+    let mut tensors = Tensor::read_safetensors(checkpoint.join(file)).unwrap();
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     tensors
 }

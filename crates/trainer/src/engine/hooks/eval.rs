@@ -1,5 +1,5 @@
 //! The evaluation hook: every `eval.period` iterations and, with `eval.at_end`, after the last one, every rank
-//! evaluates its shard of the validation split (rank 0 computes the COCO metrics and writes the results under
+//! evaluates its shard of the validation split (with the EMA weights swapped in when `eval.use_ema` is set) (rank 0 computes the COCO metrics and writes the results under
 //! `output_dir/inference`); rank 0 logs the report and metrics, and the outcome is kept on the trainer for the
 //! best-model hook and the run's outcome.
 
@@ -43,15 +43,26 @@ impl Hook for EvalHook<'_> {
             return Ok(());
         }
         let rank = trainer.group.rank();
-        let outcome = evaluate(
-            &trainer.model,
-            self.config,
-            self.val_set.clone(),
-            self.gt.as_ref(),
-            trainer.device,
-            Some(&self.results_dir),
-            &trainer.group,
-        )
+        let run = || {
+            evaluate(
+                &trainer.model,
+                self.config,
+                self.val_set.clone(),
+                self.gt.as_ref(),
+                trainer.device,
+                Some(&self.results_dir),
+                &trainer.group,
+            )
+        };
+        let outcome = match trainer.ema.as_ref().filter(|_| self.config.eval.use_ema) {
+            Some(ema) => {
+                if trainer.group.is_main() {
+                    log::info!("evaluating the EMA of the weights (eval.use_ema)");
+                }
+                ema.with_weights(run)?
+            }
+            None => run(),
+        }
         .with_context(|| format!("rank {rank}: iteration {iteration}: evaluation"))?;
         if let Some(logger) = &mut trainer.logger {
             logger.eval(iteration, &outcome)?;
