@@ -205,8 +205,14 @@ impl RoiHeads {
             offset += s.boxes.size()[0];
         }
         if foreground.is_empty() {
+            // The mask head still runs, on no RoIs (as detectron2's): a SyncBN in it joins the other processes'
+            // all-reduce with zero weight, and its parameters get (zero) gradients on every rank alike.
+            let pooled_size = pooled.size();
+            let resolution = self.mask_config.pooler_resolution;
+            let no_rois = pooled.new_zeros([0, pooled_size[1], resolution, resolution], (pooled.kind(), device));
+            let mask_logits = self.mask_head.forward(&no_rois, true);
             losses.insert("loss_box_reg".to_string(), deltas.sum(Kind::Float) * 0.0);
-            losses.insert("loss_mask".to_string(), zero());
+            losses.insert("loss_mask".to_string(), mask_logits.sum(Kind::Float) * 0.0);
             return Ok(losses);
         }
         let foreground = Tensor::from_slice(&foreground).to_device(device);

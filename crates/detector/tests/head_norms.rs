@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use backbone::BatchStatsReducer;
@@ -21,6 +22,18 @@ struct OneProcess;
 
 impl BatchStatsReducer for OneProcess {
     fn all_reduce_mean(&self, stats: &Tensor) -> Tensor {
+        stats.shallow_clone()
+    }
+}
+
+/// A world of one process that counts its all-reduces: every rank must issue the same number per step, whatever
+/// its images hold, or the ranks' collectives pair up wrongly and hang.
+#[derive(Debug, Default)]
+struct CountingProcess(AtomicUsize);
+
+impl BatchStatsReducer for CountingProcess {
+    fn all_reduce_mean(&self, stats: &Tensor) -> Tensor {
+        self.0.fetch_add(1, Ordering::SeqCst);
         stats.shallow_clone()
     }
 }
@@ -129,4 +142,29 @@ fn sync_bn_in_one_process_equals_bn() {
         let error = (a - b).abs().max().double_value(&[]) / a.abs().max().double_value(&[]);
         assert!(error < 1e-5, "level {level}: SyncBN differs from BN by {error} (relative to the largest value)");
     }
+}
+
+/// detectron2's `NaiveSyncBatchNorm` hazard: a rank whose images have no foreground RoI (no annotations, or an
+/// LSJ crop that removed them) must still run its mask head, so its SyncBN joins every all-reduce the other ranks
+/// make (with zero weight), and its mask head parameters get gradients like theirs (zeros).
+#[test]
+fn an_image_without_foreground_joins_every_sync_bn_all_reduce() {
+    tch::set_num_threads(2);
+    let (batch, targets) = two_images();
+    let counter = Arc::new(CountingProcess::default());
+    let (vs, model) = build(HeadNorm::SyncBN, Some(counter.clone()));
+    let mut counts = Vec::new();
+    for targets in [targets, vec![GtInstances::empty(Device::Cpu), GtInstances::empty(Device::Cpu)]] {
+        vs.trainable_variables().iter().for_each(|p| p.shallow_clone().zero_grad());
+        let before = counter.0.load(Ordering::SeqCst);
+        let losses = model.forward_train(&batch, &targets).unwrap();
+        counts.push(counter.0.load(Ordering::SeqCst) - before);
+        assert_eq!(losses["loss_mask"].double_value(&[]) == 0.0, targets[0].is_empty());
+        losses.into_values().reduce(|a, b| a + b).unwrap().backward();
+        let variables: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+        let grad = variables["roi_heads.mask_head.mask_fcn1.norm.weight"].grad();
+        assert!(grad.defined(), "the mask head got no gradient (empty targets: {})", targets[0].is_empty());
+    }
+    assert!(counts[0] > 0);
+    assert_eq!(counts[0], counts[1], "SyncBN all-reduces with and without foreground RoIs differ");
 }
