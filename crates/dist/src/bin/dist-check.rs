@@ -8,7 +8,11 @@
 //! Scenarios: `collectives` (on the backend's device, so a CUDA check under `--backend nccl`), `grads`,
 //! `syncbn`, `train` (10 data-parallel SGD steps of a small GroupNorm network against one process with the
 //! whole batch), `die` / `die-master` (rank 1 / rank 0 waits to be killed while the other keeps all-reducing), `hang` (rank 1 stops taking
-//! part), `bench` (all-reduce of M megabytes on the backend's device, timed on rank 0).
+//! part), `bench` (all-reduce of M megabytes on the backend's device, timed on rank 0), `overlap` and
+//! `overlap-mismatch` (the overlapped `GradReducer`, see dist_check/overlap.rs).
+
+#[path = "dist_check/overlap.rs"]
+mod overlap;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -105,6 +109,8 @@ fn run() -> Check {
         "die-master" => die(&pg, 0)?,
         "hang" => hang(&pg)?,
         "bench" => bench(&pg, args.megabytes)?,
+        "overlap" => overlap::overlap(&pg)?,
+        "overlap-mismatch" => overlap::mismatch(&pg)?,
         other => return Err(format!("unknown scenario {other}")),
     }
     println!("rank {}: {} ok", pg.rank(), args.scenario);
