@@ -1,4 +1,4 @@
-//! Compiles the C++ shim over c10d (src/shim.cpp) and links the test and binary targets to libtorch.
+//! Compiles the C++ shim over c10d (src/shim.cpp) and the overlapped gradient reducer (src/reducer.cpp), and links the test and binary targets to libtorch.
 
 use std::path::{Path, PathBuf};
 
@@ -7,7 +7,9 @@ const GLOO_INCLUDE: &str = "/usr/include";
 
 fn main() {
     torch_link::emit();
-    println!("cargo:rerun-if-changed=src/shim.cpp");
+    for source in ["src/shim.h", "src/shim.cpp", "src/reducer.cpp"] {
+        println!("cargo:rerun-if-changed={source}");
+    }
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     let libtorch = PathBuf::from(std::env::var_os("LIBTORCH").expect("LIBTORCH is not set; run scripts/setup"));
     if !Path::new(GLOO_INCLUDE).join("gloo/config.h").exists() {
@@ -17,6 +19,7 @@ fn main() {
     build
         .cpp(true)
         .file("src/shim.cpp")
+        .file("src/reducer.cpp")
         .std("c++17")
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .define("USE_C10D_GLOO", None)

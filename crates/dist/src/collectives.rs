@@ -2,7 +2,7 @@
 //! and the differentiable mean SyncBN uses, each bounded by the group's timeout and checked for the shim's errors.
 
 use std::ffi::{c_int, c_void};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tch::{Device, Kind, Tensor};
 
@@ -189,15 +189,9 @@ impl ProcessGroup {
     }
 
     fn check(&self, op: &'static str, start: Instant, message: *mut std::ffi::c_char) -> Result<(), DistError> {
-        let Some(message) = ffi::take_message(message) else {
-            return Ok(());
-        };
-        let elapsed = start.elapsed();
-        let lower = message.to_lowercase();
-        if elapsed >= self.timeout || lower.contains("timed out") || lower.contains("timeout") {
-            Err(DistError::Timeout { rank: self.rank, op, timeout: self.timeout, message })
-        } else {
-            Err(DistError::Collective { rank: self.rank, op, elapsed, message })
+        match ffi::take_message(message) {
+            None => Ok(()),
+            Some(message) => Err(collective_failure(self.rank, self.timeout, op, start, message)),
         }
     }
 
@@ -228,7 +222,25 @@ impl backbone::BatchStatsReducer for ProcessGroup {
     }
 }
 
-fn raw_tensor(tensor: &Tensor) -> ffi::RawTensor {
+/// A failed collective as a [`DistError::Timeout`] (past the timeout, or c10d says it timed out) or a
+/// [`DistError::Collective`].
+pub(crate) fn collective_failure(
+    rank: usize,
+    timeout: Duration,
+    op: &'static str,
+    start: Instant,
+    message: String,
+) -> DistError {
+    let elapsed = start.elapsed();
+    let lower = message.to_lowercase();
+    if elapsed >= timeout || lower.contains("timed out") || lower.contains("timeout") {
+        DistError::Timeout { rank, op, timeout, message }
+    } else {
+        DistError::Collective { rank, op, elapsed, message }
+    }
+}
+
+pub(crate) fn raw_tensor(tensor: &Tensor) -> ffi::RawTensor {
     tensor.as_ptr() as ffi::RawTensor
 }
 

@@ -8,6 +8,12 @@ pub(crate) struct RawGroup {
     _private: [u8; 0],
 }
 
+/// Opaque `VovdetReducer` of src/reducer.cpp (hooks and per-step state of a `GradReducer`).
+#[repr(C)]
+pub(crate) struct RawReducer {
+    _private: [u8; 0],
+}
+
 /// An `at::Tensor*`, which is what tch's `C_tensor*` points to.
 pub(crate) type RawTensor = *const c_void;
 
@@ -50,6 +56,24 @@ extern "C" {
         input: RawTensor,
         timeout_ms: i64,
         out: *mut *mut c_void,
+    ) -> *mut c_char;
+    pub(crate) fn vovdet_reducer_new(
+        group: *mut RawGroup,
+        params: *const RawTensor,
+        param_ids: *const i64,
+        count: usize,
+        bucket_ends: *const usize,
+        bucket_count: usize,
+        fp16: c_int,
+        timeout_ms: i64,
+        out: *mut *mut RawReducer,
+    ) -> *mut c_char;
+    pub(crate) fn vovdet_reducer_free(reducer: *mut RawReducer);
+    pub(crate) fn vovdet_reducer_arm(reducer: *mut RawReducer) -> *mut c_char;
+    pub(crate) fn vovdet_reducer_finish(
+        reducer: *mut RawReducer,
+        kind: *mut c_int,
+        launched_in_backward: *mut usize,
     ) -> *mut c_char;
 }
 

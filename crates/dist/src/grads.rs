@@ -48,7 +48,7 @@ pub fn all_reduce_grads_bucketed(
 }
 
 /// Groups gradient indices (into `grads`) into buckets of one kind and device of at most `bucket_bytes`.
-fn plan_buckets(grads: &[(usize, Tensor)], bucket_bytes: usize) -> Vec<Vec<usize>> {
+pub(crate) fn plan_buckets(grads: &[(usize, Tensor)], bucket_bytes: usize) -> Vec<Vec<usize>> {
     let mut buckets: Vec<Vec<usize>> = Vec::new();
     let mut current: Vec<usize> = Vec::new();
     let mut current_bytes = 0usize;

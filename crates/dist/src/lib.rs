@@ -4,8 +4,9 @@
 //! [`ProcessGroup`] offers the collectives a data-parallel trainer needs (all-reduce, broadcast, all-gather of
 //! tensors and of byte blobs, barrier), each bounded by the group's timeout; every C++ exception becomes a
 //! [`DistError`] that names the rank and the collective. [`LaunchEnv`] reads the torchrun/SLURM/Kubernetes
-//! environment, [`all_reduce_grads_bucketed`] averages gradients in size-bounded buckets, and `ProcessGroup`
-//! implements [`backbone::BatchStatsReducer`] for SyncBN.
+//! environment, [`all_reduce_grads_bucketed`] averages gradients in size-bounded buckets after backward,
+//! [`GradReducer`] does the same overlapped with backward (as PyTorch's DDP), and `ProcessGroup` implements
+//! [`backbone::BatchStatsReducer`] for SyncBN.
 //!
 //! A data-parallel step, one process per device:
 //!
@@ -17,6 +18,25 @@
 //! broadcast_parameters(&pg, params, 0)?; // once, before the first step
 //! loss.backward(); // the loss of this rank's batch
 //! all_reduce_grads_bucketed(&pg, params, 25 << 20)?; // after the last micro-batch only
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! The same step with the all-reduces overlapped with backward:
+//!
+//! ```no_run
+//! # fn step(pg: &dist::ProcessGroup, params: &[tch::Tensor], loss_of: impl Fn(usize) -> tch::Tensor)
+//! # -> Result<(), dist::DistError> {
+//! use dist::{GradCompression, GradReducer};
+//! let reducer = GradReducer::new(pg, params, 25 << 20, GradCompression::None)?; // once, on every rank
+//! let micro_batches = 2;
+//! for i in 0..micro_batches {
+//!     if i == micro_batches - 1 {
+//!         reducer.arm()?; // only the last micro-batch's backward communicates
+//!     }
+//!     loss_of(i).backward();
+//! }
+//! reducer.finish()?; // waits for the all-reduces and writes the mean gradients
 //! # Ok(())
 //! # }
 //! ```
@@ -38,6 +58,7 @@ mod collectives;
 mod env;
 mod ffi;
 mod grads;
+mod reducer;
 
 use std::ffi::{c_int, CString};
 use std::fmt;
@@ -50,6 +71,7 @@ use tch::Device;
 
 pub use env::LaunchEnv;
 pub use grads::{all_reduce_grads_bucketed, broadcast_parameters};
+pub use reducer::{GradCompression, GradReducer};
 
 /// Collective timeout suited to training (as PyTorch's default for NCCL): long enough for a slow evaluation or
 /// checkpoint on another rank, short enough that a dead peer does not hold a job forever.

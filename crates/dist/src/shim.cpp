@@ -3,6 +3,8 @@
 // success); the Rust side (src/ffi.rs) turns it into a `DistError`. Tensors cross as `at::Tensor*`, which is what
 // tch's `C_tensor*` points to.
 
+#include "shim.h"
+
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
@@ -12,46 +14,13 @@
 
 #include <chrono>
 #include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <string>
 #include <vector>
 
 namespace {
 
-struct Group {
-  c10::intrusive_ptr<c10d::Store> store;
-  c10::intrusive_ptr<c10d::Backend> backend;
-  int rank;
-  int world_size;
-  // CUDA device index used by NCCL barriers; -1 for Gloo.
-  int device_index;
-};
-
-char* copy_message(const std::string& message) {
-  char* out = static_cast<char*>(std::malloc(message.size() + 1));
-  if (out == nullptr) {
-    // NULL means success to the caller; without memory for the message there is no honest way to report.
-    std::abort();
-  }
-  std::memcpy(out, message.c_str(), message.size() + 1);
-  return out;
-}
-
-// Runs `body`, converting any exception into a malloc'd message.
-template <typename F>
-char* guarded(F&& body) {
-  try {
-    body();
-    return nullptr;
-  } catch (const c10::Error& e) {
-    return copy_message(e.what_without_backtrace());
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
-}
+using vovdet::Group;
+using vovdet::guarded;
 
 std::vector<at::Tensor> tensor_list(const at::Tensor* const* tensors, size_t count) {
   std::vector<at::Tensor> list;

@@ -98,6 +98,18 @@ fn data_parallel_sgd_matches_one_process_with_the_whole_batch() {
 }
 
 #[test]
+fn overlapped_reducer_is_bitwise_equal_to_the_bucketed_all_reduce() {
+    run_pair("overlap", Launch::Args);
+}
+
+#[test]
+fn overlapped_reducer_reports_ranks_that_use_different_parameters() {
+    let start = Instant::now();
+    run_pair("overlap-mismatch", Launch::Args);
+    assert!(start.elapsed() < Duration::from_secs(20), "the mismatch took {:?} to report", start.elapsed());
+}
+
+#[test]
 fn launcher_environment_starts_a_group() {
     run_pair("collectives", Launch::Env);
 }

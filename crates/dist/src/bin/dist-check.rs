@@ -1,14 +1,21 @@
 //! One rank of a self-check of crates/dist (Gloo on 127.0.0.1 by default), or of the all-reduce benchmark.
 //!
 //! `dist-check SCENARIO [--rank R --world-size W --port P] [--backend gloo|nccl] [--timeout-secs S]
-//! [--megabytes M]`; without `--rank` the rank, world size and rendezvous come from the launcher environment
+//! [--megabytes M] [--steps K]`; without `--rank` the rank, world size and rendezvous come from the launcher environment
 //! (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). Each scenario computes what every rank must see and exits non-zero with a
 //! message on any mismatch or error. The integration tests (tests/two_ranks.rs) start two of these.
 //!
 //! Scenarios: `collectives` (on the backend's device, so a CUDA check under `--backend nccl`), `grads`,
 //! `syncbn`, `train` (10 data-parallel SGD steps of a small GroupNorm network against one process with the
 //! whole batch), `die` / `die-master` (rank 1 / rank 0 waits to be killed while the other keeps all-reducing), `hang` (rank 1 stops taking
-//! part), `bench` (all-reduce of M megabytes on the backend's device, timed on rank 0).
+//! part), `bench` (all-reduce of M megabytes on the backend's device, timed on rank 0), `overlap` and
+//! `overlap-mismatch` (the overlapped `GradReducer`, see dist_check/overlap.rs), `bench-overlap` (K timed
+//! training steps without communication, with `all_reduce_grads_bucketed` and with `GradReducer`).
+
+#[path = "dist_check/bench_overlap.rs"]
+mod bench_overlap;
+#[path = "dist_check/overlap.rs"]
+mod overlap;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,6 +34,7 @@ struct Args {
     port: u16,
     timeout: Duration,
     megabytes: usize,
+    steps: usize,
     backend: Backend,
 }
 
@@ -40,6 +48,7 @@ fn parse_args() -> Result<Args, String> {
         port: 0,
         timeout: Duration::from_secs(60),
         megabytes: 100,
+        steps: 5,
         backend: Backend::Gloo,
     };
     while let Some(flag) = args.next() {
@@ -51,6 +60,7 @@ fn parse_args() -> Result<Args, String> {
             "--port" => parsed.port = number(&value)? as u16,
             "--timeout-secs" => parsed.timeout = Duration::from_secs(number(&value)?),
             "--megabytes" => parsed.megabytes = number(&value)? as usize,
+            "--steps" => parsed.steps = number(&value)? as usize,
             "--backend" => {
                 parsed.backend = match value.as_str() {
                     "gloo" => Backend::Gloo,
@@ -105,6 +115,9 @@ fn run() -> Check {
         "die-master" => die(&pg, 0)?,
         "hang" => hang(&pg)?,
         "bench" => bench(&pg, args.megabytes)?,
+        "overlap" => overlap::overlap(&pg)?,
+        "overlap-mismatch" => overlap::mismatch(&pg)?,
+        "bench-overlap" => bench_overlap::bench_overlap(&pg, args.steps)?,
         other => return Err(format!("unknown scenario {other}")),
     }
     println!("rank {}: {} ok", pg.rank(), args.scenario);
