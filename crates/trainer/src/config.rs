@@ -11,6 +11,7 @@ use toml::Value;
 
 use crate::checkpoint::CheckpointConfig;
 use crate::events::LogConfig;
+use crate::gradients::DdpConfig;
 use crate::solver::SolverConfig;
 
 /// Errors in reading, merging, overriding or validating a config.
@@ -106,6 +107,9 @@ pub struct Config {
     /// Optimizer and schedule.
     #[serde(default)]
     pub solver: SolverConfig,
+    /// Gradient averaging in multi-process training.
+    #[serde(default)]
+    pub ddp: DdpConfig,
     /// Checkpoint period, retention and best-model selection.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,

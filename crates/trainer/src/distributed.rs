@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use dist::{all_reduce_grads_bucketed, broadcast_parameters, Backend, InitOptions, LaunchEnv, ProcessGroup, ReduceOp};
+use dist::{broadcast_parameters, Backend, InitOptions, LaunchEnv, ProcessGroup, ReduceOp};
 use tch::{Device, Tensor};
 
 /// Set by the launcher in its workers, so that a worker does not launch again (its command line still holds the
@@ -24,8 +24,6 @@ use tch::{Device, Tensor};
 const WORKER_MARKER: &str = "VOVDET_WORKER";
 /// Set by the launcher: `cpu` for `--num-procs`, `cuda` for `--num-gpus`.
 const WORKER_DEVICE: &str = "VOVDET_WORKER_DEVICE";
-/// Gradient bucket size for the all-reduce (PyTorch DDP's default is 25 MiB).
-const BUCKET_BYTES: usize = 25 << 20;
 
 /// Launch flags shared by `trainer train` and `trainer eval`.
 #[derive(Args, Debug, Clone)]
@@ -355,14 +353,6 @@ impl RankGroup {
         if let Some(group) = &self.group {
             tch::no_grad(|| broadcast_parameters(group, tensors, 0))
                 .with_context(|| format!("rank {}: broadcasting the initial weights from rank 0", group.rank()))?;
-        }
-        Ok(())
-    }
-
-    /// Averages the gradients of `params` over ranks in size-bounded buckets.
-    pub fn average_gradients(&self, params: &[Tensor]) -> Result<(), dist::DistError> {
-        if let Some(group) = &self.group {
-            all_reduce_grads_bucketed(group, params, BUCKET_BYTES)?;
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ mod durable;
 pub mod engine;
 pub mod evaluate;
 pub mod events;
+pub mod gradients;
 pub mod info;
 pub mod layout;
 pub mod manifest;

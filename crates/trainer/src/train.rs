@@ -20,6 +20,7 @@ use crate::engine::hooks::{
     BestCheckpointer, EmaUpdater, EvalHook, PeriodicCheckpointer, PeriodicWriter, RankBarrier, SignalStop,
 };
 use crate::engine::{CheckpointInfo, Hook, Logger, TrainOutcome, Trainer};
+use crate::gradients::GradientAveraging;
 use crate::layout::{momentum_to_channels_last, variables_to_channels_last};
 use crate::model::{build_for_dataset, BuiltModel};
 use crate::solver::{ModelEma, Solver, SolverConfig};
@@ -88,7 +89,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         variables_to_channels_last(&vs);
         momentum_to_channels_last(&mut solver)?;
     }
-    let parameters = vs.trainable_variables();
+    let gradients = GradientAveraging::new(group, &vs.trainable_variables(), &config.ddp)?;
     let ema = model_ema(&vs, &solver_config, resumed.as_ref(), main)?;
     let start = solver.iteration();
     let max_iter = solver_config.max_iter;
@@ -140,7 +141,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         max_iter,
         iteration: start,
         stop_signal,
-        parameters,
+        gradients,
         losses: Default::default(),
         report: None,
         data_seconds: 0.0,

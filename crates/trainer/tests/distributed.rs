@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{checkpoint_tensors, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, wait_for};
+use common::{
+    checkpoint_tensors, checkpoint_weights, metrics, metrics_lines, repo_root, stderr, temp_dir, tiny_config, wait_for,
+};
 
 /// The tiny GN Mask R-CNN of the training tests (8 synthetic 64-pixel images), set up for the equivalence test
 /// (see `batch_split_over_processes_and_micro_batches_matches_one_batch`): every loss normalised by a per-image
@@ -101,25 +103,48 @@ fn free_port() -> u16 {
 fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
     let dir = temp_dir("dist-equal");
     let config = config(&dir);
-    let outputs: Vec<PathBuf> = ["one", "procs", "accumulate"].iter().map(|n| dir.join(n)).collect();
-    let variants: [&[&str]; 3] = [&[], &["--num-procs", "2"], &["--set", "solver.accumulate=2"]];
+    let outputs: Vec<PathBuf> =
+        ["one", "procs", "accumulate", "procs-after-backward", "procs-fp16"].iter().map(|n| dir.join(n)).collect();
+    let variants: [&[&str]; 5] = [
+        &[],
+        &["--num-procs", "2"],
+        &["--set", "solver.accumulate=2"],
+        &["--num-procs", "2", "--set", "ddp.overlap_grad_reduce=false"],
+        &["--num-procs", "2", "--set", "ddp.fp16_compression=true"],
+    ];
     for (out, extra) in outputs.iter().zip(variants) {
         let mut args = vec!["train", &config, "--output", out.to_str().unwrap()];
         args.extend(extra);
         let output = run(&args);
         assert!(output.status.success(), "{args:?}: {}", stderr(&output));
     }
-    // The weights and their EMA (solver.ema is on; every rank keeps its own from the averaged gradients).
-    for file in ["model.safetensors", "ema.safetensors"] {
-        let procs = checkpoint_tensors(&outputs[1].join("model_0000010"), file);
-        let accumulated = checkpoint_tensors(&outputs[2].join("model_0000010"), file);
-        assert_eq!(procs.len(), accumulated.len());
-        for ((name, a), (other_name, b)) in procs.iter().zip(&accumulated) {
-            assert_eq!(name, other_name);
-            assert!(a.equal(b), "{file}: {name} differs between 2 processes and 2 micro-batches");
+    // The weights and their EMA (solver.ema is on; every rank keeps its own from the averaged gradients), with
+    // the all-reduce overlapped with backward (the default) and after backward.
+    for (other, what) in [(2, "2 micro-batches"), (3, "2 processes averaging after backward")] {
+        for file in ["model.safetensors", "ema.safetensors"] {
+            let procs = checkpoint_tensors(&outputs[1].join("model_0000010"), file);
+            let accumulated = checkpoint_tensors(&outputs[other].join("model_0000010"), file);
+            assert_eq!(procs.len(), accumulated.len());
+            for ((name, a), (other_name, b)) in procs.iter().zip(&accumulated) {
+                assert_eq!(name, other_name);
+                assert!(a.equal(b), "{file}: {name} differs between 2 processes overlapping and {what}");
+            }
         }
     }
-    let loss_records: Vec<Vec<serde_json::Value>> = outputs.iter().map(|out| metrics(out)).collect();
+    // float16 gradients on the wire: the same run up to their rounding, measured on all weights together
+    // (`|w16 - w| / |w|`, L2 over every tensor; a bias near zero alone can differ by more in relative terms).
+    let (exact, compressed) =
+        (checkpoint_weights(&outputs[1].join("model_0000010")), checkpoint_weights(&outputs[4].join("model_0000010")));
+    let squared = |t: &tch::Tensor| t.square().sum(tch::Kind::Double).double_value(&[]);
+    let (mut difference, mut norm) = (0.0, 0.0);
+    for ((_, a), (_, b)) in exact.iter().zip(&compressed) {
+        difference += squared(&(a - b));
+        norm += squared(a);
+    }
+    let relative = (difference / norm).sqrt();
+    println!("ddp.fp16_compression: |w16 - w| / |w| over all weights after 10 steps = {relative:e}");
+    assert!(relative > 0.0 && relative < 1e-3, "fp16 compression moved the weights by {relative} (relative)");
+    let loss_records: Vec<Vec<serde_json::Value>> = outputs[..3].iter().map(|out| metrics(out)).collect();
     assert!(loss_records.iter().all(|records| records.len() == 10), "10 metrics lines per run");
     let loss_keys = ["total_loss", "loss_cls", "loss_box_reg", "loss_mask", "loss_rpn_cls", "loss_rpn_loc"];
     for (iteration, (a, b)) in loss_records[1].iter().zip(&loss_records[2]).enumerate() {
@@ -127,7 +152,7 @@ fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
             assert_eq!(a[key], b[key], "{key} at iteration {}: 2 processes and 2 micro-batches differ", iteration + 1);
         }
     }
-    for (out, records) in outputs[1..].iter().zip(&loss_records[1..]) {
+    for (out, records) in outputs[1..3].iter().zip(&loss_records[1..]) {
         for key in loss_keys {
             let (a, b) = (loss_records[0][0][key].as_f64().unwrap(), records[0][key].as_f64().unwrap());
             assert!((a - b).abs() < 1e-5, "{}: {key} at iteration 1 is {b}, not {a}", out.display());

@@ -13,7 +13,7 @@ use data::loader::Loader;
 use detector::structures::{GtInstances, ImageBatch};
 use detector::MaskRcnn;
 use serde_json::json;
-use tch::{nn, Device, Tensor};
+use tch::{nn, Device, Kind, Tensor};
 
 use super::Logger;
 use crate::autocast::autocast;
@@ -21,6 +21,7 @@ use crate::checkpoint::{named_variables, torch_seed, CheckpointContents, Checkpo
 use crate::datasets::model_inputs;
 use crate::distributed::RankGroup;
 use crate::evaluate::EvalOutcome;
+use crate::gradients::GradientAveraging;
 use crate::layout::images_to_channels_last;
 use crate::panics;
 use crate::solver::{check_losses, AmpDtype, ModelEma, Solver, StepReport};
@@ -102,8 +103,8 @@ pub struct Trainer {
     pub iteration: u64,
     /// Set (by the signal handler) when this rank asks the run to stop; read once per step.
     pub stop_signal: &'static AtomicBool,
-    /// The trainable variables whose gradients are averaged over the ranks.
-    pub parameters: Vec<Tensor>,
+    /// Averages the gradients over the ranks (`[ddp]`).
+    pub gradients: GradientAveraging,
     /// The last step's losses, averaged over micro-batches and ranks.
     pub losses: BTreeMap<String, f64>,
     /// The last step's solver report.
@@ -150,7 +151,7 @@ impl Trainer {
         tch::manual_seed(torch_seed(self.seed, iteration));
         let mut loss_sums: BTreeMap<String, f64> = BTreeMap::new();
         self.data_seconds = 0.0;
-        for _ in 0..self.accumulate {
+        for micro_batch in 0..self.accumulate {
             let fetch = Instant::now();
             let batch = self.loader.next().context("the training loader stopped")??.to_device(self.device);
             self.data_seconds += fetch.elapsed().as_secs_f64();
@@ -158,14 +159,19 @@ impl Trainer {
             if self.channels_last {
                 images = images_to_channels_last(images);
             }
+            if micro_batch + 1 == self.accumulate {
+                self.gradients
+                    .before_last_backward()
+                    .with_context(|| format!("rank {rank}: iteration {}: gradient all-reduce", iteration + 1))?;
+            }
             let values = forward_backward(&self.model, &images, &targets, self.amp, self.solver.loss_multiplier())
                 .with_context(|| format!("rank {rank}: iteration {}: forward and backward pass", iteration + 1))?;
             for (key, value) in values {
                 *loss_sums.entry(key).or_default() += value;
             }
         }
-        self.group
-            .average_gradients(&self.parameters)
+        self.gradients
+            .finish()
             .with_context(|| format!("rank {rank}: iteration {}: averaging gradients", iteration + 1))?;
         let local: Vec<f64> = loss_sums.values().map(|v| v / self.accumulate as f64).collect();
         let (means, stop) = self
@@ -204,7 +210,8 @@ impl Trainer {
 
 /// One micro-batch of training: the forward pass (under autocast in `amp`'s dtype when set; the solver's fp16
 /// loss scaler handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns each
-/// loss's value (one host read); a libtorch panic becomes an error. The [`Trainer`]'s steps and `trainer bench
+/// loss's value, read from the device in one copy (one host sync, not one per loss); a libtorch panic becomes an
+/// error. The [`Trainer`]'s steps and `trainer bench
 /// train` both run it.
 pub fn forward_backward(
     model: &MaskRcnn,
@@ -215,10 +222,18 @@ pub fn forward_backward(
 ) -> anyhow::Result<BTreeMap<String, f64>> {
     panics::catch(|| -> anyhow::Result<BTreeMap<String, f64>> {
         let losses = autocast(images.images.device(), amp, || model.forward_train(images, targets))??;
-        let values = losses.iter().map(|(k, v)| (k.clone(), v.double_value(&[]))).collect();
+        let values = read_losses(&losses)?;
         (total_loss(&losses) * loss_multiplier).backward();
         Ok(values)
     })?
+}
+
+/// The values of the named 0-dim losses, copied to the host together (in float64, which holds any loss dtype
+/// exactly).
+fn read_losses(losses: &BTreeMap<String, Tensor>) -> anyhow::Result<BTreeMap<String, f64>> {
+    let stacked = Tensor::stack(&losses.values().map(|l| l.detach().to_kind(Kind::Double)).collect::<Vec<_>>(), 0);
+    let values = Vec::<f64>::try_from(stacked.to_device(Device::Cpu))?;
+    Ok(losses.keys().cloned().zip(values).collect())
 }
 
 /// Sum of named losses as one scalar tensor.
@@ -231,7 +246,6 @@ fn total_loss(losses: &BTreeMap<String, Tensor>) -> Tensor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::Kind;
 
     #[test]
     fn total_loss_sums_every_term() {
@@ -242,5 +256,8 @@ mod tests {
         ]
         .into();
         assert_eq!(total_loss(&losses).to_kind(Kind::Double).double_value(&[]), 3.75);
+        let values = read_losses(&losses).unwrap();
+        assert_eq!(values.values().copied().collect::<Vec<_>>(), [1.5, 0.25, 2.0]);
+        assert_eq!(values.keys().next().map(String::as_str), Some("loss_a"));
     }
 }
