@@ -2,6 +2,7 @@
 # Every GPU check of vovdet in one run (well inside 10 minutes on one H100/H200), ending with ONE JSON summary:
 #   1. CUDA-vs-CPU parity of the detection ops (ops-check),
 #   2. a 1-GPU NCCL world: `trainer train --num-gpus 1` with AMP on the synthetic shapes (images/s, max memory),
+#      with the gradient all-reduce overlapped with backward (the default) and after backward,
 #   3. `trainer bench train` for V-57 GN and R-50-FPN (BN, torchvision's random-init model) with AMP at 800x1333,
 #      batch 2 and 4, next to torchvision's maskrcnn_resnet50_fpn on the same inputs and GPU; R-50 at batch 2 also
 #      with channels_last and with bf16 autocast,
@@ -64,14 +65,17 @@ step() {
 
 # The 1-GPU NCCL world (Gloo on CPU): a short AMP training run through the launcher; the last log line carries
 # images/s and the CUDA allocator's peak.
+# Run once with the gradient all-reduce overlapped with backward (the default) and once after backward.
 nccl_world() {
   local out; out=$(mktemp -d)
   "$TRAINER_BIN" train configs/demo_shapes.toml "${LAUNCH[@]}" --quiet --output "$out" \
     --set solver.max_iter=$([ "$QUICK" = 1 ] && echo 4 || echo 200) --set log.period=2 \
-    --set "solver.amp.enabled=$([ ${#AMP[@]} -gt 0 ] && echo true || echo false)" --set eval.at_end=false >&2 || return 1
+    --set "solver.amp.enabled=$([ ${#AMP[@]} -gt 0 ] && echo true || echo false)" --set eval.at_end=false "$@" >&2 \
+    || return 1
   tail -n 1 "$out/metrics.jsonl"
 }
 step nccl_world nccl_world
+step nccl_world_reduce_after_backward nccl_world --set ddp.overlap_grad_reduce=false
 
 for batch in 2 4; do
   step "train_r50_b$batch" "$TRAINER_BIN" bench train "${R50[@]}" --device "$DEVICE" --size "$SIZE" --batch "$batch" \
