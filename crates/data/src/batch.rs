@@ -1,6 +1,6 @@
 //! Collation: samples become one zero-padded batch of their normalised images plus per-image targets.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
 use crate::config::InputConfig;
 use crate::error::DataError;
@@ -55,25 +55,21 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Moves the image and target tensors to `device`; on CUDA the images go through pinned memory with a
-    /// non-blocking copy.
+    /// Uploads the image and target tensors to `device` (counted by the `transfer` crate); the images go through
+    /// pinned memory with a non-blocking copy on CUDA.
     pub fn to_device(self, device: Device) -> Batch {
-        let images = if device.is_cuda() {
-            self.images.pin_memory(device).to_device_(device, Kind::Float, true, false)
-        } else {
-            self.images.to_device(device)
-        };
+        let images = transfer::upload_non_blocking(&self.images, device);
         let targets = self
             .targets
             .into_iter()
             .map(|t| Target {
-                boxes: t.boxes.to_device(device),
-                labels: t.labels.to_device(device),
+                boxes: transfer::upload(&t.boxes, device),
+                labels: transfer::upload(&t.labels, device),
                 masks: t
                     .masks
                     .into_iter()
                     .map(|m| match m {
-                        TargetMask::Bitmap(b) => TargetMask::Bitmap(b.to_device(device)),
+                        TargetMask::Bitmap(b) => TargetMask::Bitmap(transfer::upload(&b, device)),
                         polygons => polygons,
                     })
                     .collect(),

@@ -77,8 +77,8 @@ impl Normalization {
         if self.bgr {
             x = x.flip([0]);
         }
-        let mean = Tensor::from_slice(&self.mean).view([3, 1, 1]).to_device(device);
-        let std = Tensor::from_slice(&self.std).view([3, 1, 1]).to_device(device);
+        let mean = transfer::to_device(&Tensor::from_slice(&self.mean).view([3, 1, 1]), device);
+        let std = transfer::to_device(&Tensor::from_slice(&self.std).view([3, 1, 1]), device);
         (x / f64::from(self.divisor) - mean) / std
     }
 }
@@ -172,10 +172,10 @@ pub fn preprocess(
         if size.len() != 3 || size[0] != 3 || size[1] == 0 || size[2] == 0 {
             return Err(DataError::Loader(format!("preprocess: image {i} has shape {size:?}, expected [3, H, W]")));
         }
-        normalized.push(normalization.tensor(&image.to_device(Device::Cpu)));
+        normalized.push(normalization.tensor(&transfer::to_device(image, Device::Cpu)));
     }
     let (batch, sizes) = pad(&normalized, input.size_divisibility);
-    Ok((batch.to_device(device), sizes))
+    Ok((transfer::to_device(&batch, device), sizes))
 }
 
 #[cfg(test)]

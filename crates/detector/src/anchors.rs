@@ -1,5 +1,8 @@
 //! Anchor generator (detectron2 `DefaultAnchorGenerator`, with torchvision's variant as an option): cell anchors
-//! of every size and aspect ratio centred on the origin, shifted to every feature-map cell.
+//! of every size and aspect ratio centred on the origin, shifted to every feature-map cell. The cell anchors are
+//! uploaded to a device once and kept there, so a training step copies nothing to build its anchors.
+
+use std::sync::Mutex;
 
 use tch::{Device, Kind, Tensor};
 
@@ -12,6 +15,8 @@ pub struct AnchorGenerator {
     strides: Vec<i64>,
     offset: f64,
     strides_from_sizes: bool,
+    /// The cell anchors of every level as `[A, 4]` tensors, per device they were uploaded to.
+    on_device: Mutex<Vec<(Device, Vec<Tensor>)>>,
 }
 
 impl AnchorGenerator {
@@ -33,6 +38,7 @@ impl AnchorGenerator {
             strides: strides.to_vec(),
             offset: config.offset,
             strides_from_sizes: config.strides_from_sizes,
+            on_device: Mutex::new(Vec::new()),
         }
     }
 
@@ -44,9 +50,10 @@ impl AnchorGenerator {
     /// Anchors `[H * W * A, 4]` per level, ordered by row, column, then cell anchor (the order of the RPN head's
     /// flattened outputs), for feature maps of `feature_sizes` (height, width) on a padded batch of `padded_size`.
     pub fn forward(&self, feature_sizes: &[(i64, i64)], padded_size: (i64, i64), device: Device) -> Vec<Tensor> {
+        let cells = self.cells_on(device);
         feature_sizes
             .iter()
-            .zip(&self.cell_anchors)
+            .zip(&cells)
             .zip(&self.strides)
             .map(|((&(h, w), cell), &stride)| {
                 let (stride_y, stride_x) = if self.strides_from_sizes {
@@ -60,11 +67,27 @@ impl AnchorGenerator {
                 let grid = Tensor::meshgrid_indexing(&[&ys, &xs], "ij");
                 let (shift_y, shift_x) = (grid[0].reshape([-1]), grid[1].reshape([-1]));
                 let shifts = Tensor::stack(&[&shift_x, &shift_y, &shift_x, &shift_y], 1);
-                let flat: Vec<f32> = cell.iter().flatten().copied().collect();
-                let cell = Tensor::from_slice(&flat).view([-1, 4]).to_device(device);
                 (shifts.unsqueeze(1) + cell.unsqueeze(0)).reshape([-1, 4])
             })
             .collect()
+    }
+
+    /// The cell anchors of every level on `device`, uploaded at the first call for that device.
+    fn cells_on(&self, device: Device) -> Vec<Tensor> {
+        let mut cache = self.on_device.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, cells)) = cache.iter().find(|(d, _)| *d == device) {
+            return cells.iter().map(Tensor::shallow_clone).collect();
+        }
+        let cells: Vec<Tensor> = self
+            .cell_anchors
+            .iter()
+            .map(|cell| {
+                let flat: Vec<f32> = cell.iter().flatten().copied().collect();
+                transfer::upload(&Tensor::from_slice(&flat).view([-1, 4]), device)
+            })
+            .collect();
+        cache.push((device, cells.iter().map(Tensor::shallow_clone).collect()));
+        cells
     }
 }
 

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use backbone::{Backbone, BatchStatsReducer};
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Kind, Tensor};
 
 use crate::config::{DetectorConfig, OutputStyle};
 use crate::fpn::Fpn;
@@ -202,12 +202,16 @@ impl MaskRcnn {
                 return Err(DetectorError::Input(format!("image {i}: {k} boxes but {masks} masks")));
             }
             if k > 0 {
-                labels.push(t.labels.to_device(Device::Cpu));
+                let device = labels.first().map_or(t.labels.device(), Tensor::device);
+                labels.push(transfer::to_device(&t.labels, device));
             }
         }
         if !labels.is_empty() {
+            // The smallest and largest label, read on the host in one copy.
             let all = Tensor::cat(&labels, 0);
-            let (min, max) = (all.min().int64_value(&[]), all.max().int64_value(&[]));
+            let bounds = transfer::download_vec::<i64>(&Tensor::stack(&[all.min(), all.max()], 0))
+                .map_err(|e| DetectorError::Input(format!("cannot read the ground truth labels ({e})")))?;
+            let (min, max) = (bounds[0], bounds[1]);
             let classes = self.config.roi_heads.num_classes;
             if min < 0 || max >= classes {
                 return Err(DetectorError::Input(format!(

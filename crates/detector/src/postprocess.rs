@@ -53,6 +53,6 @@ pub fn postprocess(
 
 /// Multiplies x coordinates by `sx` and y coordinates by `sy`.
 fn scale_boxes(boxes: &Tensor, sx: f64, sy: f64) -> Tensor {
-    let scale = Tensor::from_slice(&[sx as f32, sy as f32, sx as f32, sy as f32]).to_device(boxes.device());
+    let scale = transfer::upload(&Tensor::from_slice(&[sx as f32, sy as f32, sx as f32, sy as f32]), boxes.device());
     boxes * scale.unsqueeze(0)
 }

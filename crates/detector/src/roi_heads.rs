@@ -121,7 +121,7 @@ impl RoiHeads {
     /// `batch_size_per_image` of them, foreground first.
     fn sample(&self, proposals: &Proposals, target: &GtInstances) -> SampledRois {
         let device = proposals.boxes.device();
-        let gt_boxes = target.boxes.to_device(device).to_kind(Kind::Float);
+        let gt_boxes = transfer::to_device(&target.boxes, device).to_kind(Kind::Float);
         let boxes = if self.config.proposal_append_gt {
             Tensor::cat(&[&proposals.boxes, &gt_boxes], 0)
         } else {
@@ -136,7 +136,7 @@ impl RoiHeads {
             )
         } else {
             let (matched, labels) = self.matcher.match_quality(&box_iou(&gt_boxes, &boxes));
-            let classes = target.labels.to_device(device).index_select(0, &matched);
+            let classes = transfer::to_device(&target.labels, device).index_select(0, &matched);
             let classes = classes.masked_fill(&labels.eq(0), background).masked_fill(&labels.eq(-1), -1);
             (matched, classes)
         };
@@ -215,7 +215,7 @@ impl RoiHeads {
             losses.insert("loss_mask".to_string(), mask_logits.sum(Kind::Float) * 0.0);
             return Ok(losses);
         }
-        let foreground = Tensor::from_slice(&foreground).to_device(device);
+        let foreground = transfer::upload(&Tensor::from_slice(&foreground), device);
         let fg_classes = classes.index_select(0, &foreground);
         let fg_deltas = deltas.index_select(0, &foreground);
         let fg_deltas = if self.box_config.cls_agnostic_bbox_reg {
@@ -240,7 +240,7 @@ impl RoiHeads {
             let fg_index = s.gt_index.narrow(0, 0, s.num_foreground);
             targets_per_image.push(mask_targets(&target.masks, &fg_boxes_of(s), &fg_index, mask_size)?);
         }
-        let mask_targets = Tensor::cat(&targets_per_image, 0).to_device(device);
+        let mask_targets = transfer::to_device(&Tensor::cat(&targets_per_image, 0), device);
         let mask_features = self.mask_pooler.pool(&rows, &fg_boxes);
         let mask_logits = self.mask_head.forward(&mask_features, true);
         let mask_logits = self.select_class_masks(&mask_logits, &fg_classes);

@@ -206,7 +206,7 @@ impl Rpn {
         let (mut sampled_logits, mut objectness_targets) = (Vec::new(), Vec::new());
         let (mut positive_deltas, mut positive_anchors, mut positive_gt) = (Vec::new(), Vec::new(), Vec::new());
         for (i, target) in targets.iter().enumerate() {
-            let gt_boxes = target.boxes.to_device(device).to_kind(Kind::Float);
+            let gt_boxes = transfer::to_device(&target.boxes, device).to_kind(Kind::Float);
             let (matched, labels) = tch::no_grad(|| {
                 let iou = box_iou(&gt_boxes, &anchors);
                 self.matcher.match_quality(&iou)

@@ -2,7 +2,7 @@
 //! mask head's output size (polygons with `ops::polygons_to_roi_masks`, RLE bitmaps cropped and resized with
 //! `ops::bitmasks_to_roi_masks`).
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use crate::ops::{bitmasks_to_roi_masks, polygons_to_roi_masks};
 use crate::structures::GtMasks;
@@ -17,7 +17,7 @@ pub fn mask_targets(masks: &GtMasks, boxes: &Tensor, gt_index: &Tensor, size: i6
     }
     match masks {
         GtMasks::Polygons(polygons) => {
-            let index = Vec::<i64>::try_from(gt_index.to_device(Device::Cpu))
+            let index = transfer::download_vec::<i64>(gt_index)
                 .map_err(|e| DetectorError::Input(format!("mask targets: cannot read matched indices ({e})")))?;
             let selected =
                 index.iter().map(|&gt| polygons.get(gt as usize).cloned()).collect::<Option<Vec<_>>>().ok_or_else(
@@ -31,7 +31,7 @@ pub fn mask_targets(masks: &GtMasks, boxes: &Tensor, gt_index: &Tensor, size: i6
             Ok(polygons_to_roi_masks(&selected, boxes, size))
         }
         GtMasks::Bitmaps(bitmaps) => {
-            let bitmaps = bitmaps.to_device(device);
+            let bitmaps = transfer::to_device(bitmaps, device);
             Ok(bitmasks_to_roi_masks(&bitmaps.index_select(0, gt_index), boxes, size))
         }
     }

@@ -133,6 +133,14 @@ pub enum BenchDetails {
         ops_per_iter: u64,
         /// Of those, the ones that make the host wait for a CUDA device (see [`SYNCHRONISING_OPS`]).
         synchronising_ops_per_iter: u64,
+        /// Points where the host waits for the device in that step: the synchronising operators plus the tensors
+        /// copied to the host through the `transfer` crate (counted on the CPU as they would happen on a GPU).
+        host_syncs_per_iter: u64,
+        /// Host<->device copies in that step: the `transfer` crate's uploads, downloads and moves, plus the
+        /// scalar reads (`aten::_local_scalar_dense`).
+        transfers_per_iter: u64,
+        /// Of those, the ones the host waits for (all but the non-blocking pinned uploads).
+        blocking_transfers_per_iter: u64,
         /// The most frequent operators of that step, with their counts.
         top_ops: Vec<(String, u64)>,
     },
@@ -356,20 +364,29 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
         Ok(())
     };
     let times = time_iterations(options, &mut step)?;
+    let copies_before = transfer::counts();
     let (counted, mut counts) = count_ops(&mut step)?;
     counted?;
+    let copies = transfer::counts().since(&copies_before);
     // aten operators only, as scripts/bench_torchvision.py counts them.
     counts.retain(|name, _| name.starts_with("aten::"));
     let mut top_ops: Vec<(String, u64)> = counts.iter().map(|(name, &count)| (name.clone(), count)).collect();
     top_ops.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     top_ops.truncate(15);
+    let synchronising_ops_per_iter: u64 =
+        SYNCHRONISING_OPS.iter().map(|op| counts.get(*op).copied().unwrap_or(0)).sum();
+    // Each scalar read is a device-to-host copy too.
+    let scalar_reads = counts.get("aten::_local_scalar_dense").copied().unwrap_or(0);
     let total: f64 = times.iter().sum();
     let details = BenchDetails::Train {
         mean_seconds_per_iter: total / times.len() as f64,
         last_total_loss,
         input_checksum: inputs.checksum,
         ops_per_iter: counts.values().sum(),
-        synchronising_ops_per_iter: SYNCHRONISING_OPS.iter().map(|op| counts.get(*op).copied().unwrap_or(0)).sum(),
+        synchronising_ops_per_iter,
+        host_syncs_per_iter: synchronising_ops_per_iter + copies.downloads,
+        transfers_per_iter: copies.transfers() + scalar_reads,
+        blocking_transfers_per_iter: copies.blocking_transfers() + scalar_reads,
         top_ops,
     };
     let images_per_second = (options.batch as usize * times.len()) as f64 / total;

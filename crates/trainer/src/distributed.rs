@@ -364,9 +364,9 @@ impl RankGroup {
         };
         let mut packed = values.to_vec();
         packed.push(if stop { 1.0 } else { 0.0 });
-        let tensor = Tensor::from_slice(&packed).to_device(group.device());
+        let tensor = transfer::upload(&Tensor::from_slice(&packed), group.device());
         group.all_reduce(std::slice::from_ref(&tensor), ReduceOp::Sum)?;
-        let summed = Vec::<f64>::try_from(tensor.to_device(Device::Cpu))?;
+        let summed = transfer::download_vec::<f64>(&tensor)?;
         let world = group.world_size() as f64;
         let (means, flag) = summed.split_at(values.len());
         Ok((means.iter().map(|v| v / world).collect(), flag[0] > 0.0))

@@ -210,6 +210,17 @@ fn bench_train_reports_throughput_loss_and_memory_as_json() {
     let images_per_second = report["images_per_second"].as_f64().unwrap();
     assert!((images_per_second - 2.0 / mean).abs() < 1e-6 * images_per_second, "{report}");
     assert!(seconds > 0.0 && seconds <= 2.0 * mean, "{report}");
+    // Host syncs and copies of one step, counted on the CPU as a GPU would make them (issue: a step without
+    // either). A ratchet: these are the counts of the current step; moving work to the device lowers them, and
+    // nothing may raise them.
+    let count = |key: &str| report[key].as_u64().unwrap_or_else(|| panic!("`{key}` missing in {report}"));
+    let (syncs, sync_ops) = (count("host_syncs_per_iter"), count("synchronising_ops_per_iter"));
+    let (transfers, blocking) = (count("transfers_per_iter"), count("blocking_transfers_per_iter"));
+    println!(
+        "one training step: {syncs} host syncs ({sync_ops} operators), {transfers} transfers ({blocking} blocking)"
+    );
+    assert!(sync_ops <= syncs && blocking <= transfers, "{report}");
+    assert!(syncs <= 23 && transfers <= 20, "a change added host syncs or transfers to the training step: {report}");
 }
 
 #[test]

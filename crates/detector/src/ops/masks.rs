@@ -2,7 +2,7 @@
 //! pycocotools algorithm (`hotcoco`), bitmasks cropped and resized with RoIAlign, and predicted RoI masks pasted
 //! back into the image with bilinear sampling and a threshold.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 use super::roi_align::roi_align;
 
@@ -69,20 +69,20 @@ pub fn polygons_to_roi_masks(polygons: &[Vec<Vec<f64>>], rois: &Tensor, size: i6
     if polygons.is_empty() {
         return Tensor::zeros([0, size, size], (Kind::Float, device));
     }
-    let host = Vec::<f64>::try_from(rois.to_device(Device::Cpu).to_kind(Kind::Double).contiguous().flatten(0, -1))
-        .expect("f64 host copy of the RoIs");
+    let host = transfer::download_vec::<f64>(&rois.to_kind(Kind::Double)).expect("f64 host copy of the RoIs");
     let plane = (size * size) as usize;
     let mut masks = vec![0u8; polygons.len() * plane];
     for ((instance, roi), out) in polygons.iter().zip(host.chunks_exact(4)).zip(masks.chunks_exact_mut(plane)) {
         rasterize_in_roi(instance, [roi[0], roi[1], roi[2], roi[3]], size, out);
     }
-    Tensor::from_slice(&masks).reshape([polygons.len() as i64, size, size]).to_device(device).to_kind(Kind::Float)
+    transfer::upload(&Tensor::from_slice(&masks).reshape([polygons.len() as i64, size, size]), device)
+        .to_kind(Kind::Float)
 }
 
 /// detectron2 `BitMasks.crop_and_resize` for one mask: RoIAlign (aligned, adaptive sampling, scale 1) of the full
 /// image bitmask `[H, W]` over `roi`, thresholded at 0.5. Float `[size, size]` of 0/1 on the mask's device.
 pub fn bitmask_to_roi_mask(mask: &Tensor, roi: [f64; 4], size: i64) -> Tensor {
-    let rois = Tensor::from_slice(&roi).reshape([1, 4]).to_device(mask.device());
+    let rois = transfer::upload(&Tensor::from_slice(&roi).reshape([1, 4]), mask.device());
     bitmasks_to_roi_masks(&mask.unsqueeze(0), &rois, size).squeeze_dim(0)
 }
 
@@ -110,8 +110,7 @@ pub fn paste_masks(masks: &Tensor, boxes: &Tensor, height: i64, width: i64, thre
         return pasted;
     }
     let masks = if masks.dim() == 4 { masks.squeeze_dim(1) } else { masks.shallow_clone() }.to_kind(Kind::Float);
-    let host = Vec::<f32>::try_from(boxes.to_device(Device::Cpu).to_kind(Kind::Float).contiguous().flatten(0, -1))
-        .expect("f32 host copy of the boxes");
+    let host = transfer::download_vec::<f32>(&boxes.to_kind(Kind::Float)).expect("f32 host copy of the boxes");
     for (index, b) in host.chunks_exact(4).enumerate() {
         let (x0, y0, x1, y1) = (b[0], b[1], b[2], b[3]);
         let left = ((x0.floor() - 1.0).max(0.0)) as i64;
@@ -155,14 +154,13 @@ pub fn paste_masks_torchvision(masks: &Tensor, boxes: &Tensor, height: i64, widt
     let side = masks.size()[2];
     let padded = masks.pad([1, 1, 1, 1], "constant", 0.0);
     let scale = (side + 2) as f64 / side as f64;
-    let boxes = boxes.to_device(device).to_kind(Kind::Float);
+    let boxes = transfer::to_device(boxes, device).to_kind(Kind::Float);
     let half_w = (boxes.select(1, 2) - boxes.select(1, 0)) * 0.5 * scale;
     let half_h = (boxes.select(1, 3) - boxes.select(1, 1)) * 0.5 * scale;
     let centre_x = (boxes.select(1, 2) + boxes.select(1, 0)) * 0.5;
     let centre_y = (boxes.select(1, 3) + boxes.select(1, 1)) * 0.5;
     let grown = Tensor::stack(&[&centre_x - &half_w, &centre_y - &half_h, centre_x + half_w, centre_y + half_h], 1);
-    let grown = Vec::<i64>::try_from(grown.to_kind(Kind::Int64).to_device(Device::Cpu).flatten(0, -1))
-        .expect("int64 host copy of the grown boxes");
+    let grown = transfer::download_vec::<i64>(&grown.to_kind(Kind::Int64)).expect("int64 host copy of the grown boxes");
     for (index, b) in grown.chunks_exact(4).enumerate() {
         let index = index as i64;
         let resized_w = (b[2] - b[0] + 1).max(1);

@@ -7,7 +7,7 @@
 //! and the sequential greedy scan ORs the rows of kept boxes: O(n^2) parallel work on the device and O(kept x n/8)
 //! bytes on the host instead of O(n^2) IoUs on the host.
 
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Greedy suppression over boxes already sorted by decreasing score. Boxes are `[x1, y1, x2, y2]` rows in `coords`;
 /// returns positions (in sorted order) of the kept boxes. `groups`, when given, restricts suppression to boxes
@@ -83,11 +83,11 @@ fn nms_impl(boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, iou_thresh
     let order = scores.sort_stable(true, 0, true).1;
     if device.is_cuda() && groups.is_none() {
         let kept_positions = suppression_matrix_keep(&boxes.index_select(0, &order), iou_threshold);
-        return order.index_select(0, &kept_positions.to_device(device));
+        return order.index_select(0, &transfer::upload(&kept_positions, device));
     }
-    let sorted_boxes = boxes.index_select(0, &order).to_device(Device::Cpu).contiguous();
+    let sorted_boxes = transfer::download(&boxes.index_select(0, &order)).contiguous();
     let sorted_groups = groups.map(|g| {
-        Vec::<i64>::try_from(g.index_select(0, &order).to_device(Device::Cpu).to_kind(Kind::Int64).contiguous())
+        transfer::download_vec::<i64>(&g.index_select(0, &order).to_kind(Kind::Int64))
             .expect("int64 host copy of the NMS groups")
     });
     let kept_positions = if sorted_boxes.kind() == Kind::Double {
@@ -99,7 +99,7 @@ fn nms_impl(boxes: &Tensor, scores: &Tensor, groups: Option<&Tensor>, iou_thresh
         greedy_keep(&coords, sorted_groups.as_deref(), iou_threshold)
     };
     let kept_positions: Vec<i64> = kept_positions.into_iter().map(|p| p as i64).collect();
-    let kept_positions = Tensor::from_slice(&kept_positions).to_device(order.device());
+    let kept_positions = transfer::upload(&Tensor::from_slice(&kept_positions), order.device());
     order.index_select(0, &kept_positions)
 }
 
@@ -115,7 +115,7 @@ fn suppression_matrix_keep(sorted: &Tensor, iou_threshold: f64) -> Tensor {
     let row_bytes = (count + 7) / 8;
     let padded = row_bytes * 8;
     let columns = Tensor::arange(padded, (Kind::Int64, device));
-    let bit_values = Tensor::from_slice(&[1u8, 2, 4, 8, 16, 32, 64, 128]).to_device(device);
+    let bit_values = transfer::upload(&Tensor::from_slice(&[1u8, 2, 4, 8, 16, 32, 64, 128]), device);
     let mut blocks = Vec::new();
     let mut start = 0;
     while start < count {
@@ -128,8 +128,8 @@ fn suppression_matrix_keep(sorted: &Tensor, iou_threshold: f64) -> Tensor {
         blocks.push(bits.sum_dim_intlist(2, false, Kind::Uint8));
         start += rows;
     }
-    let matrix = Tensor::cat(&blocks, 0).to_device(Device::Cpu).contiguous();
-    let bytes = Vec::<u8>::try_from(matrix.flatten(0, -1)).expect("u8 host copy of the NMS suppression matrix");
+    let bytes =
+        transfer::download_vec::<u8>(&Tensor::cat(&blocks, 0)).expect("u8 host copy of the NMS suppression matrix");
     let row_bytes = row_bytes as usize;
     let mut suppressed = vec![0u8; row_bytes];
     let mut keep: Vec<i64> = Vec::new();
@@ -183,6 +183,7 @@ pub fn batched_nms(boxes: &Tensor, scores: &Tensor, groups: &Tensor, iou_thresho
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     /// The CUDA suppression-matrix path keeps exactly what the greedy loop keeps (run here on CPU tensors).
     #[test]

@@ -77,10 +77,10 @@ impl PyramidRows {
             slot.copy_(&map.permute([0, 2, 3, 1]));
         }
         // One host-to-device copy for all the integer constants.
-        let constants = Tensor::from_slice(&[heights, widths, bases].concat()).to_device(device).view([3, -1]);
+        let constants = transfer::upload(&Tensor::from_slice(&[heights, widths, bases].concat()), device).view([3, -1]);
         PyramidRows {
             features,
-            scale: Tensor::from_slice(scales).to_device(device).to_kind(compute_kind),
+            scale: transfer::upload(&Tensor::from_slice(scales), device).to_kind(compute_kind),
             height: constants.get(0),
             width: constants.get(1),
             base: constants.get(2),
@@ -107,7 +107,7 @@ struct RoiGeometry {
 
 impl RoiGeometry {
     fn new(rois: &Tensor, level: &Tensor, levels: &PyramidRows, output_size: (i64, i64), aligned: bool) -> Self {
-        let rois = rois.detach().to_device(levels.features.device()).to_kind(levels.features.kind());
+        let rois = transfer::to_device(&rois.detach(), levels.features.device()).to_kind(levels.features.kind());
         let scale = levels.scale.index_select(0, level);
         let offset = if aligned { 0.5 } else { 0.0 };
         let start_x = rois.select(1, 1) * &scale - offset;
@@ -218,7 +218,7 @@ impl BinTaps {
                     &[grid_h.sum(Kind::Int64) * oh, grid_w.sum(Kind::Int64) * ow, per_roi.sum(Kind::Int64)],
                     0,
                 );
-                let counts = Vec::<i64>::try_from(&counts.to_device(tch::Device::Cpu)).expect("i64 sample counts");
+                let counts = transfer::download_vec::<i64>(&counts).expect("i64 sample counts");
                 (counts[0], counts[1], counts[2])
             }
         };
@@ -301,7 +301,7 @@ fn roi_align_levels(
         let empty = levels.features.narrow(0, 0, 0).reshape([0, channels, oh, ow]).to_kind(kind);
         return if num_rois == 0 { empty } else { Tensor::zeros([num_rois, channels, oh, ow], (kind, device)) };
     }
-    let level = level.to_device(device).to_kind(Kind::Int64);
+    let level = transfer::to_device(level, device).to_kind(Kind::Int64);
     let geometry = RoiGeometry::new(rois, &level, levels, output_size, aligned);
     let fixed_grid = (sampling_ratio > 0).then_some(sampling_ratio);
     let (grid_h, grid_w) = if sampling_ratio > 0 {

@@ -232,7 +232,7 @@ pub fn forward_backward(
 /// exactly).
 fn read_losses(losses: &BTreeMap<String, Tensor>) -> anyhow::Result<BTreeMap<String, f64>> {
     let stacked = Tensor::stack(&losses.values().map(|l| l.detach().to_kind(Kind::Double)).collect::<Vec<_>>(), 0);
-    let values = Vec::<f64>::try_from(stacked.to_device(Device::Cpu))?;
+    let values = transfer::download_vec::<f64>(&stacked)?;
     Ok(losses.keys().cloned().zip(values).collect())
 }
 

@@ -113,7 +113,9 @@ impl ModelEma {
             .names
             .iter()
             .zip(&self.averages)
-            .map(|(name, average)| by_name[name.as_str()].to_device(average.device()).to_kind(average.kind()))
+            .map(|(name, average)| {
+                transfer::to_device(by_name[name.as_str()], average.device()).to_kind(average.kind())
+            })
             .collect();
         copy_tensors(&self.averages, &saved)?;
         self.updates = state.updates;

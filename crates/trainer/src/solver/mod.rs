@@ -222,7 +222,7 @@ impl Solver {
         for param in &mut self.sgd.params {
             param.momentum_buffer = buffers
                 .get(param.name.as_str())
-                .map(|buffer| buffer.to_device(param.tensor.device()).to_kind(param.tensor.kind()).copy());
+                .map(|buffer| transfer::to_device(buffer, param.tensor.device()).to_kind(param.tensor.kind()).copy());
         }
         self.scaler = state.scalars.loss_scaler.clone();
         self.iteration = state.scalars.iteration;

@@ -42,7 +42,7 @@ impl LossScaler {
             let on_device: Vec<Tensor> =
                 params.iter().filter(|p| p.device() == device).map(Tensor::shallow_clone).collect();
             let found_inf = Tensor::zeros([1], (Kind::Float, device));
-            let inverse_scale = Tensor::from_slice(&[inverse]).to_device(device);
+            let inverse_scale = transfer::upload(&Tensor::from_slice(&[inverse]), device);
             multi_tensor::unscale_grads(&on_device, &found_inf, &inverse_scale)?;
             found_non_finite |= found_inf.double_value(&[0]) != 0.0;
         }
