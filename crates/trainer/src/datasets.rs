@@ -88,8 +88,10 @@ pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
                     .masks
                     .iter()
                     .map(|m| match m {
-                        TargetMask::Bitmap(b) => b.to_device(device),
-                        TargetMask::Polygons(parts) => polygons_to_bitmask(parts, height, width).to_device(device),
+                        TargetMask::Bitmap(b) => transfer::to_device(b, device),
+                        TargetMask::Polygons(parts) => {
+                            transfer::upload(&polygons_to_bitmask(parts, height, width), device)
+                        }
                     })
                     .collect();
                 GtMasks::Bitmaps(Tensor::stack(&bitmaps, 0))
