@@ -27,7 +27,7 @@ use crate::autocast::autocast;
 use crate::config::Config;
 use crate::datasets::load_train_split;
 use crate::distributed::RankGroup;
-use crate::engine::forward_backward;
+use crate::engine::{forward_backward, read_step};
 use crate::evaluate::HostDetections;
 use crate::layout::{images_to_channels_last, to_channels_last, variables_to_channels_last};
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
@@ -356,11 +356,14 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let inputs = SyntheticInputs::new(config, options.batch, options.size, options.seed, device)?;
     let mut last_total_loss = f64::NAN;
     let mut step = || -> anyhow::Result<()> {
-        // As in `trainer train`: forward and backward, every loss read (one host sync) and checked, the step.
-        let values = forward_backward(&model, &inputs.batch, &inputs.targets, options.amp, solver.loss_multiplier())?;
+        // As in `trainer train`: forward and backward, the solver's device half, one host read of the losses and
+        // the solver's values, the loss check and the update.
+        let losses = forward_backward(&model, &inputs.batch, &inputs.targets, options.amp, solver.loss_multiplier())?;
+        let prepared = solver.prepare_step()?;
+        let (values, solver_values) = read_step(&losses, 1, &prepared)?;
         check_losses(solver.iteration(), values.iter().map(|(k, v)| (k.as_str(), *v)))?;
         last_total_loss = values.values().sum();
-        solver.step()?;
+        solver.finish_step(solver_values)?;
         Ok(())
     };
     let times = time_iterations(options, &mut step)?;

@@ -8,4 +8,4 @@ mod logger;
 mod train_loop;
 
 pub use logger::Logger;
-pub use train_loop::{forward_backward, CheckpointInfo, Hook, TrainOutcome, Trainer};
+pub use train_loop::{forward_backward, read_step, CheckpointInfo, Hook, StepLosses, TrainOutcome, Trainer};

@@ -24,7 +24,7 @@ use crate::evaluate::EvalOutcome;
 use crate::gradients::GradientAveraging;
 use crate::layout::images_to_channels_last;
 use crate::panics;
-use crate::solver::{check_losses, AmpDtype, ModelEma, Solver, StepReport};
+use crate::solver::{check_losses, AmpDtype, ModelEma, PreparedStep, Solver, StepReport, StepValues};
 
 /// What a training run does around its steps, after detectron2's `HookBase`. Each method gets the trainer
 /// (its model, solver, loader, the last step's results) and may fail the run; hooks run in the order given to
@@ -149,7 +149,7 @@ impl Trainer {
     pub fn run_step(&mut self) -> anyhow::Result<()> {
         let (rank, iteration) = (self.group.rank(), self.iteration);
         tch::manual_seed(torch_seed(self.seed, iteration));
-        let mut loss_sums: BTreeMap<String, f64> = BTreeMap::new();
+        let mut loss_sums: Option<StepLosses> = None;
         self.data_seconds = 0.0;
         for micro_batch in 0..self.accumulate {
             let fetch = Instant::now();
@@ -164,24 +164,27 @@ impl Trainer {
                     .before_last_backward()
                     .with_context(|| format!("rank {rank}: iteration {}: gradient all-reduce", iteration + 1))?;
             }
-            let values = forward_backward(&self.model, &images, &targets, self.amp, self.solver.loss_multiplier())
+            let losses = forward_backward(&self.model, &images, &targets, self.amp, self.solver.loss_multiplier())
                 .with_context(|| format!("rank {rank}: iteration {}: forward and backward pass", iteration + 1))?;
-            for (key, value) in values {
-                *loss_sums.entry(key).or_default() += value;
-            }
+            loss_sums = Some(match loss_sums {
+                None => losses,
+                Some(sums) => sums.plus(&losses),
+            });
         }
+        let loss_sums = loss_sums.context("solver.accumulate is at least 1")?;
         self.gradients
             .finish()
             .with_context(|| format!("rank {rank}: iteration {}: averaging gradients", iteration + 1))?;
-        let local: Vec<f64> = loss_sums.values().map(|v| v / self.accumulate as f64).collect();
+        let prepared = self.solver.prepare_step()?;
+        let (local, solver_values) = read_step(&loss_sums, self.accumulate, &prepared)?;
         let (means, stop) = self
             .group
-            .agree(&local, self.stop_signal.load(Ordering::SeqCst))
+            .agree(&local.values().copied().collect::<Vec<_>>(), self.stop_signal.load(Ordering::SeqCst))
             .with_context(|| format!("rank {rank}: iteration {}: agreeing on losses", iteration + 1))?;
         self.stop_agreed = stop;
-        let logged: BTreeMap<String, f64> = loss_sums.keys().cloned().zip(means).collect();
+        let logged: BTreeMap<String, f64> = local.keys().cloned().zip(means).collect();
         check_losses(iteration, logged.iter().map(|(k, v)| (k.as_str(), *v)))?;
-        self.report = Some(self.solver.step()?);
+        self.report = Some(self.solver.finish_step(solver_values)?);
         self.losses = logged;
         self.iteration += 1;
         Ok(())
@@ -208,32 +211,65 @@ impl Trainer {
     }
 }
 
+/// The losses of forward passes, still on the device: their names and a `[L]` float64 tensor of their values
+/// (float64 holds any loss dtype exactly), detached from the graph.
+#[derive(Debug)]
+pub struct StepLosses {
+    /// Loss names, in name order.
+    pub names: Vec<String>,
+    /// Their values, in the same order.
+    pub values: Tensor,
+}
+
+impl StepLosses {
+    fn of(losses: &BTreeMap<String, Tensor>) -> StepLosses {
+        let values = Tensor::stack(&losses.values().map(|l| l.detach().to_kind(Kind::Double)).collect::<Vec<_>>(), 0);
+        StepLosses { names: losses.keys().cloned().collect(), values }
+    }
+
+    /// These losses plus `other`'s (another micro-batch of the same model), on the device.
+    pub fn plus(&self, other: &StepLosses) -> StepLosses {
+        StepLosses { names: self.names.clone(), values: &self.values + &other.values }
+    }
+
+    /// The values by name, read on the host (one copy).
+    pub fn read(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let values = transfer::download_vec::<f64>(&self.values)?;
+        Ok(self.names.iter().cloned().zip(values).collect())
+    }
+}
+
+/// The one host read at the end of a step: the losses summed over `accumulate` micro-batches (returned as their
+/// mean) and the solver's values ([`Solver::prepare_step`]), in one copy.
+pub fn read_step(
+    loss_sums: &StepLosses,
+    accumulate: u64,
+    prepared: &PreparedStep,
+) -> anyhow::Result<(BTreeMap<String, f64>, StepValues)> {
+    let solver_values = transfer::to_device(&prepared.values(), loss_sums.values.device());
+    let host = transfer::download_vec::<f64>(&Tensor::cat(&[&loss_sums.values, &solver_values], 0))?;
+    let (losses, solver) = host.split_at(loss_sums.names.len());
+    let means = loss_sums.names.iter().cloned().zip(losses.iter().map(|v| v / accumulate as f64)).collect();
+    Ok((means, StepValues::from_host(solver)))
+}
+
 /// One micro-batch of training: the forward pass (under autocast in `amp`'s dtype when set; the solver's fp16
-/// loss scaler handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns each
-/// loss's value, read from the device in one copy (one host sync, not one per loss); a libtorch panic becomes an
-/// error. The [`Trainer`]'s steps and `trainer bench
-/// train` both run it.
+/// loss scaler handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns the
+/// losses on the device (no host read: the step reads them once at its end, [`read_step`]); a libtorch panic
+/// becomes an error. The [`Trainer`]'s steps and `trainer bench train` both run it.
 pub fn forward_backward(
     model: &MaskRcnn,
     images: &ImageBatch,
     targets: &[GtInstances],
     amp: Option<AmpDtype>,
     loss_multiplier: f64,
-) -> anyhow::Result<BTreeMap<String, f64>> {
-    panics::catch(|| -> anyhow::Result<BTreeMap<String, f64>> {
+) -> anyhow::Result<StepLosses> {
+    panics::catch(|| -> anyhow::Result<StepLosses> {
         let losses = autocast(images.images.device(), amp, || model.forward_train(images, targets))??;
-        let values = read_losses(&losses)?;
+        let values = StepLosses::of(&losses);
         (total_loss(&losses) * loss_multiplier).backward();
         Ok(values)
     })?
-}
-
-/// The values of the named 0-dim losses, copied to the host together (in float64, which holds any loss dtype
-/// exactly).
-fn read_losses(losses: &BTreeMap<String, Tensor>) -> anyhow::Result<BTreeMap<String, f64>> {
-    let stacked = Tensor::stack(&losses.values().map(|l| l.detach().to_kind(Kind::Double)).collect::<Vec<_>>(), 0);
-    let values = transfer::download_vec::<f64>(&stacked)?;
-    Ok(losses.keys().cloned().zip(values).collect())
 }
 
 /// Sum of named losses as one scalar tensor.
@@ -256,7 +292,7 @@ mod tests {
         ]
         .into();
         assert_eq!(total_loss(&losses).to_kind(Kind::Double).double_value(&[]), 3.75);
-        let values = read_losses(&losses).unwrap();
+        let values = StepLosses::of(&losses).read().unwrap();
         assert_eq!(values.values().copied().collect::<Vec<_>>(), [1.5, 0.25, 2.0]);
         assert_eq!(values.keys().next().map(String::as_str), Some("loss_a"));
     }

@@ -53,6 +53,44 @@ pub struct StepReport {
     pub loss_scale: Option<f64>,
 }
 
+/// The device results of [`Solver::prepare_step`], read on the host with [`PreparedStep::values`].
+#[derive(Debug)]
+pub struct PreparedStep {
+    /// The global gradient norm before clipping (0-dim), `None` without gradients.
+    grad_norm: Option<Tensor>,
+    /// Non-zero when the fp16 unscale found inf/NaN (`[1]`), `None` without a loss scaler.
+    found_inf: Option<Tensor>,
+}
+
+impl PreparedStep {
+    /// `[2]` float64 on the gradients' device: the gradient norm and the inf/NaN flag (0 without a scaler), for
+    /// [`StepValues::from_host`] once read.
+    pub fn values(&self) -> Tensor {
+        let device = self.grad_norm.as_ref().or(self.found_inf.as_ref()).map_or(tch::Device::Cpu, Tensor::device);
+        let scalar = |t: Option<&Tensor>| match t {
+            Some(t) => transfer::to_device(&t.reshape([1]), device).to_kind(tch::Kind::Double),
+            None => Tensor::zeros([1], (tch::Kind::Double, device)),
+        };
+        Tensor::cat(&[scalar(self.grad_norm.as_ref()), scalar(self.found_inf.as_ref())], 0)
+    }
+}
+
+/// [`PreparedStep::values`] read on the host.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepValues {
+    /// The global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Whether the fp16 unscale found inf/NaN gradients.
+    pub found_non_finite: bool,
+}
+
+impl StepValues {
+    /// From the two values of [`PreparedStep::values`].
+    pub fn from_host(values: &[f64]) -> Self {
+        StepValues { grad_norm: values[0], found_non_finite: values[1] != 0.0 }
+    }
+}
+
 /// The solver state that a checkpoint stores: momentum buffers as named tensors, and small scalars as JSON.
 #[derive(Debug)]
 pub struct SolverState {
@@ -138,23 +176,42 @@ impl Solver {
         self.sgd.zero_grad();
     }
 
-    /// Finishes the current iteration: unscale (fp16), skip on inf/NaN (fp16) or fail on them (otherwise),
-    /// clip, update with the scheduled LR, advance the iteration and zero the gradients.
+    /// Finishes the current iteration ([`Solver::prepare_step`], one host read of its values, then
+    /// [`Solver::finish_step`]).
     pub fn step(&mut self) -> Result<StepReport, SolverError> {
+        let prepared = self.prepare_step()?;
+        let values = transfer::download_vec::<f64>(&prepared.values())?;
+        self.finish_step(StepValues::from_host(&values))
+    }
+
+    /// The device half of a step, without reading anything on the host: unscales the gradients (fp16, flagging
+    /// inf/NaN on the device), clips them or computes their norm. The caller reads [`PreparedStep::values`] (with
+    /// whatever else the step reads, in one copy) and passes them to [`Solver::finish_step`].
+    pub fn prepare_step(&mut self) -> Result<PreparedStep, SolverError> {
         let params = self.sgd.with_gradients();
-        let found_non_finite = match &self.scaler {
-            Some(scaler) => scaler.unscale(&params)?,
-            None => false,
+        let found_inf = match &self.scaler {
+            Some(scaler) => Some(scaler.unscale(&params)?),
+            None => None,
         };
+        // Clipping a step that the scaler will skip is harmless: its gradients are dropped unused.
+        let grad_norm = if self.config.clip_gradients.enabled {
+            clip_grad_norm(&params, self.config.clip_gradients.max_norm)?
+        } else {
+            total_grad_norm(&params)?
+        };
+        Ok(PreparedStep { grad_norm, found_inf })
+    }
+
+    /// The host half of a step, given the values read from [`Solver::prepare_step`]: skips the update on inf/NaN
+    /// gradients (fp16) or fails on them (otherwise), updates with the scheduled LR, advances the iteration and
+    /// zeroes the gradients.
+    pub fn finish_step(&mut self, values: StepValues) -> Result<StepReport, SolverError> {
+        let found_non_finite = self.scaler.is_some() && values.found_non_finite;
         let lr = self.lr();
         let iteration = self.iteration;
         let mut grad_norm = f64::NAN;
         if !found_non_finite {
-            grad_norm = if self.config.clip_gradients.enabled {
-                clip_grad_norm(&params, self.config.clip_gradients.max_norm)?
-            } else {
-                total_grad_norm(&params)?
-            };
+            grad_norm = values.grad_norm;
             if !grad_norm.is_finite() {
                 return Err(SolverError::NonFiniteGradients { iteration: iteration + 1, norm: grad_norm });
             }

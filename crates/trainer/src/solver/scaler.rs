@@ -26,9 +26,9 @@ impl LossScaler {
     }
 
     /// Divides the gradients of `params` by the scale in place (torch's fused
-    /// `_amp_foreach_non_finite_check_and_unscale_`, grouped by device); returns whether any is inf or NaN, with
-    /// one host read per device.
-    pub fn unscale(&self, params: &[Tensor]) -> Result<bool, SolverError> {
+    /// `_amp_foreach_non_finite_check_and_unscale_`, grouped by device); returns a `[1]` float tensor on the first
+    /// parameter's device that is non-zero when any gradient is inf or NaN (no host read).
+    pub fn unscale(&self, params: &[Tensor]) -> Result<Tensor, SolverError> {
         let _no_grad = tch::no_grad_guard();
         let inverse = (1.0 / self.scale) as f32;
         let mut devices: Vec<tch::Device> = Vec::new();
@@ -37,16 +37,19 @@ impl LossScaler {
                 devices.push(device);
             }
         }
-        let mut found_non_finite = false;
+        let mut found_non_finite: Option<Tensor> = None;
         for device in devices {
             let on_device: Vec<Tensor> =
                 params.iter().filter(|p| p.device() == device).map(Tensor::shallow_clone).collect();
             let found_inf = Tensor::zeros([1], (Kind::Float, device));
             let inverse_scale = transfer::upload(&Tensor::from_slice(&[inverse]), device);
             multi_tensor::unscale_grads(&on_device, &found_inf, &inverse_scale)?;
-            found_non_finite |= found_inf.double_value(&[0]) != 0.0;
+            found_non_finite = Some(match found_non_finite {
+                None => found_inf,
+                Some(found) => transfer::to_device(&found_inf, found.device()) + found,
+            });
         }
-        Ok(found_non_finite)
+        Ok(found_non_finite.unwrap_or_else(|| Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))))
     }
 
     /// Updates the scale after a step (`torch._amp_update_scale_`, growth 2, back-off 0.5).
@@ -83,10 +86,10 @@ mod tests {
         // A parameter whose gradient is [65536, inf].
         let param = Tensor::zeros([2], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         (&param * Tensor::from_slice(&[65536.0f32, f32::INFINITY])).sum(Kind::Float).backward();
-        assert!(scaler.unscale(std::slice::from_ref(&param)).unwrap());
+        assert!(scaler.unscale(std::slice::from_ref(&param)).unwrap().double_value(&[0]) != 0.0);
         assert_eq!(param.grad().double_value(&[0]), 1.0);
         let finite = Tensor::zeros([1], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
         (&finite * 65536.0).sum(Kind::Float).backward();
-        assert!(!scaler.unscale(std::slice::from_ref(&finite)).unwrap());
+        assert_eq!(scaler.unscale(std::slice::from_ref(&finite)).unwrap().double_value(&[0]), 0.0);
     }
 }
