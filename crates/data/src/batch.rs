@@ -58,18 +58,18 @@ impl Batch {
     /// Uploads the image and target tensors to `device` (counted by the `transfer` crate), each through pinned
     /// memory with a non-blocking copy on CUDA, so the host queues the step's work without waiting for them.
     pub fn to_device(self, device: Device) -> Batch {
-        let images = transfer::upload_non_blocking(&self.images, device);
+        let images = transfer::upload(&self.images, device);
         let targets = self
             .targets
             .into_iter()
             .map(|t| Target {
-                boxes: transfer::upload_non_blocking(&t.boxes, device),
-                labels: transfer::upload_non_blocking(&t.labels, device),
+                boxes: transfer::upload(&t.boxes, device),
+                labels: transfer::upload(&t.labels, device),
                 masks: t
                     .masks
                     .into_iter()
                     .map(|m| match m {
-                        TargetMask::Bitmap(b) => TargetMask::Bitmap(transfer::upload_non_blocking(&b, device)),
+                        TargetMask::Bitmap(b) => TargetMask::Bitmap(transfer::upload(&b, device)),
                         polygons => polygons,
                     })
                     .collect(),

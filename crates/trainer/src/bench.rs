@@ -139,7 +139,8 @@ pub enum BenchDetails {
         /// Host<->device copies in that step: the `transfer` crate's uploads, downloads and moves, plus the
         /// scalar reads (`aten::_local_scalar_dense`).
         transfers_per_iter: u64,
-        /// Of those, the ones the host waits for (all but the non-blocking pinned uploads).
+        /// Of those, the ones the host waits for: downloads, moves and scalar reads (uploads go through pinned
+        /// memory without blocking).
         blocking_transfers_per_iter: u64,
         /// The most frequent operators of that step, with their counts.
         top_ops: Vec<(String, u64)>,
