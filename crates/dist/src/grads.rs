@@ -83,22 +83,37 @@ fn check_same_grads(
         acc.wrapping_mul(1_000_003).wrapping_add((*i as i64 + 1).wrapping_mul(31).wrapping_add(g.numel() as i64))
     });
     let record = [param_count as i64, grads.len() as i64, fingerprint];
-    let gathered = pg.gather_same_shape(op, &Tensor::from_slice(&record).to_device(pg.device()))?;
-    for (peer, peer_record) in gathered.iter().enumerate() {
-        let peer_record = Vec::<i64>::try_from(peer_record.to_device(Device::Cpu))
-            .map_err(|e| pg.invalid(op, format!("cannot read rank {peer}'s gradient summary: {e}")))?;
-        if peer_record != record {
-            return Err(pg.invalid(
-                op,
-                format!(
-                    "this rank has gradients for {} of {} parameters but rank {peer} has {} of {} (or for other \
-                     parameters); every rank's loss must use the same parameters",
-                    record[1], record[0], peer_record[1], peer_record[0]
-                ),
-            ));
-        }
+    if let Some((peer, peer_record)) = first_different_record(pg, op, &record, "gradient summary")? {
+        return Err(pg.invalid(
+            op,
+            format!(
+                "this rank has gradients for {} of {} parameters but rank {peer} has {} of {} (or for other \
+                 parameters); every rank's loss must use the same parameters",
+                record[1], record[0], peer_record[1], peer_record[0]
+            ),
+        ));
     }
     Ok(())
+}
+
+/// Gathers every rank's `record` (a few integers summarising this rank's part in a collective call) and returns
+/// the first rank whose record differs from this rank's, with that record; `what` names the record in a read
+/// error. How ranks check that they are about to make the same collectives before a mismatch could hang them.
+pub(crate) fn first_different_record(
+    pg: &ProcessGroup,
+    op: &'static str,
+    record: &[i64],
+    what: &str,
+) -> Result<Option<(usize, Vec<i64>)>, DistError> {
+    let gathered = pg.gather_same_shape(op, &Tensor::from_slice(record).to_device(pg.device()))?;
+    for (peer, peer_record) in gathered.iter().enumerate() {
+        let peer_record = Vec::<i64>::try_from(peer_record.to_device(Device::Cpu))
+            .map_err(|e| pg.invalid(op, format!("cannot read rank {peer}'s {what}: {e}")))?;
+        if peer_record != record {
+            return Ok(Some((peer, peer_record)));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

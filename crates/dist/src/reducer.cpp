@@ -143,9 +143,7 @@ struct Hook : public torch::autograd::PostAccumulateGradHook {
 // Waits for the step's collectives, checks the flags and writes the averaged gradients back (no lock held).
 void complete(State& s, std::vector<at::Tensor>& buffers, std::vector<c10::intrusive_ptr<c10d::Work>>& works,
               const std::vector<char>& has_grad, const at::Tensor& flags, int* kind) {
-  for (auto& work : works) {
-    work->wait(s.timeout);
-  }
+  vovdet::wait_all(works, s.timeout);
   at::Tensor counts = flags.to(at::kCPU).contiguous();
   const float* count = counts.data_ptr<float>();
   size_t mismatched = 0, example = 0;

@@ -8,10 +8,10 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use tch::{Device, Tensor};
+use tch::Tensor;
 
 use crate::collectives::{collective_failure, raw_tensor};
-use crate::grads::plan_buckets;
+use crate::grads::{first_different_record, plan_buckets};
 use crate::{ffi, millis, DistError, ProcessGroup};
 
 /// How a bucket travels between ranks.
@@ -210,20 +210,15 @@ fn check_same_plan(
         }
     }
     let record = [params.len() as i64, buckets.len() as i64, fingerprint];
-    let gathered = pg.gather_same_shape(op, &Tensor::from_slice(&record).to_device(pg.device()))?;
-    for (peer, peer_record) in gathered.iter().enumerate() {
-        let peer_record = Vec::<i64>::try_from(peer_record.to_device(Device::Cpu))
-            .map_err(|e| pg.invalid(op, format!("cannot read rank {peer}'s bucket plan: {e}")))?;
-        if peer_record != record {
-            return Err(pg.invalid(
-                op,
-                format!(
-                    "this rank planned {} parameters in {} buckets but rank {peer} planned {} in {} (or other sizes); \
-                     every rank must pass the same parameters and bucket size",
-                    record[0], record[1], peer_record[0], peer_record[1]
-                ),
-            ));
-        }
+    if let Some((peer, peer_record)) = first_different_record(pg, op, &record, "bucket plan")? {
+        return Err(pg.invalid(
+            op,
+            format!(
+                "this rank planned {} parameters in {} buckets but rank {peer} planned {} in {} (or other sizes); \
+                 every rank must pass the same parameters and bucket size",
+                record[0], record[1], peer_record[0], peer_record[1]
+            ),
+        ));
     }
     Ok(())
 }
@@ -232,6 +227,7 @@ fn check_same_plan(
 mod tests {
     use super::*;
     use crate::{Backend, InitOptions};
+    use tch::Device;
     use tch::Kind;
 
     /// A one-process Gloo group on a free loopback port.

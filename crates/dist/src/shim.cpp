@@ -21,6 +21,7 @@ namespace {
 
 using vovdet::Group;
 using vovdet::guarded;
+using vovdet::wait_all;
 
 std::vector<at::Tensor> tensor_list(const at::Tensor* const* tensors, size_t count) {
   std::vector<at::Tensor> list;
@@ -29,12 +30,6 @@ std::vector<at::Tensor> tensor_list(const at::Tensor* const* tensors, size_t cou
     list.push_back(*tensors[i]);
   }
   return list;
-}
-
-void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works, std::chrono::milliseconds timeout) {
-  for (auto& work : works) {
-    work->wait(timeout);
-  }
 }
 
 std::shared_ptr<gloo::transport::Device> gloo_device(const std::string& master_addr) {

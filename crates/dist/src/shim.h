@@ -1,15 +1,18 @@
 // Declarations shared by the C++ parts of crates/dist (shim.cpp, reducer.cpp): the process group handed to Rust
-// as an opaque pointer, and the conversion of C++ exceptions into malloc'd messages (NULL means success).
+// as an opaque pointer, waiting for collectives, and the conversion of C++ exceptions into malloc'd messages (NULL
+// means success).
 
 #pragma once
 
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/Store.hpp>
 
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
+#include <vector>
 
 namespace vovdet {
 
@@ -21,6 +24,13 @@ struct Group {
   // CUDA device index used by NCCL barriers; -1 for Gloo.
   int device_index;
 };
+
+// Waits for every collective of `works`, each bounded by `timeout` (c10d throws when it passes).
+inline void wait_all(std::vector<c10::intrusive_ptr<c10d::Work>>& works, std::chrono::milliseconds timeout) {
+  for (auto& work : works) {
+    work->wait(timeout);
+  }
+}
 
 inline char* copy_message(const std::string& message) {
   char* out = static_cast<char*>(std::malloc(message.size() + 1));
