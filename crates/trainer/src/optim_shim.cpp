@@ -131,19 +131,13 @@ char* vovdet_drop_grads(at::Tensor** params, int64_t count) {
   });
 }
 
-// One EMA update, as d2go's multi-tensor EMA: ema = ema * decay + model * (1 - decay) over the averaged tensors,
-// then copy the `copy_count` tensors of `copy_sources` into `copy_targets` (buffers and frozen parameters).
-char* vovdet_ema_update(at::Tensor** averaged, at::Tensor** sources, int64_t count, double decay,
-                        at::Tensor** copy_targets, at::Tensor** copy_sources, int64_t copy_count) {
+// One EMA update, as d2go's multi-tensor EMA: ema = ema * decay + model * (1 - decay).
+char* vovdet_ema_update(at::Tensor** averaged, at::Tensor** sources, int64_t count, double decay) {
   return without_grad([&] {
     if (count > 0) {
       std::vector<at::Tensor> ema = list(averaged, count);
       at::_foreach_mul_(ema, decay);
       at::_foreach_add_(ema, list(sources, count), 1.0 - decay);
-    }
-    if (copy_count > 0) {
-      std::vector<at::Tensor> targets = list(copy_targets, copy_count);
-      at::_foreach_copy_(targets, list(copy_sources, copy_count), false);
     }
   });
 }

@@ -64,13 +64,8 @@ impl ModelEma {
     pub fn update(&mut self) -> Result<(), SolverError> {
         let decay = self.decay_at(self.updates + 1);
         let split = self.averaged_count;
-        ema_update(
-            &self.averages[..split],
-            &self.sources[..split],
-            decay,
-            &self.averages[split..],
-            &self.sources[split..],
-        )?;
+        ema_update(&self.averages[..split], &self.sources[..split], decay)?;
+        copy_tensors(&self.averages[split..], &self.sources[split..])?;
         self.updates += 1;
         Ok(())
     }

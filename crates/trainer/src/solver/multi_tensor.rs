@@ -29,15 +29,7 @@ extern "C" {
         inverse_scale: RawTensor,
     ) -> *mut c_char;
     fn vovdet_drop_grads(params: *const RawTensor, count: i64) -> *mut c_char;
-    fn vovdet_ema_update(
-        averaged: *const RawTensor,
-        sources: *const RawTensor,
-        count: i64,
-        decay: f64,
-        copy_targets: *const RawTensor,
-        copy_sources: *const RawTensor,
-        copy_count: i64,
-    ) -> *mut c_char;
+    fn vovdet_ema_update(averaged: *const RawTensor, sources: *const RawTensor, count: i64, decay: f64) -> *mut c_char;
     fn vovdet_copy_tensors(targets: *const RawTensor, sources: *const RawTensor, count: i64) -> *mut c_char;
 }
 
@@ -119,30 +111,12 @@ pub(super) fn drop_grads(params: &[Tensor]) -> Result<(), SolverError> {
     check(unsafe { vovdet_drop_grads(raws.as_ptr(), raws.len() as i64) })
 }
 
-/// One EMA update: `averaged = averaged * decay + sources * (1 - decay)` (pairwise), then
-/// `copy_targets = copy_sources`, in multi-tensor operations.
-pub(super) fn ema_update(
-    averaged: &[Tensor],
-    sources: &[Tensor],
-    decay: f64,
-    copy_targets: &[Tensor],
-    copy_sources: &[Tensor],
-) -> Result<(), SolverError> {
-    assert!(averaged.len() == sources.len() && copy_targets.len() == copy_sources.len());
-    let (averaged, sources, copy_targets, copy_sources) =
-        (raws(averaged), raws(sources), raws(copy_targets), raws(copy_sources));
+/// One EMA update: `averaged = averaged * decay + sources * (1 - decay)` (pairwise), in multi-tensor operations.
+pub(super) fn ema_update(averaged: &[Tensor], sources: &[Tensor], decay: f64) -> Result<(), SolverError> {
+    assert_eq!(averaged.len(), sources.len());
+    let (averaged, sources) = (raws(averaged), raws(sources));
     // SAFETY: live tensors for the duration of the call; the lengths were checked above.
-    check(unsafe {
-        vovdet_ema_update(
-            averaged.as_ptr(),
-            sources.as_ptr(),
-            averaged.len() as i64,
-            decay,
-            copy_targets.as_ptr(),
-            copy_sources.as_ptr(),
-            copy_targets.len() as i64,
-        )
-    })
+    check(unsafe { vovdet_ema_update(averaged.as_ptr(), sources.as_ptr(), averaged.len() as i64, decay) })
 }
 
 /// Copies `sources[i]` into `targets[i]` (same shapes), in one multi-tensor operation.
