@@ -130,30 +130,20 @@ pub fn verify_files(folder: &Path, manifest: &Manifest, names: Option<&[&str]>) 
 /// there. A bare safetensors file carries no manifest: it is used as it is, and `note` receives one line saying
 /// so (the caller prints it once).
 ///
-/// [`WhichWeights::Ema`] picks the checkpoint's `ema.safetensors` and needs a checkpoint folder saved with the EMA on.
+/// [`WhichWeights::Ema`] picks the checkpoint's `ema.safetensors` and needs a checkpoint folder saved with the EMA
+/// on.
 pub fn weights_file(
     path: &Path,
     which: WhichWeights,
     note: &mut dyn FnMut(String),
 ) -> Result<PathBuf, CheckpointError> {
-    if which == WhichWeights::Ema {
-        if !path.is_dir() {
+    if !path.is_dir() {
+        if which == WhichWeights::Ema {
             return Err(corrupt(
                 path,
                 "--ema needs a checkpoint folder (a bare weights file holds one set of weights)",
             ));
         }
-        let manifest = read_manifest(path, &[])?;
-        if !manifest.files.contains_key(EMA_FILE) {
-            return Err(corrupt(
-                path,
-                "this checkpoint has no EMA weights (it was saved with solver.ema.enabled = false); drop --ema",
-            ));
-        }
-        verify_files(path, &manifest, Some(&[EMA_FILE]))?;
-        return Ok(path.join(EMA_FILE));
-    }
-    if !path.is_dir() {
         if !path.is_file() {
             return Err(corrupt(path, "no such weights file or checkpoint folder"));
         }
@@ -163,7 +153,18 @@ pub fn weights_file(
         ));
         return Ok(path.to_path_buf());
     }
-    let manifest = read_manifest(path, &[MODEL_FILE])?;
-    verify_files(path, &manifest, Some(&[MODEL_FILE]))?;
-    Ok(path.join(MODEL_FILE))
+    // Every checkpoint lists its model file; the EMA file only when the run kept one.
+    let (file, required): (&str, &[&str]) = match which {
+        WhichWeights::Model => (MODEL_FILE, &[MODEL_FILE]),
+        WhichWeights::Ema => (EMA_FILE, &[]),
+    };
+    let manifest = read_manifest(path, required)?;
+    if !manifest.files.contains_key(file) {
+        return Err(corrupt(
+            path,
+            "this checkpoint has no EMA weights (it was saved with solver.ema.enabled = false); drop --ema",
+        ));
+    }
+    verify_files(path, &manifest, Some(&[file]))?;
+    Ok(path.join(file))
 }
