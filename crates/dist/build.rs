@@ -1,4 +1,5 @@
-//! Compiles the C++ shim over c10d (src/shim.cpp) and the overlapped gradient reducer (src/reducer.cpp), and links the test and binary targets to libtorch.
+//! Compiles the C++ shim over c10d (src/shim.cpp) and the overlapped gradient reducer (src/reducer.cpp), and
+//! links the test and binary targets to libtorch.
 
 use std::path::{Path, PathBuf};
 

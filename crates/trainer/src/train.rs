@@ -150,8 +150,8 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         last_eval: None,
         last_checkpoint: None,
     };
-    // After a step: the EMA update, the log line, then the evaluation (logged after it), the checkpoint, the best model
-    // (which needs both), and the stop (which saves its own checkpoint); the barrier comes after training.
+    // After a step: the EMA update, the log line, then the evaluation (logged after it), the checkpoint, the best
+    // model (which needs both), and the stop (which saves its own checkpoint); the barrier comes after training.
     let mut hooks: Vec<Box<dyn Hook + '_>> = vec![
         Box::new(EmaUpdater),
         Box::new(PeriodicWriter::new(config.log.period, solver_config.ims_per_batch, skipped_at_load)),

@@ -1,9 +1,10 @@
 //! One rank of a self-check of crates/dist (Gloo on 127.0.0.1 by default), or of the all-reduce benchmark.
 //!
 //! `dist-check SCENARIO [--rank R --world-size W --port P] [--backend gloo|nccl] [--timeout-secs S]
-//! [--megabytes M] [--steps K]`; without `--rank` the rank, world size and rendezvous come from the launcher environment
-//! (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). Each scenario computes what every rank must see and exits non-zero with a
-//! message on any mismatch or error. The integration tests (tests/two_ranks.rs) start two of these.
+//! [--megabytes M] [--steps K]`; without `--rank` the rank, world size and rendezvous come from the launcher
+//! environment (`RANK`, `WORLD_SIZE`, `MASTER_ADDR`, `MASTER_PORT`). Each scenario computes what every rank must
+//! see and exits non-zero with a message on any mismatch or error. The integration tests (tests/two_ranks.rs) start
+//! two of these.
 //!
 //! Scenarios: `collectives` (on the backend's device, so a CUDA check under `--backend nccl`), `grads`,
 //! `syncbn`, `train` (10 data-parallel SGD steps of a small GroupNorm network against one process with the

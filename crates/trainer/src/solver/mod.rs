@@ -1,8 +1,8 @@
 //! The solver: the `[solver]` config section, detectron2's learning-rate schedules (warm-up + multi-step or
 //! cosine, computed with the same fvcore formulas), a hand-written SGD over named tensors that matches
 //! `torch.optim.SGD` (momentum, Nesterov, per-name weight-decay groups), global-norm gradient clipping, gradient
-//! accumulation, a dynamic fp16 loss scaler and the EMA of the weights. Everything it holds can be saved and restored exactly, which
-//! tch's built-in optimizers cannot do.
+//! accumulation, a dynamic fp16 loss scaler and the EMA of the weights. Everything it holds can be saved and
+//! restored exactly, which tch's built-in optimizers cannot do.
 
 mod clip;
 mod config;

@@ -1,7 +1,7 @@
 //! The evaluation hook: every `eval.period` iterations and, with `eval.at_end`, after the last one, every rank
-//! evaluates its shard of the validation split (with the EMA weights swapped in when `eval.use_ema` is set) (rank 0 computes the COCO metrics and writes the results under
-//! `output_dir/inference`); rank 0 logs the report and metrics, and the outcome is kept on the trainer for the
-//! best-model hook and the run's outcome.
+//! evaluates its shard of the validation split, with the EMA weights swapped in when `eval.use_ema` is set (rank 0
+//! computes the COCO metrics and writes the results under `output_dir/inference`); rank 0 logs the report and
+//! metrics, and the outcome is kept on the trainer for the best-model hook and the run's outcome.
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -1,5 +1,6 @@
 //! The hooks of a training run, each one job, in the order [`crate::train::train`] runs them after a step:
-//! the EMA update, logging, evaluation, periodic checkpoints, the best model, the signal stop, and the final rank barrier.
+//! the EMA update, logging, evaluation, periodic checkpoints, the best model, the signal stop, and the final rank
+//! barrier.
 
 mod best_checkpointer;
 mod ema;
