@@ -2,19 +2,42 @@
 
 use tch::{Device, Tensor};
 
-use crate::config::InputConfig;
+use crate::config::{InputConfig, MaskFormat};
 use crate::error::DataError;
 use crate::pixels::pad;
+use crate::raster::rasterize_polygons;
 use crate::sample::Sample;
 use crate::transform::InstanceMask;
 
-/// A mask target of one instance.
+/// The mask targets of one image, all of one kind.
 #[derive(Debug)]
-pub enum TargetMask {
-    /// Polygon parts (flat `x, y` lists) in resized pixels.
-    Polygons(Vec<Vec<f64>>),
-    /// `[H, W]` u8 bitmap (0/1) of the whole resized image, for RLE annotations.
-    Bitmap(Tensor),
+pub enum TargetMasks {
+    /// Per instance, its polygon parts (flat `x, y` lists) in resized pixels; empty when the dataset has no masks.
+    Polygons(Vec<Vec<Vec<f64>>>),
+    /// `[K, H, W]` u8 bitmaps (0/1) of the whole resized image: with `input.mask_format = "bitmask"`, and for
+    /// images with an RLE annotation (their polygon instances are rasterised too).
+    Bitmaps(Tensor),
+}
+
+impl TargetMasks {
+    /// Builds one image's targets from its instance masks: bitmaps when `format` asks for them or when any
+    /// instance is already a bitmap (every polygon rasterised with `raster`), else polygons.
+    fn new(masks: Vec<InstanceMask>, format: MaskFormat, (height, width): (usize, usize)) -> TargetMasks {
+        let any_bitmap = masks.iter().any(|m| matches!(m, InstanceMask::Bitmap(_)));
+        if masks.is_empty() || (format == MaskFormat::Polygon && !any_bitmap) {
+            let polygons = masks.into_iter().map(|m| if let InstanceMask::Polygons(p) = m { p } else { vec![] });
+            return TargetMasks::Polygons(polygons.collect());
+        }
+        let count = masks.len() as i64;
+        let mut pixels = Vec::with_capacity(masks.len() * height * width);
+        for mask in masks {
+            match mask {
+                InstanceMask::Bitmap(bitmap) => pixels.extend_from_slice(&bitmap),
+                InstanceMask::Polygons(parts) => pixels.extend(rasterize_polygons(&parts, height, width)),
+            }
+        }
+        TargetMasks::Bitmaps(Tensor::from_slice(&pixels).view([count, height as i64, width as i64]))
+    }
 }
 
 /// Targets of one image.
@@ -24,8 +47,8 @@ pub struct Target {
     pub boxes: Tensor,
     /// `[K]` i64 contiguous labels.
     pub labels: Tensor,
-    /// One mask per instance (empty when the dataset has no masks).
-    pub masks: Vec<TargetMask>,
+    /// One mask per instance (no polygons when the dataset has no masks).
+    pub masks: TargetMasks,
     /// COCO annotation ids, one per instance.
     pub annotation_ids: Vec<u64>,
 }
@@ -55,28 +78,12 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Uploads the image and target tensors to `device` (counted by the `transfer` crate), each through pinned
-    /// memory with a non-blocking copy on CUDA, so the host queues the step's work without waiting for them.
-    pub fn to_device(self, device: Device) -> Batch {
-        let images = transfer::upload(&self.images, device);
-        let targets = self
-            .targets
-            .into_iter()
-            .map(|t| Target {
-                boxes: transfer::upload(&t.boxes, device),
-                labels: transfer::upload(&t.labels, device),
-                masks: t
-                    .masks
-                    .into_iter()
-                    .map(|m| match m {
-                        TargetMask::Bitmap(b) => TargetMask::Bitmap(transfer::upload(&b, device)),
-                        polygons => polygons,
-                    })
-                    .collect(),
-                annotation_ids: t.annotation_ids,
-            })
-            .collect();
-        Batch { images, targets, ..self }
+    /// Uploads the images to `device` (counted by the `transfer` crate) through pinned memory with a non-blocking
+    /// copy on CUDA, so the host queues the step's work without waiting for them. The targets stay on the host:
+    /// the detector checks them there for free and uploads what its losses need (`GtInstances::to_device`), and
+    /// evaluation never needs them on the device.
+    pub fn images_to_device(self, device: Device) -> Batch {
+        Batch { images: transfer::upload(&self.images, device), ..self }
     }
 }
 
@@ -108,14 +115,7 @@ pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataE
         let t = sample.targets;
         let k = t.boxes.len() as i64;
         let flat_boxes: Vec<f32> = t.boxes.iter().flatten().copied().collect();
-        let masks = t
-            .masks
-            .into_iter()
-            .map(|m| match m {
-                InstanceMask::Polygons(p) => TargetMask::Polygons(p),
-                InstanceMask::Bitmap(b) => TargetMask::Bitmap(Tensor::from_slice(&b).view([h as i64, w as i64])),
-            })
-            .collect();
+        let masks = TargetMasks::new(t.masks, input.mask_format, (h as usize, w as usize));
         batch.targets.push(Target {
             boxes: Tensor::from_slice(&flat_boxes).view([k, 4]),
             labels: Tensor::from_slice(&t.labels),

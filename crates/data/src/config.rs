@@ -176,6 +176,19 @@ pub enum ResizeStyle {
     Torchvision,
 }
 
+/// How instance masks reach the detector (detectron2 `INPUT.MASK_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaskFormat {
+    /// Polygons, rasterised inside each foreground RoI on the host during the step (detectron2's default and its
+    /// exact mask targets).
+    #[default]
+    Polygon,
+    /// Full-image bitmaps rasterised once per image by the loader workers, cropped and resized per RoI with
+    /// RoIAlign on the device: no host work or host read in the step, slightly different targets at mask edges.
+    Bitmask,
+}
+
 /// Large-scale jitter (`[input.lsj]`): resize by a random scale of `size`, then a fixed `size` x `size` crop.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -227,6 +240,8 @@ pub struct InputConfig {
     pub pixel_std: [f32; 3],
     /// Batches are padded to a multiple of this.
     pub size_divisibility: u32,
+    /// Polygon targets rasterised per RoI in the step, or full-image bitmaps from the loader.
+    pub mask_format: MaskFormat,
 }
 
 impl Default for InputConfig {
@@ -244,6 +259,7 @@ impl Default for InputConfig {
             pixel_mean: [123.675, 116.28, 103.53],
             pixel_std: [58.395, 57.12, 57.375],
             size_divisibility: 32,
+            mask_format: MaskFormat::Polygon,
         }
     }
 }

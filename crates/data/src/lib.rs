@@ -16,13 +16,14 @@ pub mod decode;
 pub mod error;
 pub mod loader;
 pub mod pixels;
+pub mod raster;
 pub mod rng;
 pub mod sample;
 pub mod sampler;
 pub mod synth;
 pub mod transform;
 
-pub use batch::{Batch, Target, TargetMask};
+pub use batch::{Batch, Target, TargetMasks};
 pub use check::{check, CheckReport};
 pub use coco::{CategoryMap, CocoDataset, LabelLayout, LoadOptions};
 pub use config::{DataConfig, InputConfig, MissingImagePolicy, PixelFormat, ResizeStyle};

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use data::config::{InputConfig, LsjConfig, MissingImagePolicy};
 use data::sampler::{inference_shard, SamplerState, TrainSampler};
-use data::{Batch, CocoDataset, Loader, LoaderOptions, TargetMask};
+use data::{Batch, CocoDataset, Loader, LoaderOptions, TargetMasks};
 
 fn small_input() -> InputConfig {
     InputConfig {
@@ -31,12 +31,10 @@ fn assert_same(a: &Batch, b: &Batch) {
     for (ta, tb) in a.targets.iter().zip(&b.targets) {
         assert!(ta.boxes.equal(&tb.boxes) && ta.labels.equal(&tb.labels));
         assert_eq!(ta.annotation_ids, tb.annotation_ids);
-        for (ma, mb) in ta.masks.iter().zip(&tb.masks) {
-            match (ma, mb) {
-                (TargetMask::Polygons(pa), TargetMask::Polygons(pb)) => assert_eq!(pa, pb),
-                (TargetMask::Bitmap(ba), TargetMask::Bitmap(bb)) => assert!(ba.equal(bb)),
-                _ => panic!("mask kinds differ"),
-            }
+        match (&ta.masks, &tb.masks) {
+            (TargetMasks::Polygons(pa), TargetMasks::Polygons(pb)) => assert_eq!(pa, pb),
+            (TargetMasks::Bitmaps(ba), TargetMasks::Bitmaps(bb)) => assert!(ba.equal(bb)),
+            _ => panic!("mask kinds differ"),
         }
     }
 }

@@ -189,8 +189,8 @@ fn collate_pads_normalises_and_orders_channels() {
     assert_eq!(t.boxes.size(), vec![1, 4]);
     assert_eq!(t.labels.kind(), tch::Kind::Int64);
     assert_eq!(t.boxes.kind(), tch::Kind::Float);
-    match &t.masks[0] {
-        data::TargetMask::Bitmap(m) => assert_eq!((m.size(), m.kind()), (vec![33, 40], tch::Kind::Uint8)),
+    match &t.masks {
+        data::TargetMasks::Bitmaps(m) => assert_eq!((m.size(), m.kind()), (vec![1, 33, 40], tch::Kind::Uint8)),
         other => panic!("expected a bitmap, got {other:?}"),
     }
 }

@@ -321,6 +321,35 @@ impl Default for MaskHeadConfig {
     }
 }
 
+/// A training step with the same tensor shapes every time and no host read in the detector (`[model.static_shapes]`),
+/// the precondition for replaying the step as a CUDA graph. Off, the step is detectron2's: lists cut to their data
+/// on the host. On, what is cut there is marked invalid in fixed-size tensors instead, with the same sampling
+/// distribution and, for the same sample, the same losses:
+/// - ground truth padded to a multiple of `max_instances` per image;
+/// - proposals: boxes filtered out or suppressed marked invalid, NMS on the device in `nms_sweeps` sweeps
+///   ([`crate::ops::nms_sweeps`]), `rpn.post_nms_topk_train` slots per image;
+/// - foreground: the box regression and the mask head run on a fixed `floor(batch_size_per_image *
+///   positive_fraction)` RoI slots per image, weighted by whether each holds foreground (mask-head work on empty
+///   slots, and with a batch norm in the mask head, those slots in its statistics).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StaticShapesConfig {
+    /// Fixed shapes in the training step.
+    pub enabled: bool,
+    /// Ground truth is padded to a multiple of this many instances per image (a new multiple is a new shape).
+    pub max_instances: i64,
+    /// Sweeps of the device NMS: with at least the longest chain of boxes suppressing each other it is exactly
+    /// greedy NMS; the step counts the (image, level) pairs that had not converged (`rpn_nms_unconverged`) and
+    /// the trainer warns about them.
+    pub nms_sweeps: i64,
+}
+
+impl Default for StaticShapesConfig {
+    fn default() -> Self {
+        StaticShapesConfig { enabled: false, max_instances: 128, nms_sweeps: 32 }
+    }
+}
+
 /// The whole Mask R-CNN: the trainer embeds it as its `[model]` section.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -345,6 +374,9 @@ pub struct DetectorConfig {
     /// Mask head.
     #[serde(default)]
     pub mask_head: MaskHeadConfig,
+    /// Fixed shapes in the training step.
+    #[serde(default)]
+    pub static_shapes: StaticShapesConfig,
 }
 
 impl DetectorConfig {
@@ -358,6 +390,7 @@ impl DetectorConfig {
             roi_heads: RoiHeadsConfig { num_classes, ..Default::default() },
             box_head: BoxHeadConfig::default(),
             mask_head: MaskHeadConfig::default(),
+            static_shapes: StaticShapesConfig::default(),
         }
     }
 
@@ -402,6 +435,7 @@ impl DetectorConfig {
                 pooler_aligned: false,
                 ..Default::default()
             },
+            static_shapes: StaticShapesConfig::default(),
         }
     }
 
@@ -417,6 +451,8 @@ impl DetectorConfig {
             ("rpn.pre_nms_topk_test", self.rpn.pre_nms_topk_test),
             ("rpn.post_nms_topk_train", self.rpn.post_nms_topk_train),
             ("rpn.post_nms_topk_test", self.rpn.post_nms_topk_test),
+            ("static_shapes.nms_sweeps", self.static_shapes.nms_sweeps),
+            ("static_shapes.max_instances", self.static_shapes.max_instances),
             ("roi_heads.batch_size_per_image", self.roi_heads.batch_size_per_image),
             ("roi_heads.detections_per_image", self.roi_heads.detections_per_image),
             ("box_head.pooler_resolution", self.box_head.pooler_resolution),

@@ -8,6 +8,7 @@
 pub mod anchors;
 pub mod config;
 pub mod detectron2;
+pub mod diagnostics;
 pub mod fpn;
 mod heads;
 pub mod layers;
@@ -23,7 +24,7 @@ pub mod torchvision;
 
 pub use config::DetectorConfig;
 pub use model::MaskRcnn;
-pub use structures::{Detections, GtInstances, GtMasks, ImageBatch};
+pub use structures::{Detections, GtInstances, GtMasks, ImageBatch, TrainingTargets};
 
 /// Errors raised while building or running the detector.
 #[derive(Debug, thiserror::Error)]

@@ -13,7 +13,7 @@ use crate::ops::LevelMapping;
 use crate::postprocess::postprocess;
 use crate::roi_heads::RoiHeads;
 use crate::rpn::Rpn;
-use crate::structures::{Detections, GtInstances, GtMasks, ImageBatch};
+use crate::structures::{Detections, GtInstances, GtMasks, ImageBatch, TrainingTargets};
 use crate::DetectorError;
 
 /// Mask R-CNN with an FPN. Variables: `backbone.*`, `fpn.*`, `rpn.*`, `roi_heads.box_head.*`,
@@ -52,7 +52,9 @@ impl MaskRcnn {
             });
         }
         let channels = config.fpn.out_channels;
-        let rpn = Rpn::new(&path.sub("rpn"), &config.rpn, &config.anchors, (channels, &strides), reducer.clone())?;
+        let static_shapes = config.static_shapes.enabled;
+        let rpn = Rpn::new(&path.sub("rpn"), &config.rpn, &config.anchors, (channels, &strides), reducer.clone())?
+            .with_static_shapes(static_shapes.then_some(config.static_shapes.nms_sweeps));
         let roi_levels = config
             .roi_heads
             .in_features
@@ -87,7 +89,8 @@ impl MaskRcnn {
             &roi_strides,
             level_mapping,
             reducer,
-        )?;
+        )?
+        .with_static_shapes(static_shapes);
         Ok(MaskRcnn { backbone, fpn, rpn, roi_heads, roi_levels, config: config.clone() })
     }
 
@@ -108,14 +111,40 @@ impl MaskRcnn {
 
     /// Training step forward: `loss_rpn_cls`, `loss_rpn_loc`, `loss_cls`, `loss_box_reg` and `loss_mask`, each a
     /// scalar already weighted (all weights 1) so that their sum is the training loss. `targets` has one entry per
-    /// image of the batch (possibly empty).
+    /// image of the batch (possibly empty). [`MaskRcnn::prepare_targets`] then [`MaskRcnn::forward_prepared`].
     pub fn forward_train(
         &self,
         batch: &ImageBatch,
         targets: &[GtInstances],
     ) -> Result<BTreeMap<String, Tensor>, DetectorError> {
+        let targets = self.prepare_targets(batch, targets)?;
+        self.forward_prepared(batch, &targets)
+    }
+
+    /// The host half of a training step's inputs: checks the batch and its ground truth (reading the labels' range,
+    /// free for labels on the host, as the trainer's are), pads the ground truth under `static_shapes` and uploads
+    /// it to the images' device.
+    pub fn prepare_targets(
+        &self,
+        batch: &ImageBatch,
+        targets: &[GtInstances],
+    ) -> Result<Vec<TrainingTargets>, DetectorError> {
         check_batch(batch)?;
         self.check_targets(batch, targets)?;
+        let device = batch.images.device();
+        let static_shapes = &self.config.static_shapes;
+        let max_instances = static_shapes.enabled.then_some(static_shapes.max_instances);
+        Ok(targets.iter().map(|t| TrainingTargets::new(t, device, max_instances)).collect())
+    }
+
+    /// The device half of a training step's forward pass, on targets from [`MaskRcnn::prepare_targets`]: with
+    /// `static_shapes`, the same operators on the same shapes for every batch of the same image size (what a CUDA
+    /// graph captures).
+    pub fn forward_prepared(
+        &self,
+        batch: &ImageBatch,
+        targets: &[TrainingTargets],
+    ) -> Result<BTreeMap<String, Tensor>, DetectorError> {
         let features = self.features(&batch.images, true);
         let padded = padded_size(batch);
         let (proposals, mut losses) = self.rpn.forward(&features, padded, &batch.image_sizes, Some(targets));
@@ -160,7 +189,8 @@ impl MaskRcnn {
         })
     }
 
-    /// Checks the ground truth's shapes, kinds, label range and mask counts (one host read of the labels' range).
+    /// Checks the ground truth's shapes, kinds, label range and mask counts (the label range is read on the host: free
+    /// for labels there, one copy for labels on a device).
     fn check_targets(&self, batch: &ImageBatch, targets: &[GtInstances]) -> Result<(), DetectorError> {
         if targets.len() != batch.image_sizes.len() {
             return Err(DetectorError::Input(format!(
@@ -202,16 +232,23 @@ impl MaskRcnn {
                 return Err(DetectorError::Input(format!("image {i}: {k} boxes but {masks} masks")));
             }
             if k > 0 {
-                let device = labels.first().map_or(t.labels.device(), Tensor::device);
-                labels.push(transfer::to_device(&t.labels, device));
+                labels.push(t.labels.shallow_clone());
             }
         }
         if !labels.is_empty() {
-            // The smallest and largest label, read on the host in one copy.
-            let all = Tensor::cat(&labels, 0);
-            let bounds = transfer::download_vec::<i64>(&Tensor::stack(&[all.min(), all.max()], 0))
-                .map_err(|e| DetectorError::Input(format!("cannot read the ground truth labels ({e})")))?;
-            let (min, max) = (bounds[0], bounds[1]);
+            // The smallest and largest label: free for labels on the host (the trainer's, uploaded after this
+            // check), otherwise one host read.
+            let bounds: Vec<Tensor> = labels.iter().flat_map(|l| [l.min(), l.max()]).collect();
+            let device = bounds[0].device();
+            let bounds = Tensor::stack(&bounds.iter().map(|b| transfer::to_device(b, device)).collect::<Vec<_>>(), 0);
+            let bounds = if device == tch::Device::Cpu {
+                Vec::<i64>::try_from(&bounds)
+            } else {
+                transfer::download_vec::<i64>(&bounds)
+            }
+            .map_err(|e| DetectorError::Input(format!("cannot read the ground truth labels ({e})")))?;
+            let (min, max) = (bounds.iter().step_by(2).min(), bounds.iter().skip(1).step_by(2).max());
+            let (min, max) = (*min.unwrap_or(&0), *max.unwrap_or(&0));
             let classes = self.config.roi_heads.num_classes;
             if min < 0 || max >= classes {
                 return Err(DetectorError::Input(format!(

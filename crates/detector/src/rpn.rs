@@ -2,8 +2,9 @@
 //! box-delta 1x1 convs per level; anchor labelling with low-quality matches and balanced sampling for the losses;
 //! proposal selection by per-level top-k, clipping, removal of small boxes, per-level NMS and per-image top-k.
 //!
-//! Host syncs: the anchor sampler and the proposal filter/NMS each read small index sets to the host once per
-//! image (`nonzero` and the CPU greedy NMS of `ops::nms`); everything else stays on the device.
+//! Host syncs: the proposal filter and NMS read small index sets to the host once per image (`nonzero` and the
+//! greedy scan of `ops::nms`), except in training with `static_shapes` (fixed-size proposals, NMS on the
+//! device); the anchor sampler and the losses stay on the device.
 
 use std::collections::BTreeMap;
 
@@ -17,8 +18,10 @@ use crate::anchors::AnchorGenerator;
 use crate::config::{AnchorConfig, RpnConfig};
 use crate::layers::ConvUnit;
 use crate::losses::smooth_l1_sum;
-use crate::ops::{batched_nms, box_iou, clip_boxes, nonempty, subsample_labels, BoxCoder, Matcher};
-use crate::structures::GtInstances;
+use crate::ops::{
+    batched_nms, box_iou, clip_boxes, max_positives, nms_sweeps, nonempty, sample_balanced, BoxCoder, Matcher,
+};
+use crate::structures::TrainingTargets;
 use crate::DetectorError;
 
 /// Proposals of one image, detached from the graph.
@@ -26,8 +29,11 @@ use crate::DetectorError;
 pub struct Proposals {
     /// `[P, 4]` float32 boxes in image pixels, clipped to the image.
     pub boxes: Tensor,
-    /// `[P]` objectness logits, descending.
+    /// `[P]` objectness logits, descending (in training, in anchor order).
     pub logits: Tensor,
+    /// `[P]` bool with `static_shapes` (training): which slots hold a proposal (the others hold zero boxes);
+    /// `None` when every row is a proposal.
+    pub valid: Option<Tensor>,
 }
 
 /// The RPN: head, anchors, box coder and anchor matcher.
@@ -40,6 +46,8 @@ pub struct Rpn {
     box_coder: BoxCoder,
     matcher: Matcher,
     config: RpnConfig,
+    /// With `static_shapes`: the sweeps of the device NMS of fixed-size training proposals.
+    static_nms_sweeps: Option<i64>,
 }
 
 impl Rpn {
@@ -78,7 +86,14 @@ impl Rpn {
             box_coder: BoxCoder::new(config.bbox_reg_weights),
             matcher: Matcher::new(vec![low, high], vec![0, -1, 1], true)?,
             config: config.clone(),
+            static_nms_sweeps: None,
         })
+    }
+
+    /// Fixed-size training proposals with NMS on the device in `nms_sweeps` sweeps (`static_shapes`), or
+    /// detectron2's lists cut on the host (`None`, the default).
+    pub fn with_static_shapes(self, nms_sweeps: Option<i64>) -> Rpn {
+        Rpn { static_nms_sweeps: nms_sweeps, ..self }
     }
 
     /// Proposals for every image and, when `targets` is given (training), the losses `loss_rpn_cls` and
@@ -89,7 +104,7 @@ impl Rpn {
         features: &[Tensor],
         padded_size: (i64, i64),
         image_sizes: &[(i64, i64)],
-        targets: Option<&[GtInstances]>,
+        targets: Option<&[TrainingTargets]>,
     ) -> (Vec<Proposals>, BTreeMap<String, Tensor>) {
         let n = features[0].size()[0];
         let mut logits = Vec::with_capacity(features.len());
@@ -144,8 +159,10 @@ impl Rpn {
         let mut level_ids = Vec::new();
         let mut anchor_ids = Vec::new();
         let mut first_anchor = 0;
+        let mut level_sizes = Vec::new();
         for (level, ((anchors, logits), deltas)) in anchors.iter().zip(logits).zip(deltas).enumerate() {
             let k = pre_nms_topk.min(logits.size()[1]);
+            level_sizes.push(k);
             let (scores, index) = logits.topk(k, 1, true, true);
             anchor_ids.push(&index + first_anchor);
             first_anchor += logits.size()[1];
@@ -164,6 +181,9 @@ impl Rpn {
         let scores = Tensor::cat(&level_scores, 1);
         let level_ids = Tensor::cat(&level_ids, 0);
         let anchor_ids = Tensor::cat(&anchor_ids, 1);
+        if let Some(sweeps) = self.static_nms_sweeps.filter(|_| training) {
+            return self.fixed_size_proposals(&boxes, &scores, &anchor_ids, &level_sizes, image_sizes, sweeps);
+        }
         image_sizes
             .iter()
             .enumerate()
@@ -184,9 +204,80 @@ impl Rpn {
                     let order = ids.index_select(0, &keep).argsort(0, false);
                     keep = keep.index_select(0, &order);
                 }
-                Proposals { boxes: boxes.index_select(0, &keep), logits: scores.index_select(0, &keep) }
+                Proposals { boxes: boxes.index_select(0, &keep), logits: scores.index_select(0, &keep), valid: None }
             })
             .collect()
+    }
+
+    /// Training proposals with `static_shapes`: the same selection as [`Rpn::select_proposals`] in
+    /// fixed-size tensors. The decoded `boxes` `[N, M, 4]` with their `scores` `[N, M]` and `anchor_ids` come level
+    /// after level (`level_sizes` boxes each); boxes that are not finite or too small are marked invalid, NMS runs
+    /// per image and level on the device ([`nms_sweeps`]), and the `post_nms_topk_train` best kept boxes fill
+    /// each image's slots in anchor order, the slots beyond the kept boxes marked invalid (zero boxes).
+    fn fixed_size_proposals(
+        &self,
+        boxes: &Tensor,
+        scores: &Tensor,
+        anchor_ids: &Tensor,
+        level_sizes: &[i64],
+        image_sizes: &[(i64, i64)],
+        sweeps: i64,
+    ) -> Vec<Proposals> {
+        let (n, total) = (scores.size()[0], scores.size()[1]);
+        let clipped: Vec<Tensor> =
+            image_sizes.iter().enumerate().map(|(i, &(h, w))| clip_boxes(&boxes.get(i as i64), h, w)).collect();
+        let boxes = Tensor::stack(&clipped, 0);
+        let valid = boxes
+            .isfinite()
+            .all_dim(2, false)
+            .logical_and(&scores.isfinite())
+            .logical_and(&nonempty(&boxes.view([-1, 4]), self.config.min_size).view([n, total]));
+        // One NMS problem per image and level, each padded with invalid boxes to the largest level.
+        let widest = level_sizes.iter().copied().max().unwrap_or(0);
+        let (mut level_boxes, mut level_scores, mut level_valid) = (Vec::new(), Vec::new(), Vec::new());
+        let mut start = 0;
+        for &size in level_sizes {
+            let pad = |t: &Tensor| {
+                let mut shape = t.size();
+                shape[1] = widest - size;
+                Tensor::cat(&[t.narrow(1, start, size), t.new_zeros(shape.as_slice(), (t.kind(), t.device()))], 1)
+            };
+            level_boxes.push(pad(&boxes));
+            level_scores.push(pad(scores));
+            level_valid.push(pad(&valid));
+            start += size;
+        }
+        let levels = level_sizes.len() as i64;
+        let swept = nms_sweeps(
+            &Tensor::stack(&level_boxes, 1).view([n * levels, widest, 4]),
+            &Tensor::stack(&level_scores, 1).view([n * levels, widest]),
+            &Tensor::stack(&level_valid, 1).view([n * levels, widest]),
+            self.config.nms_thresh,
+            sweeps,
+        );
+        crate::diagnostics::add("rpn_nms_unconverged", &swept.unconverged);
+        let keep = swept.keep.view([n, levels, widest]);
+        let keep = Tensor::cat(
+            &level_sizes
+                .iter()
+                .enumerate()
+                .map(|(l, &size)| keep.select(1, l as i64).narrow(1, 0, size))
+                .collect::<Vec<_>>(),
+            1,
+        );
+        // The best kept boxes, then in anchor order (the slots without a kept box last).
+        let slots = self.config.post_nms_topk_train.min(total);
+        let best = scores.masked_fill(&keep.logical_not(), f64::NEG_INFINITY).topk(slots, 1, true, true).1;
+        let kept = keep.gather(1, &best, false);
+        let anchor_order =
+            anchor_ids.gather(1, &best, false).masked_fill(&kept.logical_not(), i64::MAX).argsort(1, false);
+        let order = best.gather(1, &anchor_order, false);
+        let kept = keep.gather(1, &order, false);
+        let boxes = boxes
+            .gather(1, &order.unsqueeze(2).expand([n, slots, 4], false), false)
+            .masked_fill(&kept.logical_not().unsqueeze(2), 0.0);
+        let logits = scores.gather(1, &order, false);
+        (0..n).map(|i| Proposals { boxes: boxes.get(i), logits: logits.get(i), valid: Some(kept.get(i)) }).collect()
     }
 
     /// Objectness (binary cross-entropy) and box (smooth-L1) losses over `batch_size_per_image` sampled anchors
@@ -196,50 +287,62 @@ impl Rpn {
         anchors: &[Tensor],
         logits: &[Tensor],
         deltas: &[Tensor],
-        targets: &[GtInstances],
+        targets: &[TrainingTargets],
     ) -> (Tensor, Tensor) {
         let anchors = Tensor::cat(anchors, 0);
         let logits = Tensor::cat(logits, 1);
         let deltas = Tensor::cat(deltas, 1);
         let device = anchors.device();
-        // Sampling is per image; the losses are computed once over the samples of all images.
-        let (mut sampled_logits, mut objectness_targets) = (Vec::new(), Vec::new());
-        let (mut positive_deltas, mut positive_anchors, mut positive_gt) = (Vec::new(), Vec::new(), Vec::new());
+        // Sampling is per image (fixed-size slots, see `ops::sample_balanced`); the losses are computed once over
+        // the samples of all images, empty slots weighted 0.
+        let (mut sampled_logits, mut objectness_targets, mut weights) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut slot_deltas, mut slot_anchors, mut slot_gt, mut slot_positive) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let positive_slots = max_positives(self.config.batch_size_per_image, self.config.positive_fraction);
         for (i, target) in targets.iter().enumerate() {
-            let gt_boxes = transfer::to_device(&target.boxes, device).to_kind(Kind::Float);
+            let gt_boxes = transfer::to_device(&target.gt.boxes, device).to_kind(Kind::Float);
             let (matched, labels) = tch::no_grad(|| {
                 let iou = box_iou(&gt_boxes, &anchors);
-                self.matcher.match_quality(&iou)
+                self.matcher.match_valid(&iou, target.valid.as_ref())
             });
-            let (positive, negative) = subsample_labels(
+            let sample = sample_balanced(
                 &labels,
                 self.config.batch_size_per_image,
                 self.config.positive_fraction,
                 0,
-                target.sampling_seed,
+                target.gt.sampling_seed,
             );
-            let sampled = Tensor::cat(&[&positive, &negative], 0);
-            sampled_logits.push(logits.get(i as i64).index_select(0, &sampled));
-            objectness_targets.push(Tensor::ones([positive.size()[0]], (Kind::Float, device)));
-            objectness_targets.push(Tensor::zeros([negative.size()[0]], (Kind::Float, device)));
-            if positive.size()[0] > 0 {
-                positive_gt.push(gt_boxes.index_select(0, &matched.index_select(0, &positive)));
-                positive_anchors.push(anchors.index_select(0, &positive));
-                positive_deltas.push(deltas.get(i as i64).index_select(0, &positive));
+            sampled_logits.push(logits.get(i as i64).index_select(0, &sample.index));
+            objectness_targets.push(sample.positive.to_kind(Kind::Float));
+            weights.push(sample.valid.to_kind(Kind::Float));
+            if !target.gt.is_empty() {
+                // Every positive lies in the first `positive_slots` slots.
+                let count = positive_slots.min(sample.len());
+                let index = sample.index.narrow(0, 0, count);
+                slot_positive.push(sample.positive.narrow(0, 0, count));
+                slot_gt.push(gt_boxes.index_select(0, &matched.index_select(0, &index)));
+                slot_anchors.push(anchors.index_select(0, &index));
+                slot_deltas.push(deltas.get(i as i64).index_select(0, &index));
             }
         }
         let cls_loss = Tensor::cat(&sampled_logits, 0).binary_cross_entropy_with_logits::<Tensor>(
             &Tensor::cat(&objectness_targets, 0),
-            None,
+            Some(Tensor::cat(&weights, 0)),
             None,
             Reduction::Sum,
         );
-        let loc_loss = if positive_deltas.is_empty() {
+        let loc_loss = if slot_deltas.is_empty() {
             deltas.sum(Kind::Float) * 0.0
         } else {
-            let target_deltas =
-                self.box_coder.encode(&Tensor::cat(&positive_anchors, 0), &Tensor::cat(&positive_gt, 0));
-            smooth_l1_sum(&Tensor::cat(&positive_deltas, 0), &target_deltas, self.config.smooth_l1_beta)
+            let keep = Tensor::cat(&slot_positive, 0).unsqueeze(1);
+            let predicted = Tensor::cat(&slot_deltas, 0);
+            let target_deltas = self.box_coder.encode(&Tensor::cat(&slot_anchors, 0), &Tensor::cat(&slot_gt, 0));
+            // Slots without a positive compare 0 with 0: no loss, no gradient.
+            smooth_l1_sum(
+                &predicted.where_self(&keep, &predicted.zeros_like()),
+                &target_deltas.where_self(&keep, &target_deltas.zeros_like()),
+                self.config.smooth_l1_beta,
+            )
         };
         let normalizer = (self.config.batch_size_per_image * targets.len() as i64) as f64;
         (cls_loss / normalizer, loc_loss / normalizer)

@@ -10,7 +10,13 @@ use crate::DetectorError;
 
 /// `[F, size, size]` float32 targets on the RoIs' device for RoIs `boxes` `[F, 4]` matched to instances
 /// `gt_index` `[F]`. Polygons read the indices and boxes to the host once; bitmaps stay on the device.
-pub fn mask_targets(masks: &GtMasks, boxes: &Tensor, gt_index: &Tensor, size: i64) -> Result<Tensor, DetectorError> {
+pub fn mask_targets(
+    masks: &GtMasks,
+    boxes: &Tensor,
+    gt_index: &Tensor,
+    size: i64,
+    fixed_shapes: bool,
+) -> Result<Tensor, DetectorError> {
     let device = boxes.device();
     if boxes.size()[0] == 0 {
         return Ok(Tensor::zeros([0, size, size], (Kind::Float, device)));
@@ -32,7 +38,9 @@ pub fn mask_targets(masks: &GtMasks, boxes: &Tensor, gt_index: &Tensor, size: i6
         }
         GtMasks::Bitmaps(bitmaps) => {
             let bitmaps = transfer::to_device(bitmaps, device);
-            Ok(bitmasks_to_roi_masks(&bitmaps.index_select(0, gt_index), boxes, size))
+            // detectron2's adaptive sampling, or one sample per target pixel: a fixed shape and no host read.
+            let sampling_ratio = if fixed_shapes { 1 } else { 0 };
+            Ok(bitmasks_to_roi_masks(&bitmaps.index_select(0, gt_index), boxes, size, sampling_ratio))
         }
     }
 }

@@ -69,7 +69,7 @@ fn two_images() -> (ImageBatch, Vec<GtInstances>) {
     let samples = common::load_train_samples(&[499716, 425988], 128);
     let images: Vec<Tensor> = samples.iter().map(|s| s.image.shallow_clone()).collect();
     let batch = common::image_batch(&images, &common::detectron2_input(), Device::Cpu);
-    (batch, samples.iter().map(|s| common::gt_to(&s.gt, Device::Cpu)).collect())
+    (batch, samples.iter().map(|s| s.gt.to_device(Device::Cpu)).collect())
 }
 
 #[test]

@@ -290,7 +290,7 @@ fn check_masks(case: &Case) {
             let size = case.params["size"].as_i64().expect("size");
             let roi = Vec::<f64>::try_from(rois.get(0).to_kind(Kind::Double).to_device(Device::Cpu)).expect("roi");
             let single = ops::bitmask_to_roi_mask(&masks.get(0), [roi[0], roi[1], roi[2], roi[3]], size);
-            let batched = ops::bitmasks_to_roi_masks(&masks, &rois, size);
+            let batched = ops::bitmasks_to_roi_masks(&masks, &rois, size, 0);
             assert_eq!(max_abs_diff(&case.name, &single, &batched.get(0)), 0.0, "{}: single vs batched", case.name);
             let polygons: Vec<Vec<Vec<f64>>> =
                 serde_json::from_value(case.params["polygons"].clone()).expect("polygons");

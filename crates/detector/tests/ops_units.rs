@@ -101,40 +101,113 @@ fn matcher_rejects_bad_configurations() {
     assert_eq!(Matcher::new(vec![0.5], vec![0, 2], false), Err(MatcherError::InvalidLabel(2)));
 }
 
-#[test]
-fn subsample_counts_and_membership() {
-    tch::manual_seed(7);
-    // 30 positives (class labels 1..3), 100 negatives (background 0), 20 ignored.
+/// Held by the sampler tests: they seed libtorch's one global RNG and must not interleave.
+static RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// 30 positives (class labels 1..3), 100 negatives (background 0), 20 ignored (-1).
+fn sampler_labels() -> Tensor {
     let mut values = vec![1i64; 10];
     values.extend([2; 10]);
     values.extend([3; 10]);
     values.extend([0; 100]);
     values.extend([-1; 20]);
-    let labels = Tensor::from_slice(&values);
-    let (pos, neg) = ops::subsample_labels(&labels, 64, 0.25, 0, None);
-    assert_eq!((pos.size()[0], neg.size()[0]), (16, 48));
-    assert!(to_vec_i64(&labels.index_select(0, &pos)).iter().all(|&l| l > 0));
-    assert!(to_vec_i64(&labels.index_select(0, &neg)).iter().all(|&l| l == 0));
-    let mut unique = to_vec_i64(&pos);
+    Tensor::from_slice(&values)
+}
+
+/// Sampled candidates of a draw: (positives, negatives) as index lists, from the valid slots.
+fn drawn(sample: &ops::BalancedSample) -> (Vec<i64>, Vec<i64>) {
+    let index = to_vec_i64(&sample.index);
+    let positive = Vec::<bool>::try_from(&sample.positive).unwrap();
+    let valid = Vec::<bool>::try_from(&sample.valid).unwrap();
+    let mut split = (Vec::new(), Vec::new());
+    for ((&i, &p), &v) in index.iter().zip(&positive).zip(&valid) {
+        match (v, p) {
+            (true, true) => split.0.push(i),
+            (true, false) => split.1.push(i),
+            _ => {}
+        }
+    }
+    split
+}
+
+#[test]
+fn balanced_sample_counts_slots_and_membership() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(7);
+    let labels = sampler_labels();
+    let sample = ops::sample_balanced(&labels, 64, 0.25, 0, None);
+    assert_eq!(sample.len(), 64);
+    let (pos, neg) = drawn(&sample);
+    assert_eq!((pos.len(), neg.len()), (16, 48));
+    assert!(to_vec_i64(&labels.index_select(0, &Tensor::from_slice(&pos))).iter().all(|&l| l > 0));
+    assert!(to_vec_i64(&labels.index_select(0, &Tensor::from_slice(&neg))).iter().all(|&l| l == 0));
+    let mut unique: Vec<i64> = pos.iter().chain(&neg).copied().collect();
     unique.sort_unstable();
     unique.dedup();
-    assert_eq!(unique.len(), 16, "positives are sampled without replacement");
-    // Few positives: all of them, negatives fill up to num_samples.
-    let (pos, neg) = ops::subsample_labels(&labels, 256, 0.5, 0, None);
-    assert_eq!((pos.size()[0], neg.size()[0]), (30, 100));
+    assert_eq!(unique.len(), 64, "candidates are sampled without replacement");
+    // Positives first, within the first floor(64 * 0.25) slots.
+    assert_eq!(Vec::<bool>::try_from(&sample.positive).unwrap(), [vec![true; 16], vec![false; 48]].concat());
+    // Few positives: all of them, negatives fill up to num_samples; the slots beyond the candidates (here the
+    // ignored ones) are marked invalid instead of being cut.
+    let sample = ops::sample_balanced(&labels, 256, 0.5, 0, None);
+    assert_eq!(sample.len(), 150);
+    let (pos, neg) = drawn(&sample);
+    assert_eq!((pos.len(), neg.len()), (30, 100));
+    assert_eq!(Vec::<bool>::try_from(&sample.valid).unwrap(), [vec![true; 130], vec![false; 20]].concat());
     // Reproducible under the torch seed, different across draws.
     tch::manual_seed(11);
-    let first = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, None).1);
+    let first = drawn(&ops::sample_balanced(&labels, 64, 0.25, 0, None));
     tch::manual_seed(11);
-    let again = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, None).1);
-    assert_eq!(first, again);
-    let other = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, None).1);
-    assert_ne!(first, other);
+    assert_eq!(first, drawn(&ops::sample_balanced(&labels, 64, 0.25, 0, None)));
+    assert_ne!(first, drawn(&ops::sample_balanced(&labels, 64, 0.25, 0, None)));
     // A per-image seed gives the same draw whatever the global RNG did before.
-    let seeded = to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, Some(5)).1);
+    let seeded = drawn(&ops::sample_balanced(&labels, 64, 0.25, 0, Some(5)));
     let _ = Tensor::rand([3], (tch::Kind::Float, tch::Device::Cpu));
-    assert_eq!(seeded, to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, Some(5)).1));
-    assert_ne!(seeded, to_vec_i64(&ops::subsample_labels(&labels, 64, 0.25, 0, Some(6)).1));
+    assert_eq!(seeded, drawn(&ops::sample_balanced(&labels, 64, 0.25, 0, Some(5))));
+    assert_ne!(seeded, drawn(&ops::sample_balanced(&labels, 64, 0.25, 0, Some(6))));
+}
+
+/// The sampler draws what detectron2's `subsample_labels` draws: a uniformly random subset of
+/// `min(P, num_samples * fraction)` positives and of `min(N, num_samples - positives)` negatives. Over 4000
+/// draws every candidate's inclusion count is within 5 standard deviations of its binomial expectation, and the
+/// sample's positives are independent of its negatives (their co-inclusion matches the product of marginals).
+#[test]
+fn balanced_sample_distribution_is_detectron2s() {
+    let _rng = RNG.lock().unwrap_or_else(|e| e.into_inner());
+    tch::manual_seed(21);
+    let draws = 4000;
+    // (labels, num_samples, fraction, expected inclusion probability of a positive, of a negative)
+    let scarce_negatives = Tensor::from_slice(&[[1i64; 100].as_slice(), &[0; 20], &[-1; 5]].concat());
+    let cases = [(sampler_labels(), 64, 0.25, 16.0 / 30.0, 48.0 / 100.0), (scarce_negatives, 64, 0.25, 0.16, 1.0)];
+    for (labels, num_samples, fraction, p_positive, p_negative) in cases {
+        let values = to_vec_i64(&labels);
+        let mut counts = vec![0u32; values.len()];
+        let mut both = 0u32; // draws holding candidate 0 (positive) and the first negative
+        let first_negative = values.iter().position(|&l| l == 0).unwrap() as i64;
+        for _ in 0..draws {
+            let (pos, neg) = drawn(&ops::sample_balanced(&labels, num_samples, fraction, 0, None));
+            for &i in pos.iter().chain(&neg) {
+                counts[i as usize] += 1;
+            }
+            both += u32::from(pos.contains(&0) && neg.contains(&first_negative));
+        }
+        for (i, (&label, &count)) in values.iter().zip(&counts).enumerate() {
+            let p = match label {
+                -1 => 0.0,
+                0 => p_negative,
+                _ => p_positive,
+            };
+            let expected = draws as f64 * p;
+            let sd = (draws as f64 * p * (1.0 - p)).sqrt().max(1e-9);
+            assert!(
+                (count as f64 - expected).abs() <= 5.0 * sd,
+                "candidate {i} (label {label}) drawn {count} times in {draws}, expected {expected:.0} +- {sd:.1}"
+            );
+        }
+        let p = p_positive * p_negative;
+        let sd = (draws as f64 * p * (1.0 - p)).sqrt().max(1e-9);
+        assert!((both as f64 - draws as f64 * p).abs() <= 5.0 * sd, "co-inclusion {both} vs {:.0}", draws as f64 * p);
+    }
 }
 
 #[test]

@@ -37,7 +37,7 @@ fn scratch_v19_gn_overfits_two_images() {
     let samples = common::load_train_samples(&[499716, 425988], 160);
     let images: Vec<Tensor> = samples.iter().map(|s| s.image.shallow_clone()).collect();
     let batch = common::image_batch(&images, &common::detectron2_input(), device);
-    let targets: Vec<_> = samples.iter().map(|s| common::gt_to(&s.gt, device)).collect();
+    let targets: Vec<_> = samples.iter().map(|s| s.gt.to_device(device)).collect();
 
     let params: Vec<(String, Tensor)> =
         vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect::<BTreeMap<_, _>>().into_iter().collect();

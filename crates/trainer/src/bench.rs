@@ -16,9 +16,11 @@
 use std::time::Instant;
 
 use anyhow::Context;
+use data::config::MaskFormat;
 use data::loader::{Loader, LoaderOptions};
 use data::sampler::TrainSampler;
 use detector::config::OutputStyle;
+use detector::ops::polygons_to_bitmask;
 use detector::structures::{GtInstances, GtMasks, ImageBatch};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -259,15 +261,16 @@ pub struct SyntheticInputs {
 }
 
 impl SyntheticInputs {
-    /// Draws `batch` images of `size` with [`SYNTHETIC_INSTANCES`] instances each and moves them to `device`.
+    /// Draws `batch` images of `size` with [`SYNTHETIC_INSTANCES`] instances each: the image batch on `device`, the
+    /// targets on the host (as the loader gives them; the model checks and uploads them).
     pub fn new(config: &Config, batch: i64, size: [i64; 2], seed: u64, device: Device) -> anyhow::Result<Self> {
         let [h, w] = size;
         let k = SYNTHETIC_INSTANCES;
         tch::manual_seed(seed as i64);
         let pixels = Tensor::randint(256, [batch, 3, h, w], (Kind::Uint8, Device::Cpu));
         let params = Vec::<f32>::try_from(Tensor::rand([batch, k, 4], (Kind::Float, Device::Cpu)).flatten(0, -1))?;
-        let labels = Tensor::randint(config.model.roi_heads.num_classes, [batch, k], (Kind::Int64, Device::Cpu))
-            .to_device(device);
+        // Targets stay on the host, as the loader's do: the model checks and uploads them.
+        let labels = Tensor::randint(config.model.roi_heads.num_classes, [batch, k], (Kind::Int64, Device::Cpu));
         let (wf, hf) = (w as f64, h as f64);
         let mut checksum = pixels.sum(Kind::Double).double_value(&[]);
         let mut targets = Vec::with_capacity(batch as usize);
@@ -290,10 +293,18 @@ impl SyntheticInputs {
                     .collect();
                 polygons.push(vec![octagon]);
             }
+            // As the loader makes them: bitmaps rasterised ahead of the step with `input.mask_format = "bitmask"`.
+            let masks = match config.input.mask_format {
+                MaskFormat::Polygon => GtMasks::Polygons(polygons),
+                MaskFormat::Bitmask => {
+                    let bitmaps: Vec<Tensor> = polygons.iter().map(|p| polygons_to_bitmask(p, h, w)).collect();
+                    GtMasks::Bitmaps(Tensor::stack(&bitmaps, 0))
+                }
+            };
             targets.push(GtInstances {
-                boxes: Tensor::from_slice(&boxes).view([k, 4]).to_device(device),
+                boxes: Tensor::from_slice(&boxes).view([k, 4]),
                 labels: labels.get(image as i64),
-                masks: GtMasks::Polygons(polygons),
+                masks,
                 // As in training: a fixed per-image sampling seed.
                 sampling_seed: Some(image as u64),
             });
@@ -361,7 +372,8 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
         // the solver's values, the loss check and the update.
         let losses = forward_backward(&model, &inputs.batch, &inputs.targets, options.amp, solver.loss_multiplier())?;
         let prepared = solver.prepare_step()?;
-        let (values, solver_values) = read_step(&losses, 1, &prepared)?;
+        let read = read_step(&losses, 1, &prepared)?;
+        let (values, solver_values) = (read.losses, read.solver);
         check_losses(solver.iteration(), values.iter().map(|(k, v)| (k.as_str(), *v)))?;
         last_total_loss = values.values().sum();
         solver.finish_step(solver_values)?;

@@ -3,12 +3,10 @@
 //! record, and the conversion of the loader's batches into the detector's inputs.
 
 use anyhow::Context;
-use data::batch::{Batch, TargetMask};
+use data::batch::{Batch, TargetMasks};
 use data::coco::{CocoDataset, LabelLayout, LoadOptions};
 use detector::config::ClassLayout;
-use detector::ops::polygons_to_bitmask;
 use detector::structures::{GtInstances, GtMasks, ImageBatch};
-use tch::Tensor;
 
 use crate::config::Config;
 
@@ -70,31 +68,11 @@ pub fn model_inputs(batch: Batch) -> (ImageBatch, Vec<GtInstances>) {
     let targets = batch
         .targets
         .into_iter()
-        .zip(&batch.image_sizes)
         .enumerate()
-        .map(|(i, (target, &(height, width)))| {
-            let all_polygons = target.masks.iter().all(|m| matches!(m, TargetMask::Polygons(_)));
-            let masks = if all_polygons {
-                GtMasks::Polygons(
-                    target
-                        .masks
-                        .into_iter()
-                        .map(|m| if let TargetMask::Polygons(p) = m { p } else { vec![] })
-                        .collect(),
-                )
-            } else {
-                let device = target.boxes.device();
-                let bitmaps: Vec<Tensor> = target
-                    .masks
-                    .iter()
-                    .map(|m| match m {
-                        TargetMask::Bitmap(b) => transfer::to_device(b, device),
-                        TargetMask::Polygons(parts) => {
-                            transfer::upload(&polygons_to_bitmask(parts, height, width), device)
-                        }
-                    })
-                    .collect();
-                GtMasks::Bitmaps(Tensor::stack(&bitmaps, 0))
+        .map(|(i, target)| {
+            let masks = match target.masks {
+                TargetMasks::Polygons(polygons) => GtMasks::Polygons(polygons),
+                TargetMasks::Bitmaps(bitmaps) => GtMasks::Bitmaps(bitmaps),
             };
             GtInstances { boxes: target.boxes, labels: target.labels, masks, sampling_seed: seeds.get(i).copied() }
         })

@@ -108,7 +108,7 @@ pub fn evaluate(
     let mut results = Vec::new();
     let mut pictures = Vec::new();
     for batch in loader {
-        let batch = batch?.to_device(device);
+        let batch = batch?.images_to_device(device);
         let mut image_batch =
             ImageBatch { images: batch.images.shallow_clone(), image_sizes: batch.image_sizes.clone() };
         if config.channels_last {

@@ -1,6 +1,6 @@
 //! detectron2 as the oracle of training and of the weight layout: `tests/python/detectron2_oracle.py` builds
 //! detectron2's own Mask R-CNN (v0.5's source, unpacked by `scripts/setup`) with a config equivalent to ours, and
-//! the tests compare one training step (losses and every gradient), a ten-step SGD trajectory, inference with
+//! the tests compare one training step (losses and every gradient), a seven-step SGD trajectory, inference with
 //! imported detectron2 weights, and detectron2's predictions with weights exported from here.
 //!
 //! The training inputs are two real COCO photographs of the fixture, resized once here and handed to both sides
@@ -140,7 +140,7 @@ fn training_step_equals_detectron2(backbone: &str) {
     let (vs, model) = imported(&config, &dir.join("weights.safetensors"));
 
     let batch = samples::image_batch(&images, &samples::detectron2_input(), Device::Cpu);
-    let targets: Vec<_> = samples.iter().map(|s| samples::gt_to(&s.gt, Device::Cpu)).collect();
+    let targets: Vec<_> = samples.iter().map(|s| s.gt.to_device(Device::Cpu)).collect();
     let ours = forward_backward(&model, &batch, &targets, None, 1.0).unwrap().read().unwrap();
     let theirs: BTreeMap<String, f64> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("losses.json")).unwrap()).unwrap();
@@ -181,8 +181,8 @@ fn training_step_equals_detectron2_r50_gn() {
     training_step_equals_detectron2("R-50");
 }
 
-/// Ten SGD steps on the same batch with the scratch recipe's solver (momentum 0.9, weight decay 1e-4 and none on
-/// norms, linear warm-up) shortened to ten iterations (warm-up over 4 from 0.1, a 10x decay at 8), detectron2's
+/// Seven SGD steps on the same batch with the scratch recipe's solver (momentum 0.9, weight decay 1e-4 and none on
+/// norms, linear warm-up) shortened to seven iterations (warm-up over 4 from 0.1, a 10x decay at 6), detectron2's
 /// `build_optimizer` and `build_lr_scheduler` against our `Solver`.
 ///
 /// Proposal selection is made continuous here: every anchor becomes a proposal (no top-k cut, NMS at IoU 1) and
@@ -190,18 +190,20 @@ fn training_step_equals_detectron2_r50_gn() {
 /// side of 160 to keep that affordable. With the default top-k and NMS, the rounding-level difference between
 /// the two implementations (1e-7 relative after one step) swaps a proposal at a top-k or NMS near-tie within a
 /// few steps, and one swapped foreground RoI moves `loss_box_reg` by several percent (measured: 6% at step 7).
-/// What is left discrete (the IoU 0.5 foreground threshold, mask-target pixels at the box edges) is rarely
-/// within rounding of its boundary.
+/// What is left discrete (the IoU 0.5 foreground threshold, mask-target pixels at the box edges) comes within
+/// rounding of its boundary after about seven steps: with three orders of the sampled RoIs (all equally valid, as
+/// detectron2's own order is a random permutation), a first jump of `loss_box_reg` by 0.7% (one proposal
+/// crossing IoU 0.5) came at step 7, at step 8, or not within ten steps, with every loss within 1e-4 before it.
 #[test]
-fn ten_steps_track_detectron2() {
+fn seven_steps_track_detectron2() {
     tch::set_num_threads(2);
     let dir = common::temp_dir("d2-trajectory");
     let samples = samples::load_train_samples(&TRAIN_IMAGES, 160);
     let images: Vec<Tensor> = samples.iter().map(|s| s.image.shallow_clone()).collect();
     write_inputs(&dir, &images, &samples);
-    let steps = 10;
+    let steps = 7;
     let solver_spec = json!({"base_lr": TRAJECTORY_LR, "momentum": 0.9, "weight_decay": 1e-4, "warmup_iters": 4,
-                             "warmup_factor": 0.1, "steps": [8], "gamma": 0.1, "max_iter": steps});
+                             "warmup_factor": 0.1, "steps": [6], "gamma": 0.1, "max_iter": steps});
     let spec = json!({"backbone": "V-19", "norm": "GN", "num_classes": 80, "rpn_batch": RPN_TAKE_ALL,
                       "roi_batch": TRAJECTORY_ROI_TAKE_ALL, "every_anchor_a_proposal": true, "head_width": 64,
                       "solver": solver_spec});
@@ -218,12 +220,12 @@ fn ten_steps_track_detectron2() {
     let (vs, model) = imported(&config, &dir.join("weights.safetensors"));
     let solver_config: SolverConfig = toml::from_str(&format!(
         "max_iter = {steps}\nims_per_batch = 2\nbase_lr = {TRAJECTORY_LR}\nmomentum = 0.9\nweight_decay = 1e-4\n\
-         weight_decay_norm = 0.0\nwarmup_iters = 4\nwarmup_factor = 0.1\nsteps = [8]\ngamma = 0.1\n"
+         weight_decay_norm = 0.0\nwarmup_iters = 4\nwarmup_factor = 0.1\nsteps = [6]\ngamma = 0.1\n"
     ))
     .unwrap();
     let mut solver = Solver::from_var_store(&vs, &solver_config).unwrap();
     let batch = samples::image_batch(&images, &samples::detectron2_input(), Device::Cpu);
-    let targets: Vec<_> = samples.iter().map(|s| samples::gt_to(&s.gt, Device::Cpu)).collect();
+    let targets: Vec<_> = samples.iter().map(|s| s.gt.to_device(Device::Cpu)).collect();
     let theirs: Vec<BTreeMap<String, f64>> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("losses.json")).unwrap()).unwrap();
     assert_eq!(theirs.len(), steps);
@@ -270,8 +272,8 @@ const TRAJECTORY_ROI_TAKE_ALL: i64 = 16384;
 const TRAJECTORY_LR: f64 = 0.002;
 /// Bounds of the trajectory comparison. The two implementations sum in different orders (gradients over anchors,
 /// RoIs and pixels; convolutions in other kernels), a 1e-7 relative difference per step that momentum carries
-/// and the training dynamics amplify a little each step: measured over the ten steps (two runs), at most 6.7e-5
-/// and 1.4e-4 relative in any loss (the largest in `loss_rpn_loc`, the smallest loss). A tensor whose gradient is
+/// and the training dynamics amplify a little each step: measured over ten steps (two runs, before the
+/// sampler drew with random keys), at most 6.7e-5 and 1.4e-4 relative in any loss (the largest in `loss_rpn_loc`, the smallest loss). A tensor whose gradient is
 /// a sum of terms of both signs with a small result (a bias, most of all `bbox_pred.bias`, which starts at zero)
 /// carries that difference relative to its own small size: measured at most 5.7e-3 for one tensor, while the
 /// whole model differs by 3.4e-6.

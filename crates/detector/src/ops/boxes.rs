@@ -3,28 +3,30 @@
 
 use tch::Tensor;
 
-/// Area `(x2 - x1) * (y2 - y1)` of each box: `[N]`. Boxes with `x2 < x1` give a negative area, as in torchvision.
+/// Area `(x2 - x1) * (y2 - y1)` of each box: `[N]` (or `[B, N]` for `[B, N, 4]`). Boxes with `x2 < x1` give a
+/// negative area, as in torchvision.
 pub fn box_area(boxes: &Tensor) -> Tensor {
-    let widths = boxes.select(1, 2) - boxes.select(1, 0);
-    let heights = boxes.select(1, 3) - boxes.select(1, 1);
+    let widths = boxes.select(-1, 2) - boxes.select(-1, 0);
+    let heights = boxes.select(-1, 3) - boxes.select(-1, 1);
     widths * heights
 }
 
-/// Pairwise intersection areas `[N, M]` of boxes `a` `[N, 4]` and `b` `[M, 4]`.
+/// Pairwise intersection areas `[N, M]` of boxes `a` `[N, 4]` and `b` `[M, 4]` (or `[B, N, M]` for batches).
 fn pairwise_intersection(a: &Tensor, b: &Tensor) -> Tensor {
-    let a = a.unsqueeze(1);
-    let b = b.unsqueeze(0);
-    let top_left = a.narrow(2, 0, 2).maximum(&b.narrow(2, 0, 2));
-    let bottom_right = a.narrow(2, 2, 2).minimum(&b.narrow(2, 2, 2));
+    let a = a.unsqueeze(-2);
+    let b = b.unsqueeze(-3);
+    let top_left = a.narrow(-1, 0, 2).maximum(&b.narrow(-1, 0, 2));
+    let bottom_right = a.narrow(-1, 2, 2).minimum(&b.narrow(-1, 2, 2));
     let sizes = (bottom_right - top_left).clamp_min(0.0);
-    sizes.select(2, 0) * sizes.select(2, 1)
+    sizes.select(-1, 0) * sizes.select(-1, 1)
 }
 
-/// Pairwise intersection over union `[N, M]` (torchvision's `box_iou` formula). Pairs whose union is zero (both
-/// boxes empty) give 0 instead of torchvision's NaN, so the result can feed matchers and maxima safely.
+/// Pairwise intersection over union `[N, M]` (`[B, N, M]` for batches; torchvision's `box_iou` formula). Pairs whose
+/// union is zero (both boxes empty) give 0 instead of torchvision's NaN, so the result can feed matchers and maxima
+/// safely.
 pub fn box_iou(a: &Tensor, b: &Tensor) -> Tensor {
     let intersection = pairwise_intersection(a, b);
-    let union = box_area(a).unsqueeze(1) + box_area(b).unsqueeze(0) - &intersection;
+    let union = box_area(a).unsqueeze(-1) + box_area(b).unsqueeze(-2) - &intersection;
     let positive_union = union.gt(0.0);
     let iou = &intersection / union.where_scalarother(&positive_union, 1.0);
     iou.where_scalarother(&positive_union, 0.0)
@@ -34,7 +36,7 @@ pub fn box_iou(a: &Tensor, b: &Tensor) -> Tensor {
 /// lie inside crowd regions. Empty `a` boxes give 0.
 pub fn box_ioa(a: &Tensor, b: &Tensor) -> Tensor {
     let intersection = pairwise_intersection(a, b);
-    let area_a = box_area(a).unsqueeze(1);
+    let area_a = box_area(a).unsqueeze(-1);
     let positive_area = area_a.gt(0.0);
     let ioa = &intersection / area_a.where_scalarother(&positive_area, 1.0);
     ioa.where_scalarother(&positive_area, 0.0)

@@ -1,14 +1,10 @@
 //! Mask targets and mask pasting with detectron2's semantics: polygons cropped to a RoI and rasterised with the
-//! pycocotools algorithm (`hotcoco`), bitmasks cropped and resized with RoIAlign, and predicted RoI masks pasted
+//! pycocotools algorithm (`data::raster`), bitmasks cropped and resized with RoIAlign, and predicted RoI masks pasted
 //! back into the image with bilinear sampling and a threshold.
 
 use tch::{Kind, Tensor};
 
 use super::roi_align::roi_align;
-
-/// Polygons with fewer than three points cannot be rasterised (pycocotools would read four numbers as a box);
-/// they are skipped, as detectron2's dataset loader drops them.
-const MIN_POLYGON_COORDS: usize = 6;
 
 /// detectron2 `rasterize_polygons_within_box`: shifts the instance's polygons (flat `[x0, y0, x1, y1, ..]` image
 /// coordinates) to the RoI `[x1, y1, x2, y2]`, rescales them to `size x size` (RoI sides below 0.1 px count as
@@ -27,38 +23,19 @@ fn rasterize_in_roi(polygons: &[Vec<f64>], roi: [f64; 4], size: i64, out: &mut [
     let ratio_h = size as f64 / (y1 - y0).max(0.1);
     let transformed: Vec<Vec<f64>> = polygons
         .iter()
-        .filter(|polygon| polygon.len() >= MIN_POLYGON_COORDS)
         .map(|polygon| {
             polygon.chunks_exact(2).flat_map(|point| [(point[0] - x0) * ratio_w, (point[1] - y0) * ratio_h]).collect()
         })
         .collect();
-    rasterize(&transformed, size, size, out);
+    data::raster::rasterize_polygons_into(&transformed, size as usize, size as usize, out);
 }
 
 /// Rasterises an instance's polygons (flat `[x0, y0, x1, y1, ..]` image coordinates) over the whole image:
-/// a `[height, width]` u8 0/1 mask on the CPU, pycocotools-exact. Used for images whose instances mix polygons
-/// and RLE masks (the detector takes one mask kind per image). Polygons of fewer than three points are skipped
-/// as in [`polygons_to_roi_mask`]; `height * width` must fit in a u32 (pycocotools' RLE counts are 32-bit).
+/// a `[height, width]` u8 0/1 mask on the CPU, pycocotools-exact (`data::raster`, which skips polygons of fewer than
+/// three points). `height * width` must fit in a u32 (pycocotools' RLE counts are 32-bit).
 pub fn polygons_to_bitmask(polygons: &[Vec<f64>], height: i64, width: i64) -> Tensor {
-    let kept: Vec<Vec<f64>> = polygons.iter().filter(|polygon| polygon.len() >= MIN_POLYGON_COORDS).cloned().collect();
-    let mut mask = vec![0u8; (height * width) as usize];
-    rasterize(&kept, height, width, &mut mask);
+    let mask = data::raster::rasterize_polygons(polygons, height as usize, width as usize);
     Tensor::from_slice(&mask).reshape([height, width])
-}
-
-/// Rasterises polygons already in mask coordinates into `out`, a row-major `height x width` 0/1 mask
-/// (pycocotools `frPyObjects` + `merge` + `decode`).
-fn rasterize(polygons: &[Vec<f64>], height: i64, width: i64, out: &mut [u8]) {
-    let (h, w) = (u32::try_from(height).expect("mask height fits in u32"), u32::try_from(width).expect("fits"));
-    let rle = hotcoco::mask::fr_polys(polygons, h, w).expect("mask of at most u32::MAX pixels");
-    // hotcoco decodes column-major, like pycocotools.
-    let column_major = hotcoco::mask::decode(&rle);
-    let width = width as usize;
-    for (x, column) in column_major.chunks_exact(height as usize).enumerate() {
-        for (y, &value) in column.iter().enumerate() {
-            out[y * width + x] = value;
-        }
-    }
 }
 
 /// [`polygons_to_roi_mask`] for many instances at once: `polygons[i]` are the polygons of instance `i`, `rois`
@@ -83,17 +60,18 @@ pub fn polygons_to_roi_masks(polygons: &[Vec<Vec<f64>>], rois: &Tensor, size: i6
 /// image bitmask `[H, W]` over `roi`, thresholded at 0.5. Float `[size, size]` of 0/1 on the mask's device.
 pub fn bitmask_to_roi_mask(mask: &Tensor, roi: [f64; 4], size: i64) -> Tensor {
     let rois = transfer::upload(&Tensor::from_slice(&roi).reshape([1, 4]), mask.device());
-    bitmasks_to_roi_masks(&mask.unsqueeze(0), &rois, size).squeeze_dim(0)
+    bitmasks_to_roi_masks(&mask.unsqueeze(0), &rois, size, 0).squeeze_dim(0)
 }
 
 /// [`bitmask_to_roi_mask`] for `masks` `[N, H, W]` and `rois` `[N, 4]` in one RoIAlign call: float
-/// `[N, size, size]`.
-pub fn bitmasks_to_roi_masks(masks: &Tensor, rois: &Tensor, size: i64) -> Tensor {
+/// `[N, size, size]`. `sampling_ratio` 0 is detectron2's adaptive sampling (its sample counts are read on the
+/// host); a fixed count keeps the work's shape and needs no host read.
+pub fn bitmasks_to_roi_masks(masks: &Tensor, rois: &Tensor, size: i64, sampling_ratio: i64) -> Tensor {
     let device = masks.device();
     let count = masks.size()[0];
     let batch_index = Tensor::arange(count, (Kind::Float, device)).unsqueeze(1);
     let rois = Tensor::cat(&[batch_index, rois.to_device(device).to_kind(Kind::Float)], 1);
-    let pooled = roi_align(&masks.to_kind(Kind::Float).unsqueeze(1), &rois, (size, size), 1.0, 0, true);
+    let pooled = roi_align(&masks.to_kind(Kind::Float).unsqueeze(1), &rois, (size, size), 1.0, sampling_ratio, true);
     pooled.squeeze_dim(1).ge(0.5).to_kind(Kind::Float)
 }
 

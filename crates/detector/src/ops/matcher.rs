@@ -1,5 +1,4 @@
-//! detectron2's `Matcher` (assigns each prediction to its best ground-truth box and labels it by IoU thresholds)
-//! and `subsample_labels` (the balanced positive/negative sampler of the RPN and the RoI heads).
+//! detectron2's `Matcher`: assigns each prediction to its best ground-truth box and labels it by IoU thresholds.
 
 use tch::{Kind, Tensor};
 use thiserror::Error;
@@ -52,6 +51,13 @@ impl Matcher {
     /// the best ground truth of each prediction and its label in {-1, 0, 1}. With no ground truth (or no
     /// predictions) every index is 0 and every label is the first label (background in the usual configs).
     pub fn match_quality(&self, iou: &Tensor) -> (Tensor, Tensor) {
+        self.match_valid(iou, None)
+    }
+
+    /// [`Matcher::match_quality`] over the ground-truth rows marked in `valid_gt` `[G]` (bool) only: padding rows
+    /// match nothing and make no low-quality matches, so the result is that of the valid rows alone (with every
+    /// row invalid, that of no ground truth).
+    pub fn match_valid(&self, iou: &Tensor, valid_gt: Option<&Tensor>) -> (Tensor, Tensor) {
         let device = iou.device();
         let num_predictions = iou.size()[1];
         if iou.numel() == 0 {
@@ -60,6 +66,11 @@ impl Matcher {
                 Tensor::full([num_predictions], self.labels[0], (Kind::Int64, device)),
             );
         }
+        // IoU is never negative: -1 rows are below every threshold.
+        let iou = match valid_gt {
+            Some(valid) => iou.masked_fill(&valid.logical_not().unsqueeze(1), -1.0),
+            None => iou.shallow_clone(),
+        };
         let (matched_values, matched_idx) = iou.max_dim(0, false);
         let mut labels = Tensor::ones([num_predictions], (Kind::Int64, device));
         let mut bounds = vec![f64::NEG_INFINITY];
@@ -71,35 +82,12 @@ impl Matcher {
         }
         if self.allow_low_quality_matches {
             let (best_per_gt, _) = iou.max_dim(1, true);
-            let is_best = iou.eq_tensor(&best_per_gt).any_dim(0, false);
-            labels = labels.masked_fill(&is_best, 1);
+            let mut is_best = iou.eq_tensor(&best_per_gt);
+            if let Some(valid) = valid_gt {
+                is_best = is_best.logical_and(&valid.unsqueeze(1));
+            }
+            labels = labels.masked_fill(&is_best.any_dim(0, false), 1);
         }
         (matched_idx, labels)
     }
-}
-
-/// detectron2 `subsample_labels`: picks at most `num_samples` entries of `labels` `[N]`, at most
-/// `num_samples * positive_fraction` (truncated) of them positive (not -1 and not `bg_label`) and fills the rest
-/// with negatives (`bg_label`), uniformly at random with the torch RNG, seeded with `seed` first when given
-/// (otherwise `tch::manual_seed` beforehand makes it reproducible). Returns `(positive indices, negative
-/// indices)`, i64 on the labels' device. Counting the candidates copies two scalars to the host.
-pub fn subsample_labels(
-    labels: &Tensor,
-    num_samples: i64,
-    positive_fraction: f64,
-    bg_label: i64,
-    seed: Option<u64>,
-) -> (Tensor, Tensor) {
-    if let Some(seed) = seed {
-        tch::manual_seed(seed as i64);
-    }
-    let positive = labels.ne(-1).logical_and(&labels.ne(bg_label)).nonzero().squeeze_dim(1);
-    let negative = labels.eq(bg_label).nonzero().squeeze_dim(1);
-    let num_positive = ((num_samples as f64 * positive_fraction) as i64).min(positive.size()[0]);
-    let num_negative = (num_samples - num_positive).min(negative.size()[0]);
-    let pick = |candidates: &Tensor, count: i64| {
-        let permutation = Tensor::randperm(candidates.size()[0], (Kind::Int64, candidates.device()));
-        candidates.index_select(0, &permutation.narrow(0, 0, count))
-    };
-    (pick(&positive, num_positive), pick(&negative, num_negative))
 }

@@ -115,19 +115,6 @@ pub fn image_batch(images: &[Tensor], input: &InputConfig, device: Device) -> Im
     ImageBatch { images, image_sizes }
 }
 
-/// Moves ground truth to `device`.
-pub fn gt_to(gt: &GtInstances, device: Device) -> GtInstances {
-    GtInstances {
-        boxes: gt.boxes.to_device(device),
-        labels: gt.labels.to_device(device),
-        masks: match &gt.masks {
-            GtMasks::Polygons(p) => GtMasks::Polygons(p.clone()),
-            GtMasks::Bitmaps(b) => GtMasks::Bitmaps(b.to_device(device)),
-        },
-        sampling_seed: gt.sampling_seed,
-    }
-}
-
 /// Asserts that our `detections` equal an oracle's (`boxes{i}`, `scores{i}`, `labels{i}` with our labels plus
 /// `label_offset`, `masks{i}` per image): more than 10 detections per image, the same count and labels, boxes
 /// within 1e-2 px, scores within 1e-4, and mask IoU above 0.99 (or both masks empty) for at least 99% of them.

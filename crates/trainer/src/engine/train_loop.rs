@@ -153,7 +153,7 @@ impl Trainer {
         self.data_seconds = 0.0;
         for micro_batch in 0..self.accumulate {
             let fetch = Instant::now();
-            let batch = self.loader.next().context("the training loader stopped")??.to_device(self.device);
+            let batch = self.loader.next().context("the training loader stopped")??.images_to_device(self.device);
             self.data_seconds += fetch.elapsed().as_secs_f64();
             let (mut images, targets) = model_inputs(batch);
             if self.channels_last {
@@ -176,7 +176,9 @@ impl Trainer {
             .finish()
             .with_context(|| format!("rank {rank}: iteration {}: averaging gradients", iteration + 1))?;
         let prepared = self.solver.prepare_step()?;
-        let (local, solver_values) = read_step(&loss_sums, self.accumulate, &prepared)?;
+        let read = read_step(&loss_sums, self.accumulate, &prepared)?;
+        warn_about_counters(iteration, &read.counters, &self.model.config().static_shapes);
+        let (local, solver_values) = (read.losses, read.solver);
         let (means, stop) = self
             .group
             .agree(&local.values().copied().collect::<Vec<_>>(), self.stop_signal.load(Ordering::SeqCst))
@@ -212,45 +214,82 @@ impl Trainer {
 }
 
 /// The losses of forward passes, still on the device: their names and a `[L]` float64 tensor of their values
-/// (float64 holds any loss dtype exactly), detached from the graph.
+/// (float64 holds any loss dtype exactly), detached from the graph, with the model's device counters of the same
+/// passes (`detector::diagnostics`).
 #[derive(Debug)]
 pub struct StepLosses {
     /// Loss names, in name order.
     pub names: Vec<String>,
     /// Their values, in the same order.
     pub values: Tensor,
+    /// Counter names, in name order.
+    pub counter_names: Vec<String>,
+    /// `[C]` float64 counter values, in the same order.
+    pub counters: Tensor,
 }
 
 impl StepLosses {
-    fn of(losses: &BTreeMap<String, Tensor>) -> StepLosses {
-        let values = Tensor::stack(&losses.values().map(|l| l.detach().to_kind(Kind::Double)).collect::<Vec<_>>(), 0);
-        StepLosses { names: losses.keys().cloned().collect(), values }
+    fn of(losses: &BTreeMap<String, Tensor>, counters: BTreeMap<String, Tensor>) -> StepLosses {
+        let stack = |values: Vec<Tensor>, device| {
+            let values: Vec<Tensor> =
+                values.iter().map(|v| transfer::to_device(&v.detach(), device).to_kind(Kind::Double)).collect();
+            if values.is_empty() {
+                Tensor::zeros([0], (Kind::Double, device))
+            } else {
+                Tensor::stack(&values, 0)
+            }
+        };
+        let device = losses.values().next().map_or(tch::Device::Cpu, Tensor::device);
+        StepLosses {
+            names: losses.keys().cloned().collect(),
+            values: stack(losses.values().map(Tensor::shallow_clone).collect(), device),
+            counter_names: counters.keys().cloned().collect(),
+            counters: stack(counters.into_values().collect(), device),
+        }
     }
 
-    /// These losses plus `other`'s (another micro-batch of the same model), on the device.
+    /// These losses and counters plus `other`'s (another micro-batch of the same model), on the device.
     pub fn plus(&self, other: &StepLosses) -> StepLosses {
-        StepLosses { names: self.names.clone(), values: &self.values + &other.values }
+        StepLosses {
+            names: self.names.clone(),
+            values: &self.values + &other.values,
+            counter_names: self.counter_names.clone(),
+            counters: &self.counters + &other.counters,
+        }
     }
 
-    /// The values by name, read on the host (one copy).
+    /// The loss values by name, read on the host (one copy).
     pub fn read(&self) -> anyhow::Result<BTreeMap<String, f64>> {
         let values = transfer::download_vec::<f64>(&self.values)?;
         Ok(self.names.iter().cloned().zip(values).collect())
     }
 }
 
+/// What the one host read at the end of a step gives: the mean losses, the model's counters summed over the
+/// micro-batches, and the solver's values.
+#[derive(Debug)]
+pub struct StepRead {
+    /// Each loss, averaged over the micro-batches.
+    pub losses: BTreeMap<String, f64>,
+    /// Each device counter (`detector::diagnostics`), summed over the micro-batches.
+    pub counters: BTreeMap<String, f64>,
+    /// The solver's gradient norm and inf/NaN flag.
+    pub solver: StepValues,
+}
+
 /// The one host read at the end of a step: the losses summed over `accumulate` micro-batches (returned as their
-/// mean) and the solver's values ([`Solver::prepare_step`]), in one copy.
-pub fn read_step(
-    loss_sums: &StepLosses,
-    accumulate: u64,
-    prepared: &PreparedStep,
-) -> anyhow::Result<(BTreeMap<String, f64>, StepValues)> {
+/// mean), the model's counters and the solver's values ([`Solver::prepare_step`]), in one copy.
+pub fn read_step(loss_sums: &StepLosses, accumulate: u64, prepared: &PreparedStep) -> anyhow::Result<StepRead> {
     let solver_values = transfer::to_device(&prepared.values(), loss_sums.values.device());
-    let host = transfer::download_vec::<f64>(&Tensor::cat(&[&loss_sums.values, &solver_values], 0))?;
-    let (losses, solver) = host.split_at(loss_sums.names.len());
-    let means = loss_sums.names.iter().cloned().zip(losses.iter().map(|v| v / accumulate as f64)).collect();
-    Ok((means, StepValues::from_host(solver)))
+    let host =
+        transfer::download_vec::<f64>(&Tensor::cat(&[&loss_sums.values, &loss_sums.counters, &solver_values], 0))?;
+    let (losses, rest) = host.split_at(loss_sums.names.len());
+    let (counters, solver) = rest.split_at(loss_sums.counter_names.len());
+    Ok(StepRead {
+        losses: loss_sums.names.iter().cloned().zip(losses.iter().map(|v| v / accumulate as f64)).collect(),
+        counters: loss_sums.counter_names.iter().cloned().zip(counters.iter().copied()).collect(),
+        solver: StepValues::from_host(solver),
+    })
 }
 
 /// One micro-batch of training: the forward pass (under autocast in `amp`'s dtype when set; the solver's fp16
@@ -266,10 +305,27 @@ pub fn forward_backward(
 ) -> anyhow::Result<StepLosses> {
     panics::catch(|| -> anyhow::Result<StepLosses> {
         let losses = autocast(images.images.device(), amp, || model.forward_train(images, targets))??;
-        let values = StepLosses::of(&losses);
+        let values = StepLosses::of(&losses, detector::diagnostics::take());
         (total_loss(&losses) * loss_multiplier).backward();
         Ok(values)
     })?
+}
+
+/// Warns (naming the iteration, from 1) about the model's counters that say a step's result is not the exact one.
+fn warn_about_counters(
+    iteration: u64,
+    counters: &BTreeMap<String, f64>,
+    static_shapes: &detector::config::StaticShapesConfig,
+) {
+    if let Some(&unconverged) = counters.get("rpn_nms_unconverged").filter(|&&count| count > 0.0) {
+        log::warn!(
+            "iteration {}: the RPN's device NMS had not converged after model.static_shapes.nms_sweeps = {} sweeps in \
+             {unconverged} (image, level) pairs, so their proposals are not exactly greedy NMS's; raise \
+             model.static_shapes.nms_sweeps",
+            iteration + 1,
+            static_shapes.nms_sweeps
+        );
+    }
 }
 
 /// Sum of named losses as one scalar tensor.
@@ -292,7 +348,7 @@ mod tests {
         ]
         .into();
         assert_eq!(total_loss(&losses).to_kind(Kind::Double).double_value(&[]), 3.75);
-        let values = StepLosses::of(&losses).read().unwrap();
+        let values = StepLosses::of(&losses, BTreeMap::new()).read().unwrap();
         assert_eq!(values.values().copied().collect::<Vec<_>>(), [1.5, 0.25, 2.0]);
         assert_eq!(values.keys().next().map(String::as_str), Some("loss_a"));
     }
