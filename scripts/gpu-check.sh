@@ -4,8 +4,9 @@
 #   2. a 1-GPU NCCL world: `trainer train --num-gpus 1` with AMP on the synthetic shapes (images/s, max memory),
 #      with the gradient all-reduce overlapped with backward (the default) and after backward,
 #   3. `trainer bench train` for V-57 GN and R-50-FPN (BN, torchvision's random-init model) with AMP at 800x1333,
-#      batch 2 and 4, next to torchvision's maskrcnn_resnet50_fpn on the same inputs and GPU; R-50 at batch 2 also
-#      with channels_last and with bf16 autocast,
+#      batch 2 and 4, next to torchvision's maskrcnn_resnet50_fpn on the same inputs and GPU; both also with
+#      `[model.static_shapes]` (the step without host syncs in the detector); R-50 at batch 2 also with
+#      channels_last and with bf16 autocast,
 #   4. `trainer bench infer` (V-57 GN, R-50-FPN) and torchvision's inference,
 #   5. the backbone efficiency table (V-39/57/99, R-50/101, DenseNet-201 GN at 800x1344).
 #
@@ -85,6 +86,15 @@ for batch in 2 4; do
   step "train_v57_b$batch" "$TRAINER_BIN" bench train "${V57[@]}" --device "$DEVICE" --size "$SIZE" --batch "$batch" \
     "${ITERS[@]}" "${AMP[@]}" --json
 done
+# The GPU-shaped step: fixed shapes, loader-made bitmap masks and fixed RoIAlign sampling (1 host sync per step).
+STATIC=(--set model.static_shapes.enabled=true --set 'input.mask_format="bitmask"'
+  --set model.box_head.pooler_sampling_ratio=2 --set model.mask_head.pooler_sampling_ratio=2)
+for batch in 2 4; do
+  step "train_r50_static_b$batch" "$TRAINER_BIN" bench train "${R50[@]}" "${STATIC[@]}" --device "$DEVICE" \
+    --size "$SIZE" --batch "$batch" "${ITERS[@]}" "${AMP[@]}" --json
+done
+step train_v57_static_b2 "$TRAINER_BIN" bench train "${V57[@]}" "${STATIC[@]}" --device "$DEVICE" --size "$SIZE" \
+  --batch 2 "${ITERS[@]}" "${AMP[@]}" --json
 step train_r50_b2_channels_last "$TRAINER_BIN" bench train "${R50[@]}" --set channels_last=true --device "$DEVICE" \
   --size "$SIZE" --batch 2 "${ITERS[@]}" "${AMP[@]}" --json
 [ "$DEVICE" = cpu ] || step train_r50_b2_bf16 "$TRAINER_BIN" bench train "${R50[@]}" --device "$DEVICE" --size "$SIZE" \
