@@ -18,6 +18,13 @@ pub fn smooth_l1_sum(input: &Tensor, target: &Tensor, beta: f64) -> Tensor {
     }
 }
 
+/// [`smooth_l1_sum`] over the rows of `input` and `target` `[R, 4]` where `keep` `[R, 1]` is true: the other rows
+/// compare 0 with 0, so they add no loss and no gradient (and no infinities from their targets). The fixed-size
+/// slots of the RPN and the box head use it for the foreground among them.
+pub fn masked_smooth_l1_sum(input: &Tensor, target: &Tensor, keep: &Tensor, beta: f64) -> Tensor {
+    smooth_l1_sum(&input.where_self(keep, &input.zeros_like()), &target.where_self(keep, &target.zeros_like()), beta)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,7 @@ use tch::{nn, Kind, Reduction, Tensor};
 use crate::anchors::AnchorGenerator;
 use crate::config::{AnchorConfig, RpnConfig};
 use crate::layers::ConvUnit;
-use crate::losses::smooth_l1_sum;
+use crate::losses::masked_smooth_l1_sum;
 use crate::ops::{
     batched_nms, box_iou, clip_boxes, max_positives, nms_sweeps, nonempty, sample_balanced, BoxCoder, Matcher,
 };
@@ -337,12 +337,7 @@ impl Rpn {
             let keep = Tensor::cat(&slot_positive, 0).unsqueeze(1);
             let predicted = Tensor::cat(&slot_deltas, 0);
             let target_deltas = self.box_coder.encode(&Tensor::cat(&slot_anchors, 0), &Tensor::cat(&slot_gt, 0));
-            // Slots without a positive compare 0 with 0: no loss, no gradient.
-            smooth_l1_sum(
-                &predicted.where_self(&keep, &predicted.zeros_like()),
-                &target_deltas.where_self(&keep, &target_deltas.zeros_like()),
-                self.config.smooth_l1_beta,
-            )
+            masked_smooth_l1_sum(&predicted, &target_deltas, &keep, self.config.smooth_l1_beta)
         };
         let normalizer = (self.config.batch_size_per_image * targets.len() as i64) as f64;
         (cls_loss / normalizer, loc_loss / normalizer)

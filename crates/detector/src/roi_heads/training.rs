@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Reduction, Tensor};
 
 use super::RoiHeads;
-use crate::losses::smooth_l1_sum;
+use crate::losses::masked_smooth_l1_sum;
 use crate::ops::{box_iou, max_positives, sample_balanced};
 use crate::rpn::Proposals;
 use crate::structures::TrainingTargets;
@@ -190,12 +190,8 @@ impl RoiHeads {
         let fg_gt_boxes: Vec<Tensor> = sampled.iter().zip(&slots).map(|(s, &n)| s.gt_boxes.narrow(0, 0, n)).collect();
         let keep = fg_positive.unsqueeze(1);
         let target_deltas = self.box_coder.encode(&Tensor::cat(&fg_boxes, 0), &Tensor::cat(&fg_gt_boxes, 0));
-        // Slots without foreground compare 0 with 0: no loss and no gradient (and no infinities from their boxes).
-        let box_loss = smooth_l1_sum(
-            &fg_deltas.where_self(&keep, &fg_deltas.zeros_like()),
-            &target_deltas.where_self(&keep, &target_deltas.zeros_like()),
-            self.box_config.smooth_l1_beta,
-        ) / &num_sampled;
+        let box_loss =
+            masked_smooth_l1_sum(&fg_deltas, &target_deltas, &keep, self.box_config.smooth_l1_beta) / &num_sampled;
         losses.insert("loss_box_reg".to_string(), box_loss);
 
         // Mask loss on the foreground RoIs with targets rasterised inside each RoI box.
