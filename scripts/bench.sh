@@ -5,6 +5,12 @@
 #
 # Usage: scripts/bench.sh [--config FILE] [--mode train|infer|both] [--size HxW] [--batch B] [--iters N]
 #                         [--warmup K] [--device D] [--amp[=fp16|bf16]] [--threads T] [--set KEY=VALUE]...
+#                         [--proxy]
+# --proxy: the host-overhead proxy. Training steps at 64x64, 96x96 and 128x128 (batch 2 unless --batch, narrowed
+# heads on both sides: 200/100 proposals per level/image before/after NMS, 64 anchors and 32 RoIs sampled per
+# image), where a step's time is mostly dispatch rather than arithmetic; each side's times are fitted as
+# host + c x pixels and the table gives the intercepts (the per-step host overhead), their ratio and the operator
+# counts.
 # Defaults: configs/torchvision_maskrcnn_r50_fpn.toml made trainable like torchvision's random-init model
 # (--set model.backbone.norm="BN" --set model.backbone.freeze_at=0; torchvision uses BatchNorm when no weights are
 # given), mode both, 512x512, 5 iterations after 2 warm-up ones, cpu, threads = nproc.
@@ -14,6 +20,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 CONFIG=configs/torchvision_maskrcnn_r50_fpn.toml
 MODES=(train infer); SIZE=512x512; BATCH=""; ITERS=5; WARMUP=2; DEVICE=cpu; AMP=(); THREADS=$(nproc); SETS=()
+PROXY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --config) CONFIG=$2; shift 2 ;;
@@ -26,6 +33,7 @@ while [ $# -gt 0 ]; do
     --amp|--amp=*) AMP=("$1"); shift ;;
     --threads) THREADS=$2; shift 2 ;;
     --set) SETS+=(--set "$2"); shift 2 ;;
+    --proxy) PROXY=1; shift ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -42,6 +50,49 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 # torchvision's device spelling: cuda:N stays, auto is not accepted there.
 case "$DEVICE" in auto) echo "bench.sh: give --device cpu or cuda[:N]" >&2; exit 2 ;; esac
+
+if [ "$PROXY" = 1 ]; then
+  NARROW=(--set model.rpn.pre_nms_topk_train=200 --set model.rpn.post_nms_topk_train=100
+          --set model.rpn.batch_size_per_image=64 --set model.roi_heads.batch_size_per_image=32)
+  rows=()
+  for size in 64x64 96x96 128x128; do
+    proxy=(--size "$size" --batch "${BATCH:-2}" --iters "$ITERS" --warmup "$WARMUP" --device "$DEVICE"
+           --threads "$THREADS" "${AMP[@]}")
+    ours=$("$TRAINER_BIN" bench train --config "$CONFIG" "${SETS[@]}" "${NARROW[@]}" "${proxy[@]}" --json)
+    classes=$(printf '%s' "$ours" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["num_classes"])')
+    theirs=$("$PYTHON" scripts/bench_torchvision.py train "${proxy[@]}" --num-classes "$classes" --narrow \
+      2> >(grep -v -e 'trainable_backbone_layers' -e 'warnings.warn' -e 'Profiler clears events' -e '_warn_once' -e 'gpuGetDeviceCount' >&2))
+    echo "ours:   $ours"
+    echo "theirs: $theirs"
+    rows+=("$ours" "$theirs")
+  done
+  "$PYTHON" - "${rows[@]}" <<'PY'
+import json, sys
+values = [json.loads(v) for v in sys.argv[1:]]
+ours, theirs = values[::2], values[1::2]
+
+def fit(runs):
+    """Least squares of seconds per step = host + c * pixels per step; returns (host, c)."""
+    xs = [r["batch"] * r["size"][0] * r["size"][1] for r in runs]
+    ys = [r["seconds_per_iter"] for r in runs]
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    c = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - c * mx, c
+
+print()
+print("| size | batch | s/iter ours | s/iter theirs | ops/iter ours | ops/iter theirs | host syncs/iter ours |")
+print("|---|---|---|---|---|---|---|")
+for o, t in zip(ours, theirs):
+    print(f"| {'x'.join(map(str, o['size']))} | {o['batch']} | {o['seconds_per_iter']:.4f} | {t['seconds_per_iter']:.4f} "
+          f"| {o['ops_per_iter']} | {t.get('ops_per_iter', 'n/a')} | {o['host_syncs_per_iter']} |")
+(host_o, c_o), (host_t, c_t) = fit(ours), fit(theirs)
+print()
+print("| host intercept ours (s) | theirs (s) | ours/theirs | ns per pixel ours | theirs |")
+print("|---|---|---|---|---|")
+print(f"| {host_o:.4f} | {host_t:.4f} | {host_o / host_t:.2f} | {c_o * 1e9:.1f} | {c_t * 1e9:.1f} |")
+PY
+  exit 0
+fi
 
 common=(--size "$SIZE" --iters "$ITERS" --warmup "$WARMUP" --device "$DEVICE" --threads "$THREADS" "${AMP[@]}")
 rows=()

@@ -14,7 +14,7 @@ protocol: untimed warm-up iterations, then timed ones with CUDA synchronised bef
 
 Prints one JSON object in the shape of `trainer bench --json`.
 Usage: bench_torchvision.py train|infer [--size HxW] [--batch B] [--iters N] [--warmup K] [--device D] [--amp[=DTYPE]]
-       [--threads T] [--seed S] [--num-classes C]
+       [--threads T] [--seed S] [--num-classes C] [--narrow]
 """
 
 import argparse
@@ -135,6 +135,15 @@ def count_ops(step):
     }
 
 
+# The narrowed heads of the host-overhead proxy; scripts/bench.sh --proxy sets the same on ours.
+NARROW = {
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100,
+    "rpn_batch_size_per_image": 64,
+    "box_batch_size_per_image": 32,
+}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["train", "infer"])
@@ -147,6 +156,12 @@ def main():
     parser.add_argument("--threads", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-classes", type=int, default=90, help="foreground classes (torchvision adds 1)")
+    parser.add_argument(
+        "--narrow",
+        action="store_true",
+        help="narrowed heads for the host-overhead proxy (scripts/bench.sh --proxy): 200/100 proposals per level/"
+        "image before/after NMS, 64 RPN anchors and 32 RoIs sampled per image",
+    )
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -172,6 +187,7 @@ def main():
         min_size=min(h, w),
         max_size=max(h, w),
         box_score_thresh=0.0,
+        **(NARROW if args.narrow else {}),
     ).to(device)
     pixels, targets, checksum = synthetic_inputs(batch, h, w, args.num_classes, args.seed)
     amp_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16

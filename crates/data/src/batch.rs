@@ -4,7 +4,7 @@ use tch::{Device, Tensor};
 
 use crate::config::{InputConfig, MaskFormat};
 use crate::error::DataError;
-use crate::pixels::pad;
+use crate::pixels::pad_to_bucket;
 use crate::raster::rasterize_polygons;
 use crate::sample::Sample;
 use crate::transform::InstanceMask;
@@ -57,7 +57,7 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Batch {
     /// `[N, 3, H, W]` f32, normalised with the configured mean/std in the configured channel order, zero-padded to
-    /// a multiple of `size_divisibility`.
+    /// a multiple of `size_divisibility` (training batches: to a `train_pad_buckets` size when set).
     pub images: Tensor,
     /// Per image (height, width) after resize (and crop), before padding.
     pub image_sizes: Vec<(i64, i64)>,
@@ -88,13 +88,18 @@ impl Batch {
 }
 
 /// Builds a batch: pads the samples' normalised images into one `[N, 3, H, W]` tensor (sides rounded up to
-/// `input.size_divisibility`) and converts the targets to tensors.
-pub fn collate(samples: Vec<Sample>, input: &InputConfig) -> Result<Batch, DataError> {
+/// `input.size_divisibility`, then for training batches (`train`) to the smallest of `input.train_pad_buckets`
+/// that holds them) and converts the targets to tensors.
+pub fn collate(samples: Vec<Sample>, input: &InputConfig, train: bool) -> Result<Batch, DataError> {
     if samples.is_empty() {
         return Err(DataError::Loader("cannot collate an empty batch".into()));
     }
-    let (images, image_sizes) =
-        pad(&samples.iter().map(|s| s.image.shallow_clone()).collect::<Vec<_>>(), input.size_divisibility);
+    let buckets: &[[u32; 2]] = if train { &input.train_pad_buckets } else { &[] };
+    let (images, image_sizes) = pad_to_bucket(
+        &samples.iter().map(|s| s.image.shallow_clone()).collect::<Vec<_>>(),
+        input.size_divisibility,
+        buckets,
+    );
     let mut batch = Batch {
         images,
         image_sizes,

@@ -242,6 +242,11 @@ pub struct InputConfig {
     pub size_divisibility: u32,
     /// Polygon targets rasterised per RoI in the step, or full-image bitmaps from the loader.
     pub mask_format: MaskFormat,
+    /// `[height, width]` sizes that training batches are padded to: each batch takes the smallest (by area) that
+    /// holds it after `size_divisibility`, so a run sees a few fixed input shapes (for CUDA graphs and cached
+    /// per-shape constants) instead of one per batch. Empty: detectron2's padding to the batch's own size.
+    /// Evaluation always uses detectron2's padding.
+    pub train_pad_buckets: Vec<[u32; 2]>,
 }
 
 impl Default for InputConfig {
@@ -260,6 +265,7 @@ impl Default for InputConfig {
             pixel_std: [58.395, 57.12, 57.375],
             size_divisibility: 32,
             mask_format: MaskFormat::Polygon,
+            train_pad_buckets: Vec::new(),
         }
     }
 }
@@ -290,6 +296,42 @@ impl InputConfig {
         if lsj.enabled && !(lsj.min_scale > 0.0 && lsj.min_scale <= lsj.max_scale && lsj.size > 0) {
             return bad("lsj", "needs 0 < min_scale <= max_scale and size > 0");
         }
+        self.validate_pad_buckets()
+    }
+
+    /// Every bucket is a positive multiple of `size_divisibility`, and the largest training image fits one in
+    /// landscape and one in portrait (so no batch is left unbucketed).
+    fn validate_pad_buckets(&self) -> Result<(), DataError> {
+        if self.train_pad_buckets.is_empty() {
+            return Ok(());
+        }
+        let divisibility = self.size_divisibility;
+        if let Some(bucket) =
+            self.train_pad_buckets.iter().find(|b| b.iter().any(|&side| side == 0 || side % divisibility != 0))
+        {
+            return Err(DataError::Config(format!(
+                "input.train_pad_buckets: {bucket:?} is not a pair of positive multiples of input.size_divisibility \
+                 = {divisibility}"
+            )));
+        }
+        let round_up = |v: u32| v.div_ceil(divisibility) * divisibility;
+        let (short, long) = if self.lsj.enabled {
+            (self.lsj.size, self.lsj.size)
+        } else {
+            let largest_min = self.min_size_train.iter().copied().max().unwrap_or(0);
+            (largest_min.min(self.max_size_train), self.max_size_train)
+        };
+        let (short, long) = (round_up(short), round_up(long));
+        let fits = |[h, w]: [u32; 2]| self.train_pad_buckets.iter().any(|b| b[0] >= h && b[1] >= w);
+        for needed in [[short, long], [long, short]] {
+            if !fits(needed) {
+                return Err(DataError::Config(format!(
+                    "input.train_pad_buckets: no bucket holds a {}x{} batch (height x width), the largest a training \
+                     image can take with input.min_size_train, max_size_train and size_divisibility; add one",
+                    needed[0], needed[1]
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -304,5 +346,28 @@ impl InputConfig {
             pixel_std: [0.229, 0.224, 0.225],
             ..Default::default()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pad_buckets_must_hold_the_largest_training_batch_both_ways() {
+        let input = |buckets: Vec<[u32; 2]>| InputConfig { train_pad_buckets: buckets, ..InputConfig::default() };
+        // Shorter side up to 800, longer up to 1333 -> 1344 after rounding to 32.
+        assert!(input(vec![[800, 1344], [1344, 800]]).validate().is_ok());
+        assert!(input(vec![[1344, 1344]]).validate().is_ok());
+        assert!(input(Vec::new()).validate().is_ok());
+        let message = input(vec![[800, 1344]]).validate().unwrap_err().to_string();
+        assert!(message.contains("input.train_pad_buckets") && message.contains("1344x800"), "{message}");
+        let message = input(vec![[800, 1344], [1344, 800], [100, 0]]).validate().unwrap_err().to_string();
+        assert!(message.contains("[100, 0]") && message.contains("size_divisibility"), "{message}");
+        let lsj = InputConfig {
+            lsj: LsjConfig { enabled: true, size: 1024, ..LsjConfig::default() },
+            ..input(vec![[1024, 1024]])
+        };
+        assert!(lsj.validate().is_ok());
     }
 }

@@ -99,7 +99,8 @@ impl Shared {
         if samples.is_empty() {
             return (Ok(None), skipped);
         }
-        let collated = collate(samples, &self.input).map(|batch| Some(Batch { sample_seeds: seeds, ..batch }));
+        let collated =
+            collate(samples, &self.input, self.train).map(|batch| Some(Batch { sample_seeds: seeds, ..batch }));
         (collated, skipped)
     }
 }

@@ -127,11 +127,26 @@ pub fn prepare_test(image: &RgbImage, input: &InputConfig) -> Result<(Tensor, Ge
 /// (measured on the 2-core CI machine: about 0.6 s per demo step when padding used `zeros` and `copy_`, 0.38-0.51 s
 /// with this copy, the same as before the pipeline existed).
 pub fn pad(images: &[Tensor], divisibility: u32) -> (Tensor, Vec<(i64, i64)>) {
+    pad_to_bucket(images, divisibility, &[])
+}
+
+/// [`pad`], then to the smallest (by area) of `buckets` (`[height, width]`, `input.train_pad_buckets`) that
+/// holds the padded batch; a batch no bucket holds keeps its own padded size.
+pub fn pad_to_bucket(images: &[Tensor], divisibility: u32, buckets: &[[u32; 2]]) -> (Tensor, Vec<(i64, i64)>) {
     let divisibility = i64::from(divisibility.max(1));
     let sizes: Vec<(i64, i64)> = images.iter().map(|t| (t.size()[1], t.size()[2])).collect();
     let round_up = |v: i64| (v + divisibility - 1) / divisibility * divisibility;
-    let max_h = round_up(sizes.iter().map(|s| s.0).max().unwrap_or(0)) as usize;
-    let max_w = round_up(sizes.iter().map(|s| s.1).max().unwrap_or(0)) as usize;
+    let (max_h, max_w) = (
+        round_up(sizes.iter().map(|s| s.0).max().unwrap_or(0)),
+        round_up(sizes.iter().map(|s| s.1).max().unwrap_or(0)),
+    );
+    let (max_h, max_w) = buckets
+        .iter()
+        .map(|&[h, w]| (i64::from(h), i64::from(w)))
+        .filter(|&(h, w)| h >= max_h && w >= max_w)
+        .min_by_key(|&(h, w)| (h * w, h))
+        .unwrap_or((max_h, max_w));
+    let (max_h, max_w) = (max_h as usize, max_w as usize);
     let plane = max_h * max_w;
     let batch = Tensor::empty([images.len() as i64, 3, max_h as i64, max_w as i64], (Kind::Float, Device::Cpu));
     // SAFETY: `batch` is a freshly allocated, contiguous CPU float tensor of exactly this many elements, owned here
@@ -224,10 +239,16 @@ mod tests {
     fn padding_rounds_up_and_fills_zeros() {
         let a = Tensor::ones([3, 5, 7], (Kind::Float, Device::Cpu));
         let b = Tensor::ones([3, 9, 2], (Kind::Float, Device::Cpu));
-        let (batch, sizes) = pad(&[a, b], 4);
+        let (batch, sizes) = pad(&[a.shallow_clone(), b.shallow_clone()], 4);
         assert_eq!(batch.size(), [2, 3, 12, 8]);
         assert_eq!(sizes, [(5, 7), (9, 2)]);
         assert_eq!(batch.sum(Kind::Float).double_value(&[]), (3 * (35 + 18)) as f64);
+        // Buckets: the smallest that holds the 12x8 batch; none holds it, its own size.
+        let images = [a, b];
+        let (bucketed, _) = pad_to_bucket(&images, 4, &[[16, 16], [12, 12], [8, 16], [20, 8]]);
+        assert_eq!(bucketed.size(), [2, 3, 12, 12]);
+        assert_eq!(bucketed.sum(Kind::Float).double_value(&[]), (3 * (35 + 18)) as f64);
+        assert_eq!(pad_to_bucket(&images, 4, &[[8, 16]]).0.size(), [2, 3, 12, 8]);
         assert!(preprocess(
             &[Tensor::zeros([1, 4, 4], (Kind::Float, Device::Cpu))],
             &InputConfig::default(),

@@ -173,7 +173,8 @@ fn collate_pads_normalises_and_orders_channels() {
             annotation_ids: vec![9],
         },
     };
-    let batch = data::batch::collate(vec![sample(40, 33, [100, 150, 200]), sample(70, 20, [0, 0, 0])], &input).unwrap();
+    let batch =
+        data::batch::collate(vec![sample(40, 33, [100, 150, 200]), sample(70, 20, [0, 0, 0])], &input, false).unwrap();
     assert_eq!(batch.images.size(), vec![2, 3, 64, 96]);
     assert_eq!(batch.image_sizes, vec![(33, 40), (20, 70)]);
     assert_eq!(batch.original_sizes, vec![(66, 80), (40, 140)]);

@@ -1,9 +1,11 @@
 //! `trainer bench`: speed and memory measurements following detectron2's protocol (untimed warm-up iterations,
 //! then timed ones; CUDA synchronised before every timer read).
 //!
-//! - `train`: the training step of `trainer train` (forward under autocast when `--amp`, losses read and
-//!   checked, backward, [`Solver::step`]) on one fixed synthetic batch built once (see [`SyntheticInputs`]), so
-//!   that no data loading is timed. Throughput is the mean over the timed iterations.
+//! - `train`: the training step of `trainer train` between reads (forward under autocast when `--amp`,
+//!   backward, the solver's device-side step, the losses recorded on the device; see
+//!   [`crate::engine::StepLog`]) on one fixed synthetic batch built once (see [`SyntheticInputs`]), so that no
+//!   data loading is timed. Throughput is the mean over the timed iterations; the losses are read once at the
+//!   end.
 //! - `infer`: batch 1; the model call (forward to detections, which includes the on-device mask pasting at the
 //!   image size, as in detectron2's and torchvision's model calls), end to end (host pixels to detections on the
 //!   host), and the mask pasting alone, each a median.
@@ -29,13 +31,13 @@ use crate::autocast::autocast;
 use crate::config::Config;
 use crate::datasets::load_train_split;
 use crate::distributed::RankGroup;
-use crate::engine::{forward_backward, read_step};
+use crate::engine::{forward_backward, StepLog};
 use crate::evaluate::HostDetections;
 use crate::layout::{images_to_channels_last, to_channels_last, variables_to_channels_last};
 use crate::memory::{peak_memory, reset_peak_memory, PeakMemorySource};
 use crate::model::{build_model, BuiltModel};
-use crate::op_count::{count_ops, SYNCHRONISING_OPS};
-use crate::solver::{check_losses, AmpDtype, Solver};
+use crate::op_count::{count_ops, SyncCounts};
+use crate::solver::{AmpDtype, Solver};
 
 /// Ground-truth instances per synthetic training image.
 pub const SYNTHETIC_INSTANCES: i64 = 4;
@@ -125,15 +127,17 @@ pub enum BenchDetails {
     Train {
         /// Mean seconds per timed iteration.
         mean_seconds_per_iter: f64,
-        /// Sum of the losses at the last timed iteration (a sanity value: finite, and falling over iterations).
+        /// Sum of the losses of the last (counted) iteration, read once after all of them (a sanity value: finite,
+        /// and falling over iterations).
         last_total_loss: f64,
         /// Checksum of the synthetic inputs (pixel sum plus box coordinate sum), equal in
         /// `scripts/bench_torchvision.py` when both draw the same numbers from torch's CPU generator.
         input_checksum: f64,
-        /// libtorch operators dispatched by one more (untimed) training step, on all threads: about one kernel
-        /// launch each on CUDA.
+        /// libtorch operators dispatched by one more (untimed) training step (its thread and autograd's work):
+        /// about one kernel launch each on CUDA.
         ops_per_iter: u64,
-        /// Of those, the ones that make the host wait for a CUDA device (see [`SYNCHRONISING_OPS`]).
+        /// Of those, the ones that make the host wait for a CUDA device (see
+        /// [`crate::op_count::SYNCHRONISING_OPS`]).
         synchronising_ops_per_iter: u64,
         /// Points where the host waits for the device in that step: the synchronising operators plus the tensors
         /// copied to the host through the `transfer` crate (counted on the CPU as they would happen on a GPU).
@@ -366,17 +370,14 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     solver_config.amp.dtype = options.amp.unwrap_or(AmpDtype::Fp16);
     let mut solver = Solver::from_var_store(&vs, &solver_config)?;
     let inputs = SyntheticInputs::new(config, options.batch, options.size, options.seed, device)?;
-    let mut last_total_loss = f64::NAN;
+    let mut log = StepLog::new();
     let mut step = || -> anyhow::Result<()> {
-        // As in `trainer train`: forward and backward, the solver's device half, one host read of the losses and
-        // the solver's values, the loss check and the update.
-        let losses = forward_backward(&model, &inputs.batch, &inputs.targets, options.amp, solver.loss_multiplier())?;
+        // As in `trainer train` between reads: forward and backward, the solver's device-side step, recorded in
+        // the step log; nothing is read on the host.
+        let losses = forward_backward(&model, &inputs.batch, &inputs.targets, options.amp, &solver.loss_multiplier())?;
         let prepared = solver.prepare_step()?;
-        let read = read_step(&losses, 1, &prepared)?;
-        let (values, solver_values) = (read.losses, read.solver);
-        check_losses(solver.iteration(), values.iter().map(|(k, v)| (k.as_str(), *v)))?;
-        last_total_loss = values.values().sum();
-        solver.finish_step(solver_values)?;
+        let step = solver.update(&prepared, Some(&losses.values))?;
+        log.record(&losses, 1, &step);
         Ok(())
     };
     let times = time_iterations(options, &mut step)?;
@@ -384,25 +385,28 @@ pub fn bench_train(config: &Config, options: &BenchOptions) -> anyhow::Result<Be
     let (counted, mut counts) = count_ops(&mut step)?;
     counted?;
     let copies = transfer::counts().since(&copies_before);
+    // The one read of the whole benchmark, as `trainer train` reads at a log line: it also stops on a failed step.
+    let read = log.read()?.context("the benchmark ran steps")?;
+    if let Some(failure) = &read.first_failure {
+        return Err(failure.error().into());
+    }
+    let last_total_loss = read.losses.values().sum();
     // aten operators only, as scripts/bench_torchvision.py counts them.
     counts.retain(|name, _| name.starts_with("aten::"));
     let mut top_ops: Vec<(String, u64)> = counts.iter().map(|(name, &count)| (name.clone(), count)).collect();
     top_ops.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     top_ops.truncate(15);
-    let synchronising_ops_per_iter: u64 =
-        SYNCHRONISING_OPS.iter().map(|op| counts.get(*op).copied().unwrap_or(0)).sum();
-    // Each scalar read is a device-to-host copy too.
-    let scalar_reads = counts.get("aten::_local_scalar_dense").copied().unwrap_or(0);
+    let syncs = SyncCounts::of(&counts, &copies);
     let total: f64 = times.iter().sum();
     let details = BenchDetails::Train {
         mean_seconds_per_iter: total / times.len() as f64,
         last_total_loss,
         input_checksum: inputs.checksum,
         ops_per_iter: counts.values().sum(),
-        synchronising_ops_per_iter,
-        host_syncs_per_iter: synchronising_ops_per_iter + copies.downloads,
-        transfers_per_iter: copies.transfers() + scalar_reads,
-        blocking_transfers_per_iter: copies.blocking_transfers() + scalar_reads,
+        synchronising_ops_per_iter: syncs.synchronising_ops,
+        host_syncs_per_iter: syncs.host_syncs,
+        transfers_per_iter: syncs.transfers,
+        blocking_transfers_per_iter: syncs.blocking_transfers,
         top_ops,
     };
     let images_per_second = (options.batch as usize * times.len()) as f64 / total;

@@ -39,11 +39,15 @@ pub struct LogConfig {
     pub tensorboard: bool,
     /// Plain log lines instead of a progress bar (non-interactive output).
     pub quiet: bool,
+    /// Count every step's host syncs and host<->device copies (libtorch's operator counter and the `transfer`
+    /// crate; on the CPU as they would happen on a GPU) and write them to `metrics.jsonl` per step at each log
+    /// line. A diagnostic: the counter slows the steps.
+    pub sync_counts: bool,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { period: 20, tensorboard: true, quiet: false }
+        LogConfig { period: 20, tensorboard: true, quiet: false, sync_counts: false }
     }
 }
 

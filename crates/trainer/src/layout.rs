@@ -44,7 +44,7 @@ pub fn images_to_channels_last(batch: ImageBatch) -> ImageBatch {
 /// Re-lays out the solver's momentum buffers channels-last after a resume (they are read back in the standard
 /// layout), so that they match their channels-last parameters and the multi-tensor update keeps its fast path.
 pub fn momentum_to_channels_last(solver: &mut Solver) -> anyhow::Result<()> {
-    let state = solver.state_dict();
+    let state = solver.state_dict()?;
     if state.tensors.is_empty() {
         return Ok(());
     }

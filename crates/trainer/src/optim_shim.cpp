@@ -51,11 +51,15 @@ std::vector<at::Tensor> grads_of(at::Tensor** params, int64_t count) {
 extern "C" {
 
 // One SGD step over `count` parameters (all with gradients) sharing `weight_decay`, as torch's _multi_tensor_sgd
-// with dampening 0: d = g + wd*p; buf = d (first step) or buf = m*buf + d; d = d + m*buf (Nesterov) or d = buf;
-// p -= lr*d. `buffers[i]` is NULL when parameter i has no momentum buffer yet; the new buffer is returned there
-// (a heap at::Tensor the caller owns).
+// with dampening 0 (d = g + wd*p; buf = m*buf + d; d = d + m*buf (Nesterov) or d = buf; p -= lr*d), applied only
+// where the 0-dim bool tensor `apply` (on the parameters' device) is true, without reading it on the host: a
+// skipped step leaves parameters and buffers bit-for-bit unchanged, an applied one is bit-identical to
+// torch.optim.SGD. The guard: d is zeroed when skipping (it may hold inf/NaN), the momentum factor becomes 1 and
+// the direction is multiplied by 0 (finite buffers, so exactly 0). `buffers[i]` is NULL when parameter i has no
+// momentum buffer yet; a zero buffer is created there (a heap at::Tensor the caller owns): m*0 + d equals
+// torch's first-step buf = d.
 char* vovdet_sgd_step(at::Tensor** params, at::Tensor** buffers, int64_t count, double lr, double momentum,
-                      double weight_decay, int nesterov) {
+                      double weight_decay, int nesterov, at::Tensor* apply) {
   return without_grad([&] {
     if (count == 0) {
       return;
@@ -65,33 +69,29 @@ char* vovdet_sgd_step(at::Tensor** params, at::Tensor** buffers, int64_t count, 
     if (weight_decay != 0.0) {
       directions = at::_foreach_add(directions, parameters, weight_decay);
     }
+    for (auto& direction : directions) {
+      direction = at::where(*apply, direction, at::Scalar(0.0));
+    }
+    at::Tensor applied = apply->to(parameters[0].scalar_type());
     if (momentum != 0.0) {
-      bool all_buffers = true;
-      for (int64_t i = 0; i < count; ++i) {
-        all_buffers = all_buffers && buffers[i] != nullptr;
-      }
       std::vector<at::Tensor> bufs;
-      if (all_buffers) {
-        bufs = list(buffers, count);
-        at::_foreach_mul_(bufs, momentum);
-        at::_foreach_add_(bufs, directions, 1.0);
-      } else {
-        for (int64_t i = 0; i < count; ++i) {
-          if (buffers[i] == nullptr) {
-            buffers[i] = new at::Tensor(directions[i].clone().detach());
-          } else {
-            buffers[i]->mul_(momentum).add_(directions[i], 1.0);
-          }
-          bufs.push_back(*buffers[i]);
+      for (int64_t i = 0; i < count; ++i) {
+        if (buffers[i] == nullptr) {
+          buffers[i] = new at::Tensor(at::zeros_like(parameters[i]));
         }
+        bufs.push_back(*buffers[i]);
       }
+      at::Tensor factor = at::where(*apply, at::scalar_tensor(momentum, applied.options()),
+                                    at::scalar_tensor(1.0, applied.options()));
+      at::_foreach_mul_(bufs, factor);
+      at::_foreach_add_(bufs, directions, 1.0);
       if (nesterov != 0) {
         at::_foreach_add_(directions, bufs, momentum);
       } else {
         directions = bufs;
       }
     }
-    at::_foreach_add_(parameters, directions, -lr);
+    at::_foreach_add_(parameters, at::_foreach_mul(directions, applied), -lr);
   });
 }
 

@@ -138,7 +138,7 @@ fn sgd_keeps_channels_last_parameters_channels_last_with_the_same_values() {
             solver.step().unwrap();
         }
         assert_eq!(weight.is_contiguous(), !channels_last, "the update keeps the parameter's layout");
-        let momentum = &solver.state_dict().tensors[0].1;
+        let momentum = &solver.state_dict().unwrap().tensors[0].1;
         assert_eq!(momentum.stride(), weight.stride(), "the momentum buffer follows the parameter's layout");
         weight.detach()
     };

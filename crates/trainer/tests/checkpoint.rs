@@ -40,7 +40,7 @@ fn train(vs: &VarStore, solver: &mut Solver, steps: usize) {
 
 fn save(checkpointer: &Checkpointer, vs: &VarStore, solver: &Solver) -> std::path::PathBuf {
     let weights = named_variables(vs);
-    let state = solver.state_dict();
+    let state = solver.state_dict().unwrap();
     let contents = CheckpointContents {
         model: &weights,
         solver: &state,

@@ -141,7 +141,7 @@ fn training_step_equals_detectron2(backbone: &str) {
 
     let batch = samples::image_batch(&images, &samples::detectron2_input(), Device::Cpu);
     let targets: Vec<_> = samples.iter().map(|s| s.gt.to_device(Device::Cpu)).collect();
-    let ours = forward_backward(&model, &batch, &targets, None, 1.0).unwrap().read().unwrap();
+    let ours = forward_backward(&model, &batch, &targets, None, &Tensor::from(1.0f32)).unwrap().read().unwrap();
     let theirs: BTreeMap<String, f64> =
         serde_json::from_str(&std::fs::read_to_string(dir.join("losses.json")).unwrap()).unwrap();
     assert_eq!(ours.keys().collect::<Vec<_>>(), theirs.keys().collect::<Vec<_>>());
@@ -231,7 +231,7 @@ fn seven_steps_track_detectron2() {
     assert_eq!(theirs.len(), steps);
     let mut worst_loss: f64 = 0.0;
     for (step, expected) in theirs.iter().enumerate() {
-        let ours = forward_backward(&model, &batch, &targets, None, solver.loss_multiplier()).unwrap().read().unwrap();
+        let ours = forward_backward(&model, &batch, &targets, None, &solver.loss_multiplier()).unwrap().read().unwrap();
         solver.step().unwrap();
         let errors: Vec<String> = expected
             .iter()

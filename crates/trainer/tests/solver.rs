@@ -159,7 +159,7 @@ fn gradients(steps: usize) -> Vec<BTreeMap<String, Tensor>> {
 }
 
 /// Gives every trainable parameter exactly `grads[name]` as gradient (d/dp sum(p * g) = g).
-fn backward_with(params: &BTreeMap<String, Tensor>, grads: &BTreeMap<String, Tensor>, multiplier: f64) {
+fn backward_with(params: &BTreeMap<String, Tensor>, grads: &BTreeMap<String, Tensor>, multiplier: Tensor) {
     let loss = params
         .iter()
         .filter(|(_, p)| p.requires_grad())
@@ -230,7 +230,7 @@ fn compare_with_torch(tag: &str, config: &SolverConfig) {
     assert!(status.success(), "sgd_reference.py failed");
     let expected: BTreeMap<String, Tensor> =
         Tensor::read_safetensors(dir.path().join("torch.safetensors")).unwrap().into_iter().collect();
-    let state = solver.state_dict();
+    let state = solver.state_dict().unwrap();
     let buffers: BTreeMap<&str, &Tensor> = state.tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
     let mut worst = 0.0f64;
     for name in decays.keys() {
@@ -268,7 +268,7 @@ fn resuming_from_state_dict_continues_bit_identically() {
     let mut halfway: Option<(BTreeMap<String, Tensor>, SolverState)> = None;
     for (step, g) in grads.iter().enumerate() {
         if step == 6 {
-            halfway = Some((detached(&straight), solver.state_dict()));
+            halfway = Some((detached(&straight), solver.state_dict().unwrap()));
         }
         backward_with(&straight, g, solver.loss_multiplier());
         solver.step().unwrap();
@@ -304,7 +304,7 @@ fn accumulation_and_loss_scale_multiply_the_loss() {
     let params = initial_params();
     let mut solver =
         Solver::new(params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(), &config).unwrap();
-    assert_eq!(solver.loss_multiplier(), 65536.0 / 4.0);
+    assert_eq!(solver.loss_multiplier().double_value(&[]), 65536.0 / 4.0);
     // Four micro-batches of the same gradient, scaled: the step sees exactly that gradient once.
     let grads = gradients(1);
     for _ in 0..4 {
@@ -442,4 +442,45 @@ fn ema_matches_torch(config: EmaConfig) {
 fn ema_matches_pytorch_over_20_steps_with_and_without_warmup() {
     ema_matches_torch(EmaConfig { enabled: true, decay: 0.8, warmup: 5 });
     ema_matches_torch(EmaConfig { enabled: true, decay: 0.9, warmup: 0 });
+}
+
+#[test]
+fn a_failed_step_changes_nothing_and_the_next_one_is_the_same_as_without_it() {
+    // Without a loss scaler, NaN gradients fail the step: its update is skipped on the device (weights and
+    // momentum untouched) and the iteration still advances, as in the engine, which stops at its next read.
+    // A constant learning rate, so that the step after the failed one uses the same one as without it.
+    let config = SolverConfig { warmup_iters: 0, ..solver_config(true, None, Some(0.0)) };
+    let grads = gradients(2);
+    let run = |with_failure: bool| {
+        let params = initial_params();
+        let mut solver =
+            Solver::new(params.iter().map(|(n, p)| (n.clone(), p.shallow_clone())).collect(), &config).unwrap();
+        backward_with(&params, &grads[0], solver.loss_multiplier());
+        solver.step().unwrap();
+        if with_failure {
+            let before = detached(&params);
+            let momentum_before = solver.state_dict().unwrap().tensors;
+            let mut broken: BTreeMap<String, Tensor> =
+                grads[1].iter().map(|(n, g)| (n.clone(), g.shallow_clone())).collect();
+            broken.insert("head.fc.bias".into(), Tensor::full([5], f64::NAN, (Kind::Float, Device::Cpu)));
+            backward_with(&params, &broken, solver.loss_multiplier());
+            let message = solver.step().unwrap_err().to_string();
+            assert!(message.contains("iteration 2:") && message.contains("gradient norm is NaN"), "{message}");
+            for (name, tensor) in &params {
+                assert!(tensor.equal(&before[name]), "{name} changed on a failed step");
+            }
+            for ((name, a), (_, b)) in momentum_before.iter().zip(&solver.state_dict().unwrap().tensors) {
+                assert!(a.equal(b), "{name} changed on a failed step");
+            }
+        }
+        backward_with(&params, &grads[1], solver.loss_multiplier());
+        let report = solver.step().unwrap();
+        (detached(&params), report.iteration)
+    };
+    let (clean, clean_iteration) = run(false);
+    let (recovered, recovered_iteration) = run(true);
+    assert_eq!((clean_iteration, recovered_iteration), (1, 2), "the failed step counts as an iteration");
+    for (name, tensor) in &clean {
+        assert!(tensor.equal(&recovered[name]), "{name}: the failed step left a trace");
+    }
 }

@@ -10,6 +10,7 @@ use serde_json::json;
 
 use crate::evaluate::EvalOutcome;
 use crate::events::{EventWriter, MetricsWriter};
+use crate::op_count::SyncCounts;
 use crate::solver::StepReport;
 
 /// Rank 0's training log: console lines, `metrics.jsonl` and TensorBoard. The console shows a progress bar only
@@ -90,7 +91,8 @@ impl Logger {
         }
     }
 
-    /// Writes one iteration's losses, learning rate and timing to the console, metrics.jsonl and TensorBoard.
+    /// Writes one iteration's losses, learning rate and timing to the console, metrics.jsonl and TensorBoard, and
+    /// to metrics.jsonl the per-step `sync_counts` of the steps since the last line (`log.sync_counts`).
     #[allow(clippy::too_many_arguments)]
     pub fn iteration(
         &mut self,
@@ -102,6 +104,7 @@ impl Logger {
         data_time: f64,
         ims_per_batch: u64,
         max_memory_bytes: Option<u64>,
+        sync_counts: Option<&[SyncCounts]>,
     ) -> anyhow::Result<()> {
         let total: f64 = losses.values().sum();
         let images_per_second = ims_per_batch as f64 / seconds;
@@ -123,6 +126,14 @@ impl Logger {
         }
         if let Some(bytes) = max_memory_bytes {
             record.insert("max_mem_mb".into(), json!(bytes as f64 / (1 << 20) as f64));
+        }
+        if let Some(steps) = sync_counts {
+            // Arrays over the steps since the last line, in order; TensorBoard takes only the scalars.
+            let per_step = |value: fn(&SyncCounts) -> u64| json!(steps.iter().map(value).collect::<Vec<_>>());
+            record.insert("host_syncs".into(), per_step(|c| c.host_syncs));
+            record.insert("synchronising_ops".into(), per_step(|c| c.synchronising_ops));
+            record.insert("transfers".into(), per_step(|c| c.transfers));
+            record.insert("blocking_transfers".into(), per_step(|c| c.blocking_transfers));
         }
         let eta_seconds = seconds * max_iter.saturating_sub(iteration) as f64;
         let timing = LineTiming { eta_seconds, seconds, data_time, max_memory_bytes };

@@ -5,7 +5,9 @@
 
 pub mod hooks;
 mod logger;
+mod step;
 mod train_loop;
 
 pub use logger::Logger;
-pub use train_loop::{forward_backward, read_step, CheckpointInfo, Hook, StepLosses, TrainOutcome, Trainer};
+pub use step::{forward_backward, forward_backward_prepared, FailedStep, StepLog, StepLosses, StepRead};
+pub use train_loop::{CheckpointInfo, Hook, TrainOutcome, Trainer};

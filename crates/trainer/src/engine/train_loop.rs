@@ -1,7 +1,9 @@
 //! The [`Trainer`] and its [`Hook`]s, after detectron2's `engine/train_loop.py`: the trainer runs one training
-//! step at a time (micro-batches of forward and backward, gradient averaging over the ranks, agreement on the
-//! logged losses and on stopping, the loss check and the solver step) and calls its hooks before training, after
-//! every step and after training; everything else a run does (logging, evaluation, checkpoints) is a hook.
+//! step at a time (micro-batches of forward and backward, gradient averaging over the ranks, the solver's
+//! device-side step) and calls its hooks before training, after every step and after training; everything else a
+//! run does (logging, evaluation, checkpoints) is a hook. Steps read nothing on the host: their values are read
+//! in one copy when a hook needs them ([`Hook::needs_read`]), which is also where the ranks agree on the logged
+//! losses and on stopping, and where a failed step stops the run.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -10,26 +12,32 @@ use std::time::Instant;
 
 use anyhow::Context;
 use data::loader::Loader;
-use detector::structures::{GtInstances, ImageBatch};
 use detector::MaskRcnn;
 use serde_json::json;
-use tch::{nn, Device, Kind, Tensor};
+use tch::{nn, Device};
 
+use super::step::{forward_backward, StepLog, StepLosses};
 use super::Logger;
-use crate::autocast::autocast;
 use crate::checkpoint::{named_variables, torch_seed, CheckpointContents, Checkpointer};
 use crate::datasets::model_inputs;
 use crate::distributed::RankGroup;
 use crate::evaluate::EvalOutcome;
 use crate::gradients::GradientAveraging;
 use crate::layout::images_to_channels_last;
-use crate::panics;
-use crate::solver::{check_losses, AmpDtype, ModelEma, PreparedStep, Solver, StepReport, StepValues};
+use crate::op_count::{count_syncs, SyncCounts};
+use crate::solver::{AmpDtype, ModelEma, Solver, StepReport};
 
 /// What a training run does around its steps, after detectron2's `HookBase`. Each method gets the trainer
-/// (its model, solver, loader, the last step's results) and may fail the run; hooks run in the order given to
+/// (its model, solver, loader, the last read's results) and may fail the run; hooks run in the order given to
 /// [`Trainer::run`].
 pub trait Hook {
+    /// Whether this hook acts after step `iteration` (counted from 1) in a way that needs the steps' values read
+    /// on the host first: their losses, or the check that no step failed (before a checkpoint or an evaluation).
+    /// The same on every rank. Steps between reads read nothing.
+    fn needs_read(&self, _trainer: &Trainer, _iteration: u64) -> bool {
+        false
+    }
+
     /// Called once before the first step.
     fn before_train(&mut self, _trainer: &mut Trainer) -> anyhow::Result<()> {
         Ok(())
@@ -105,10 +113,17 @@ pub struct Trainer {
     pub stop_signal: &'static AtomicBool,
     /// Averages the gradients over the ranks (`[ddp]`).
     pub gradients: GradientAveraging,
-    /// The last step's losses, averaged over micro-batches and ranks.
+    /// The losses of the step of the last read ([`Trainer::last_read`]), averaged over micro-batches and ranks.
     pub losses: BTreeMap<String, f64>,
-    /// The last step's solver report.
+    /// The solver report of the step of the last read.
     pub report: Option<StepReport>,
+    /// The iteration (completed steps) at the last read of the steps' values, which happens when a hook
+    /// [`Hook::needs_read`] or a stop is requested.
+    pub last_read: Option<u64>,
+    /// The device record of the steps since the last read.
+    pub step_log: StepLog,
+    /// With `log.sync_counts`, the [`SyncCounts`] of each step since the last log line (taken by the writer).
+    pub sync_counts: Option<Vec<SyncCounts>>,
     /// Seconds the last step waited for the loader.
     pub data_seconds: f64,
     /// Whether the ranks agreed in the last step to stop.
@@ -129,7 +144,19 @@ impl Trainer {
             hook.before_train(&mut self)?;
         }
         while self.iteration < self.max_iter && !self.interrupted {
-            self.run_step()?;
+            let next = self.iteration + 1;
+            // A single process reads when its stop flag is set (the stop saves a checkpoint); ranks agree on
+            // stopping at reads, which must happen at the same iterations on all of them.
+            let read = hooks.iter().any(|hook| hook.needs_read(&self, next))
+                || (self.group.world_size() == 1 && self.stop_signal.load(Ordering::SeqCst));
+            match &self.sync_counts {
+                None => self.run_step(read)?,
+                Some(_) => {
+                    let (result, counts) = count_syncs(|| self.run_step(read))?;
+                    result?;
+                    self.sync_counts.get_or_insert_with(Vec::new).push(counts);
+                }
+            }
             for hook in hooks.iter_mut() {
                 hook.after_step(&mut self)?;
             }
@@ -145,12 +172,15 @@ impl Trainer {
     }
 
     /// One training step: `accumulate` micro-batches of [`forward_backward`], gradients averaged over the ranks,
-    /// the ranks' agreement on the logged losses and on stopping, [`check_losses`], and [`Solver::step`].
-    pub fn run_step(&mut self) -> anyhow::Result<()> {
+    /// and the solver's device-side step ([`Solver::update`]: a step with a non-finite loss or gradients skips
+    /// its update), recorded in [`Trainer::step_log`]; nothing is read on the host. With `read`, the log is then
+    /// read ([`Trainer::read_steps`]).
+    pub fn run_step(&mut self, read: bool) -> anyhow::Result<()> {
         let (rank, iteration) = (self.group.rank(), self.iteration);
         tch::manual_seed(torch_seed(self.seed, iteration));
         let mut loss_sums: Option<StepLosses> = None;
         self.data_seconds = 0.0;
+        let multiplier = self.solver.loss_multiplier();
         for micro_batch in 0..self.accumulate {
             let fetch = Instant::now();
             let batch = self.loader.next().context("the training loader stopped")??.images_to_device(self.device);
@@ -164,7 +194,7 @@ impl Trainer {
                     .before_last_backward()
                     .with_context(|| format!("rank {rank}: iteration {}: gradient all-reduce", iteration + 1))?;
             }
-            let losses = forward_backward(&self.model, &images, &targets, self.amp, self.solver.loss_multiplier())
+            let losses = forward_backward(&self.model, &images, &targets, self.amp, &multiplier)
                 .with_context(|| format!("rank {rank}: iteration {}: forward and backward pass", iteration + 1))?;
             loss_sums = Some(match loss_sums {
                 None => losses,
@@ -176,19 +206,45 @@ impl Trainer {
             .finish()
             .with_context(|| format!("rank {rank}: iteration {}: averaging gradients", iteration + 1))?;
         let prepared = self.solver.prepare_step()?;
-        let read = read_step(&loss_sums, self.accumulate, &prepared)?;
-        warn_about_counters(iteration, &read.counters, &self.model.config().static_shapes);
-        let (local, solver_values) = (read.losses, read.solver);
-        let (means, stop) = self
-            .group
-            .agree(&local.values().copied().collect::<Vec<_>>(), self.stop_signal.load(Ordering::SeqCst))
-            .with_context(|| format!("rank {rank}: iteration {}: agreeing on losses", iteration + 1))?;
-        self.stop_agreed = stop;
-        let logged: BTreeMap<String, f64> = local.keys().cloned().zip(means).collect();
-        check_losses(iteration, logged.iter().map(|(k, v)| (k.as_str(), *v)))?;
-        self.report = Some(self.solver.finish_step(solver_values)?);
-        self.losses = logged;
+        let step = self.solver.update(&prepared, Some(&loss_sums.values))?;
+        self.step_log.record(&loss_sums, self.accumulate, &step);
         self.iteration += 1;
+        self.stop_agreed = false;
+        if read {
+            self.read_steps()?;
+        } else if self.group.world_size() == 1 {
+            self.stop_agreed = self.stop_signal.load(Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Reads the steps recorded since the last read (one copy), agrees with the other ranks on the losses, the
+    /// failures and stopping, warns about the model's counters, and stops the run on a failed step, naming the
+    /// first one; sets [`Trainer::losses`], [`Trainer::report`] and [`Trainer::last_read`].
+    pub fn read_steps(&mut self) -> anyhow::Result<()> {
+        let (rank, iteration) = (self.group.rank(), self.iteration);
+        let first_unread = self.last_read.map_or(1, |at| at + 1);
+        let Some(read) = self.step_log.read()? else { return Ok(()) };
+        warn_about_counters((first_unread, iteration), &read.counters, &self.model.config().static_shapes);
+        let mut local: Vec<f64> = read.losses.values().copied().collect();
+        local.push(read.failures as f64);
+        let (mut means, stop) = self
+            .group
+            .agree(&local, self.stop_signal.load(Ordering::SeqCst))
+            .with_context(|| format!("rank {rank}: iteration {iteration}: agreeing on losses"))?;
+        let failures_anywhere = means.pop().is_some_and(|mean| mean > 0.0);
+        if let Some(failure) = &read.first_failure {
+            return Err(failure.error().into());
+        }
+        anyhow::ensure!(
+            !failures_anywhere,
+            "rank {rank}: another rank found a non-finite loss or gradients in iterations {first_unread}-{iteration}; \
+             stopping (the last checkpoint is untouched)"
+        );
+        self.stop_agreed = stop;
+        self.losses = read.losses.keys().cloned().zip(means).collect();
+        self.report = Some(read.report);
+        self.last_read = Some(iteration);
         Ok(())
     }
 
@@ -199,7 +255,7 @@ impl Trainer {
         let ema = self.ema.as_ref().map(ModelEma::state_dict);
         let contents = CheckpointContents {
             model: &model_tensors,
-            solver: &self.solver.state_dict(),
+            solver: &self.solver.state_dict()?,
             ema: ema.as_ref(),
             sampler: serde_json::to_value(self.loader.sampler_state())?,
             rng: json!({"torch": "manual_seed(torch_seed(seed, iteration)) at every iteration", "seed": self.seed}),
@@ -213,143 +269,20 @@ impl Trainer {
     }
 }
 
-/// The losses of forward passes, still on the device: their names and a `[L]` float64 tensor of their values
-/// (float64 holds any loss dtype exactly), detached from the graph, with the model's device counters of the same
-/// passes (`detector::diagnostics`).
-#[derive(Debug)]
-pub struct StepLosses {
-    /// Loss names, in name order.
-    pub names: Vec<String>,
-    /// Their values, in the same order.
-    pub values: Tensor,
-    /// Counter names, in name order.
-    pub counter_names: Vec<String>,
-    /// `[C]` float64 counter values, in the same order.
-    pub counters: Tensor,
-}
-
-impl StepLosses {
-    fn of(losses: &BTreeMap<String, Tensor>, counters: BTreeMap<String, Tensor>) -> StepLosses {
-        let stack = |values: Vec<Tensor>, device| {
-            let values: Vec<Tensor> =
-                values.iter().map(|v| transfer::to_device(&v.detach(), device).to_kind(Kind::Double)).collect();
-            if values.is_empty() {
-                Tensor::zeros([0], (Kind::Double, device))
-            } else {
-                Tensor::stack(&values, 0)
-            }
-        };
-        let device = losses.values().next().map_or(tch::Device::Cpu, Tensor::device);
-        StepLosses {
-            names: losses.keys().cloned().collect(),
-            values: stack(losses.values().map(Tensor::shallow_clone).collect(), device),
-            counter_names: counters.keys().cloned().collect(),
-            counters: stack(counters.into_values().collect(), device),
-        }
-    }
-
-    /// These losses and counters plus `other`'s (another micro-batch of the same model), on the device.
-    pub fn plus(&self, other: &StepLosses) -> StepLosses {
-        StepLosses {
-            names: self.names.clone(),
-            values: &self.values + &other.values,
-            counter_names: self.counter_names.clone(),
-            counters: &self.counters + &other.counters,
-        }
-    }
-
-    /// The loss values by name, read on the host (one copy).
-    pub fn read(&self) -> anyhow::Result<BTreeMap<String, f64>> {
-        let values = transfer::download_vec::<f64>(&self.values)?;
-        Ok(self.names.iter().cloned().zip(values).collect())
-    }
-}
-
-/// What the one host read at the end of a step gives: the mean losses, the model's counters summed over the
-/// micro-batches, and the solver's values.
-#[derive(Debug)]
-pub struct StepRead {
-    /// Each loss, averaged over the micro-batches.
-    pub losses: BTreeMap<String, f64>,
-    /// Each device counter (`detector::diagnostics`), summed over the micro-batches.
-    pub counters: BTreeMap<String, f64>,
-    /// The solver's gradient norm and inf/NaN flag.
-    pub solver: StepValues,
-}
-
-/// The one host read at the end of a step: the losses summed over `accumulate` micro-batches (returned as their
-/// mean), the model's counters and the solver's values ([`Solver::prepare_step`]), in one copy.
-pub fn read_step(loss_sums: &StepLosses, accumulate: u64, prepared: &PreparedStep) -> anyhow::Result<StepRead> {
-    let solver_values = transfer::to_device(&prepared.values(), loss_sums.values.device());
-    let host =
-        transfer::download_vec::<f64>(&Tensor::cat(&[&loss_sums.values, &loss_sums.counters, &solver_values], 0))?;
-    let (losses, rest) = host.split_at(loss_sums.names.len());
-    let (counters, solver) = rest.split_at(loss_sums.counter_names.len());
-    Ok(StepRead {
-        losses: loss_sums.names.iter().cloned().zip(losses.iter().map(|v| v / accumulate as f64)).collect(),
-        counters: loss_sums.counter_names.iter().cloned().zip(counters.iter().copied()).collect(),
-        solver: StepValues::from_host(solver),
-    })
-}
-
-/// One micro-batch of training: the forward pass (under autocast in `amp`'s dtype when set; the solver's fp16
-/// loss scaler handles the gradients), then backward of the summed losses times `loss_multiplier`. Returns the
-/// losses on the device (no host read: the step reads them once at its end, [`read_step`]); a libtorch panic
-/// becomes an error. The [`Trainer`]'s steps and `trainer bench train` both run it.
-pub fn forward_backward(
-    model: &MaskRcnn,
-    images: &ImageBatch,
-    targets: &[GtInstances],
-    amp: Option<AmpDtype>,
-    loss_multiplier: f64,
-) -> anyhow::Result<StepLosses> {
-    panics::catch(|| -> anyhow::Result<StepLosses> {
-        let losses = autocast(images.images.device(), amp, || model.forward_train(images, targets))??;
-        let values = StepLosses::of(&losses, detector::diagnostics::take());
-        (total_loss(&losses) * loss_multiplier).backward();
-        Ok(values)
-    })?
-}
-
-/// Warns (naming the iteration, from 1) about the model's counters that say a step's result is not the exact one.
+/// Warns (naming the steps) about the model's counters that say a result is not the exact one: the counters are
+/// summed over the steps `first..=last` (numbered from 1).
 fn warn_about_counters(
-    iteration: u64,
+    (first, last): (u64, u64),
     counters: &BTreeMap<String, f64>,
     static_shapes: &detector::config::StaticShapesConfig,
 ) {
     if let Some(&unconverged) = counters.get("rpn_nms_unconverged").filter(|&&count| count > 0.0) {
+        let steps = if first == last { format!("iteration {last}") } else { format!("iterations {first}-{last}") };
         log::warn!(
-            "iteration {}: the RPN's device NMS had not converged after model.static_shapes.nms_sweeps = {} sweeps in \
+            "{steps}: the RPN's device NMS had not converged after model.static_shapes.nms_sweeps = {} sweeps in \
              {unconverged} (image, level) pairs, so their proposals are not exactly greedy NMS's; raise \
              model.static_shapes.nms_sweeps",
-            iteration + 1,
             static_shapes.nms_sweeps
         );
-    }
-}
-
-/// Sum of named losses as one scalar tensor.
-fn total_loss(losses: &BTreeMap<String, Tensor>) -> Tensor {
-    let mut terms = losses.values();
-    let first = terms.next().expect("the model returns at least one loss").shallow_clone();
-    terms.fold(first, |acc, l| acc + l)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn total_loss_sums_every_term() {
-        let losses: BTreeMap<String, Tensor> = [
-            ("loss_a".to_string(), Tensor::from(1.5f32)),
-            ("loss_b".to_string(), Tensor::from(0.25f32)),
-            ("loss_c".to_string(), Tensor::from(2.0f32)),
-        ]
-        .into();
-        assert_eq!(total_loss(&losses).to_kind(Kind::Double).double_value(&[]), 3.75);
-        let values = StepLosses::of(&losses, BTreeMap::new()).read().unwrap();
-        assert_eq!(values.values().copied().collect::<Vec<_>>(), [1.5, 0.25, 2.0]);
-        assert_eq!(values.keys().next().map(String::as_str), Some("loss_a"));
     }
 }

@@ -16,7 +16,7 @@ mod sgd;
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
-use tch::{nn::VarStore, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 
 pub use clip::{clip_grad_norm, total_grad_norm};
 pub use config::{
@@ -24,7 +24,7 @@ pub use config::{
 };
 pub use ema::{EmaState, ModelEma};
 pub use error::SolverError;
-pub use scaler::LossScaler;
+pub use scaler::{DeviceLossScaler, LossScaler};
 pub use schedule::LrSchedule;
 pub use sgd::{is_norm_param, weight_decay_for, Sgd};
 
@@ -53,7 +53,7 @@ pub struct StepReport {
     pub loss_scale: Option<f64>,
 }
 
-/// The device results of [`Solver::prepare_step`], read on the host with [`PreparedStep::values`].
+/// The device results of [`Solver::prepare_step`], used by [`Solver::update`].
 #[derive(Debug)]
 pub struct PreparedStep {
     /// The global gradient norm before clipping (0-dim), `None` without gradients.
@@ -62,32 +62,59 @@ pub struct PreparedStep {
     found_inf: Option<Tensor>,
 }
 
-impl PreparedStep {
-    /// `[2]` float64 on the gradients' device: the gradient norm and the inf/NaN flag (0 without a scaler), for
-    /// [`StepValues::from_host`] once read.
-    pub fn values(&self) -> Tensor {
-        let device = self.grad_norm.as_ref().or(self.found_inf.as_ref()).map_or(tch::Device::Cpu, Tensor::device);
-        let scalar = |t: Option<&Tensor>| match t {
-            Some(t) => transfer::to_device(&t.reshape([1]), device).to_kind(tch::Kind::Double),
-            None => Tensor::zeros([1], (tch::Kind::Double, device)),
-        };
-        Tensor::cat(&[scalar(self.grad_norm.as_ref()), scalar(self.found_inf.as_ref())], 0)
-    }
+/// An optimizer step queued on the device by [`Solver::update`]: what the host knows of it, and its values on
+/// the device for the next read ([`DeviceStep::report`]).
+#[derive(Debug)]
+pub struct DeviceStep {
+    /// The iteration the step belonged to.
+    pub iteration: u64,
+    /// The learning rate it used.
+    pub lr: f64,
+    /// `[4]` float64 on the device: the gradient norm before clipping, whether the fp16 scaler skipped the step,
+    /// whether it failed (a non-finite loss, or non-finite gradients the scaler does not explain; its update was
+    /// skipped too), and the loss scale after it (NaN without a scaler).
+    pub values: Tensor,
 }
 
-/// [`PreparedStep::values`] read on the host.
+/// [`DeviceStep::values`] read on the host.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepValues {
     /// The global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Whether the fp16 unscale found inf/NaN gradients.
+    /// Whether the fp16 unscale found inf/NaN gradients (the update was skipped).
     pub found_non_finite: bool,
+    /// Whether the step failed: a non-finite loss, or non-finite gradients without the scaler's flag (the update
+    /// was skipped; training must stop).
+    pub failed: bool,
+    /// The fp16 loss scale after the step, `None` without a scaler.
+    pub loss_scale: Option<f64>,
 }
 
 impl StepValues {
-    /// From the two values of [`PreparedStep::values`].
+    /// Values in a [`DeviceStep::values`] read.
+    pub const COUNT: usize = 4;
+
+    /// From the [`StepValues::COUNT`] values of [`DeviceStep::values`].
     pub fn from_host(values: &[f64]) -> Self {
-        StepValues { grad_norm: values[0], found_non_finite: values[1] != 0.0 }
+        StepValues {
+            grad_norm: values[0],
+            found_non_finite: values[1] != 0.0,
+            failed: values[2] != 0.0,
+            loss_scale: (!values[3].is_nan()).then_some(values[3]),
+        }
+    }
+}
+
+impl DeviceStep {
+    /// The report of this step from its values read on the host.
+    pub fn report(&self, values: StepValues) -> StepReport {
+        StepReport {
+            iteration: self.iteration,
+            lr: self.lr,
+            grad_norm: values.grad_norm,
+            skipped: values.found_non_finite,
+            loss_scale: values.loss_scale,
+        }
     }
 }
 
@@ -115,13 +142,18 @@ const MOMENTUM_PREFIX: &str = "momentum_buffer.";
 /// SGD + schedule + clipping + accumulation + loss scaling, advanced once per optimizer step.
 ///
 /// Per step the caller runs `config.accumulate` micro-batches, each calling
-/// `(loss * solver.loss_multiplier()).backward()`, then [`Solver::step`].
+/// `(loss * solver.loss_multiplier()).backward()`, then [`Solver::step`] (or [`Solver::prepare_step`] and
+/// [`Solver::update`], which read nothing on the host).
 #[derive(Debug)]
 pub struct Solver {
     config: SolverConfig,
     schedule: LrSchedule,
     sgd: Sgd,
-    scaler: Option<LossScaler>,
+    scaler: Option<DeviceLossScaler>,
+    /// The parameters' device (the first's; CPU without parameters), where the step's flags live.
+    device: Device,
+    /// `1 / accumulate` as a 0-dim float32 on `device`: the loss multiplier without a scaler.
+    inverse_accumulate: Tensor,
     iteration: u64,
 }
 
@@ -129,13 +161,17 @@ impl Solver {
     /// A solver over named trainable tensors (tensors not requiring grad are ignored).
     pub fn new(params: BTreeMap<String, Tensor>, config: &SolverConfig) -> Result<Self, SolverError> {
         config.validate()?;
-        let scaler = (config.amp.enabled && config.amp.dtype == AmpDtype::Fp16)
-            .then(|| LossScaler::new(config.amp.init_scale, config.amp.growth_interval));
+        let device = params.values().next().map_or(Device::Cpu, Tensor::device);
+        let scaler = (config.amp.enabled && config.amp.dtype == AmpDtype::Fp16).then(|| {
+            DeviceLossScaler::new(&LossScaler::new(config.amp.init_scale, config.amp.growth_interval), device)
+        });
         Ok(Solver {
             config: config.clone(),
             schedule: LrSchedule::new(config),
             sgd: Sgd::new(params, config),
             scaler,
+            device,
+            inverse_accumulate: Tensor::full([], 1.0 / config.accumulate as f64, (Kind::Float, device)),
             iteration: 0,
         })
     }
@@ -165,10 +201,14 @@ impl Solver {
         &self.sgd
     }
 
-    /// What each micro-batch loss is multiplied by before backward: the fp16 loss scale divided by
-    /// `accumulate`, so accumulated gradients equal those of one `accumulate`-times larger batch.
-    pub fn loss_multiplier(&self) -> f64 {
-        self.scaler.as_ref().map_or(1.0, |s| s.scale) / self.config.accumulate as f64
+    /// What each micro-batch loss is multiplied by before backward, a 0-dim float32 on the parameters' device
+    /// (the scale never leaves it): the fp16 loss scale divided by `accumulate`, so accumulated gradients equal
+    /// those of one `accumulate`-times larger batch.
+    pub fn loss_multiplier(&self) -> Tensor {
+        match &self.scaler {
+            Some(scaler) => scaler.scale().reshape([]) / self.config.accumulate as f64,
+            None => self.inverse_accumulate.shallow_clone(),
+        }
     }
 
     /// Sets every gradient to zero (also done at the end of [`Solver::step`]).
@@ -176,24 +216,29 @@ impl Solver {
         self.sgd.zero_grad();
     }
 
-    /// Finishes the current iteration ([`Solver::prepare_step`], one host read of its values, then
-    /// [`Solver::finish_step`]).
+    /// Finishes the current iteration and reads its values on the host: [`Solver::prepare_step`],
+    /// [`Solver::update`], one read. Fails on non-finite gradients without a loss scaler (the update was skipped,
+    /// the weights are untouched); the training engine instead reads its steps late, in batches.
     pub fn step(&mut self) -> Result<StepReport, SolverError> {
         let prepared = self.prepare_step()?;
-        let values = transfer::download_vec::<f64>(&prepared.values())?;
-        self.finish_step(StepValues::from_host(&values))
+        let step = self.update(&prepared, None)?;
+        let values = StepValues::from_host(&transfer::download_vec::<f64>(&step.values)?);
+        if values.failed {
+            return Err(SolverError::NonFiniteGradients { iteration: step.iteration + 1, norm: values.grad_norm });
+        }
+        Ok(step.report(values))
     }
 
-    /// The device half of a step, without reading anything on the host: unscales the gradients (fp16, flagging
-    /// inf/NaN on the device), clips them or computes their norm. The caller reads [`PreparedStep::values`] (with
-    /// whatever else the step reads, in one copy) and passes them to [`Solver::finish_step`].
+    /// The first device half of a step: unscales the gradients (fp16, flagging inf/NaN on the device), clips
+    /// them or computes their norm (the norm is also the check for non-finite gradients). Nothing is read on the
+    /// host.
     pub fn prepare_step(&mut self) -> Result<PreparedStep, SolverError> {
         let params = self.sgd.with_gradients();
         let found_inf = match &self.scaler {
             Some(scaler) => Some(scaler.unscale(&params)?),
             None => None,
         };
-        // Clipping a step that the scaler will skip is harmless: its gradients are dropped unused.
+        // Clipping a step that is skipped is harmless: its gradients are dropped unused.
         let grad_norm = if self.config.clip_gradients.enabled {
             clip_grad_norm(&params, self.config.clip_gradients.max_norm)?
         } else {
@@ -202,44 +247,53 @@ impl Solver {
         Ok(PreparedStep { grad_norm, found_inf })
     }
 
-    /// The host half of a step, given the values read from [`Solver::prepare_step`]: skips the update on inf/NaN
-    /// gradients (fp16) or fails on them (otherwise), updates with the scheduled LR, advances the iteration and
-    /// zeroes the gradients.
-    pub fn finish_step(&mut self, values: StepValues) -> Result<StepReport, SolverError> {
-        let found_non_finite = self.scaler.is_some() && values.found_non_finite;
-        let lr = self.lr();
-        let iteration = self.iteration;
-        let mut grad_norm = f64::NAN;
-        if !found_non_finite {
-            grad_norm = values.grad_norm;
-            if !grad_norm.is_finite() {
-                return Err(SolverError::NonFiniteGradients { iteration: iteration + 1, norm: grad_norm });
-            }
-            self.sgd.step(lr)?;
-        }
-        if let Some(scaler) = &mut self.scaler {
-            scaler.update(found_non_finite);
+    /// The second device half of a step, without reading anything on the host. The step fails when a value of
+    /// `losses` (this step's loss terms, if given) is not finite, or the gradient norm is not finite and the
+    /// fp16 scaler did not flag the gradients. The update (at the scheduled LR) is applied unless the step failed
+    /// or the scaler flagged it, as a device-side condition ([`Sgd::step`]); the scaler updates its scale; the
+    /// iteration advances and the gradients are dropped. The returned [`DeviceStep`] carries the flags for a
+    /// later read.
+    pub fn update(&mut self, prepared: &PreparedStep, losses: Option<&Tensor>) -> Result<DeviceStep, SolverError> {
+        let _no_grad = tch::no_grad_guard();
+        let device = self.device;
+        let on_device = |t: &Tensor| transfer::to_device(t, device);
+        let truth = |value: bool| Tensor::full([], i64::from(value), (Kind::Bool, device));
+        let found = prepared.found_inf.as_ref().map_or_else(|| truth(false), |f| on_device(&f.reshape([]).ne(0.0)));
+        let norm_finite = prepared.grad_norm.as_ref().map_or_else(|| truth(true), |n| on_device(&n.isfinite()));
+        let losses_finite = losses.map_or_else(|| truth(true), |l| on_device(&l.isfinite().all()));
+        let failed =
+            losses_finite.logical_not().logical_or(&found.logical_not().logical_and(&norm_finite.logical_not()));
+        let apply = failed.logical_or(&found).logical_not();
+        let (iteration, lr) = (self.iteration, self.lr());
+        self.sgd.step(lr, &apply)?;
+        if let (Some(scaler), Some(found_inf)) = (&mut self.scaler, &prepared.found_inf) {
+            scaler.update(&on_device(found_inf))?;
         }
         self.sgd.zero_grad();
         self.iteration += 1;
-        Ok(StepReport {
-            iteration,
-            lr,
-            grad_norm,
-            skipped: found_non_finite,
-            loss_scale: self.scaler.as_ref().map(|s| s.scale),
-        })
+        let as_value = |t: &Tensor| t.reshape([1]).to_kind(Kind::Double);
+        let grad_norm = prepared
+            .grad_norm
+            .as_ref()
+            .map_or_else(|| Tensor::zeros([1], (Kind::Double, device)), |n| as_value(&on_device(n)));
+        let scale = self
+            .scaler
+            .as_ref()
+            .map_or_else(|| Tensor::full([1], f64::NAN, (Kind::Double, device)), |s| as_value(s.scale()));
+        let values = Tensor::cat(&[grad_norm, as_value(&found), as_value(&failed), scale], 0);
+        Ok(DeviceStep { iteration, lr, values })
     }
 
-    /// Momentum buffers, iteration and loss scaler, for a checkpoint.
-    pub fn state_dict(&self) -> SolverState {
+    /// Momentum buffers, iteration and loss scaler, for a checkpoint (reads the scaler on the host).
+    pub fn state_dict(&self) -> Result<SolverState, SolverError> {
         let tensors = self
             .sgd
             .params
             .iter()
             .filter_map(|p| p.momentum_buffer.as_ref().map(|b| (format!("{MOMENTUM_PREFIX}{}", p.name), b.copy())))
             .collect();
-        SolverState { tensors, scalars: SolverScalars { iteration: self.iteration, loss_scaler: self.scaler.clone() } }
+        let loss_scaler = self.scaler.as_ref().map(DeviceLossScaler::state).transpose()?;
+        Ok(SolverState { tensors, scalars: SolverScalars { iteration: self.iteration, loss_scaler } })
     }
 
     /// Restores a [`Solver::state_dict`]; every buffer must name a current parameter with the same shape. Nothing
@@ -281,7 +335,7 @@ impl Solver {
                 .get(param.name.as_str())
                 .map(|buffer| transfer::to_device(buffer, param.tensor.device()).to_kind(param.tensor.kind()).copy());
         }
-        self.scaler = state.scalars.loss_scaler.clone();
+        self.scaler = state.scalars.loss_scaler.as_ref().map(|s| DeviceLossScaler::new(s, self.device));
         self.iteration = state.scalars.iteration;
         Ok(())
     }

@@ -19,6 +19,7 @@ extern "C" {
         momentum: f64,
         weight_decay: f64,
         nesterov: c_int,
+        apply: RawTensor,
     ) -> *mut c_char;
     fn vovdet_total_grad_norm(params: *const RawTensor, count: i64, total: *mut RawTensor) -> *mut c_char;
     fn vovdet_scale_grads(params: *const RawTensor, count: i64, coefficient: RawTensor) -> *mut c_char;
@@ -46,20 +47,23 @@ fn check(message: *mut c_char) -> Result<(), SolverError> {
     take_message(message).map_or(Ok(()), |text| Err(SolverError::Tensor(text)))
 }
 
-/// One SGD step over `group` (parameters with gradients and the same decay, each with its momentum buffer);
-/// creates missing buffers.
+/// One SGD step over `group` (parameters with gradients and the same decay, each with its momentum buffer),
+/// applied where the 0-dim bool `apply` on their device is true and a bit-exact no-op where it is false (no host
+/// read); creates missing buffers (zeros).
 pub(super) fn sgd_step(
     mut group: Vec<(&Tensor, &mut Option<Tensor>)>,
     lr: f64,
     momentum: f64,
     weight_decay: f64,
     nesterov: bool,
+    apply: &Tensor,
 ) -> Result<(), SolverError> {
     let params: Vec<RawTensor> = group.iter().map(|(tensor, _)| raw(tensor)).collect();
     let mut buffers: Vec<RawTensor> =
         group.iter().map(|(_, buffer)| buffer.as_ref().map_or(std::ptr::null_mut(), raw)).collect();
     let had_buffer: Vec<bool> = buffers.iter().map(|b| !b.is_null()).collect();
-    // SAFETY: `params` and `buffers` hold `count` live at::Tensor pointers (or NULL buffers) for the call.
+    // SAFETY: `params` and `buffers` hold `count` live at::Tensor pointers (or NULL buffers) for the call, and
+    // `apply` is live.
     let result = check(unsafe {
         vovdet_sgd_step(
             params.as_ptr(),
@@ -69,6 +73,7 @@ pub(super) fn sgd_step(
             momentum,
             weight_decay,
             c_int::from(nesterov),
+            raw(apply),
         )
     });
     for (((_, momentum_buffer), buffer), had) in group.iter_mut().zip(&buffers).zip(had_buffer) {

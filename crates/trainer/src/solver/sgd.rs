@@ -39,8 +39,8 @@ pub(super) struct SgdParam {
     pub(super) momentum_buffer: Option<Tensor>,
 }
 
-/// SGD with momentum exactly as `torch.optim.SGD` (dampening 0): `d = g + wd*p`; first step `buf = d`, then
-/// `buf = m*buf + d`; `d = d + m*buf` (Nesterov) or `d = buf`; `p -= lr*d`. The tensor work runs through
+/// SGD with momentum exactly as `torch.optim.SGD` (dampening 0): `d = g + wd*p`; first step `buf = d` (here
+/// `m*0 + d` on a zero buffer, the same bits), then `buf = m*buf + d`; `d = d + m*buf` (Nesterov) or `d = buf`; `p -= lr*d`. The tensor work runs through
 /// libtorch's multi-tensor (`_foreach_*`) operators, one call per weight-decay group, as torch's `foreach=True`
 /// path (the CUDA default): a few kernel launches for all parameters instead of several per parameter. On the
 /// CPU those operators fall back to torch's single-tensor operations, so the results are bit-identical to
@@ -91,8 +91,10 @@ impl Sgd {
         multi_tensor::drop_grads(&params).expect("dropping gradients of parameters");
     }
 
-    /// One update with learning rate `lr` from the current gradients (parameters without one are skipped).
-    pub fn step(&mut self, lr: f64) -> Result<(), SolverError> {
+    /// One update with learning rate `lr` from the current gradients (parameters without one are left alone),
+    /// applied only where the 0-dim bool `apply` on the parameters' device is true, without a host read: a
+    /// skipped update leaves weights and momentum exactly as they were.
+    pub fn step(&mut self, lr: f64, apply: &Tensor) -> Result<(), SolverError> {
         let mut decays: Vec<f64> = self.params.iter().map(|p| p.weight_decay).collect();
         decays.sort_by(f64::total_cmp);
         decays.dedup();
@@ -103,7 +105,7 @@ impl Sgd {
                 .filter(|p| p.weight_decay.to_bits() == decay.to_bits() && p.tensor.grad().defined())
                 .map(|p| (&p.tensor, &mut p.momentum_buffer))
                 .collect();
-            multi_tensor::sgd_step(group, lr, self.momentum, decay, self.nesterov)?;
+            multi_tensor::sgd_step(group, lr, self.momentum, decay, self.nesterov, apply)?;
         }
         Ok(())
     }

@@ -37,6 +37,11 @@ fn is_due(eval: &EvalConfig, iteration: u64, max_iter: u64) -> bool {
 }
 
 impl Hook for EvalHook<'_> {
+    /// Evaluations follow a read, so that a failed step stops the run before the model is evaluated.
+    fn needs_read(&self, trainer: &Trainer, iteration: u64) -> bool {
+        is_due(&self.config.eval, iteration, trainer.max_iter)
+    }
+
     fn after_step(&mut self, trainer: &mut Trainer) -> anyhow::Result<()> {
         let iteration = trainer.iteration;
         if !is_due(&self.config.eval, iteration, trainer.max_iter) {

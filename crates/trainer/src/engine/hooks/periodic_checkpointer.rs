@@ -13,6 +13,11 @@ fn saves(main: bool, checkpointer: &Checkpointer, iteration: u64, max_iter: u64)
 }
 
 impl Hook for PeriodicCheckpointer {
+    /// Every rank reads before a checkpoint, so that a failed step stops the run before it is saved.
+    fn needs_read(&self, trainer: &Trainer, iteration: u64) -> bool {
+        trainer.checkpointer.is_due(iteration, trainer.max_iter)
+    }
+
     fn after_step(&mut self, trainer: &mut Trainer) -> anyhow::Result<()> {
         if saves(trainer.group.is_main(), &trainer.checkpointer, trainer.iteration, trainer.max_iter) {
             trainer.save_checkpoint()?;

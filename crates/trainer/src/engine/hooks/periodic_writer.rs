@@ -45,6 +45,10 @@ impl PeriodicWriter {
 }
 
 impl Hook for PeriodicWriter {
+    fn needs_read(&self, trainer: &Trainer, iteration: u64) -> bool {
+        self.is_due(iteration, trainer.max_iter)
+    }
+
     fn before_train(&mut self, _trainer: &mut Trainer) -> anyhow::Result<()> {
         self.window_start = Instant::now();
         Ok(())
@@ -54,7 +58,8 @@ impl Hook for PeriodicWriter {
         self.window_iters += 1;
         self.data_seconds += trainer.data_seconds;
         let iteration = trainer.iteration;
-        let due = self.is_due(iteration, trainer.max_iter);
+        // Due iterations were read ([`Hook::needs_read`]), so the trainer's losses and report are this step's.
+        let due = self.is_due(iteration, trainer.max_iter) && trainer.last_read == Some(iteration);
         let Some(logger) = &mut trainer.logger else { return Ok(()) };
         logger.set_position(iteration);
         if due {
@@ -69,6 +74,7 @@ impl Hook for PeriodicWriter {
             };
             logger.skipped_images = self.skipped_at_load + trainer.loader.skipped();
             let report = trainer.report.as_ref().expect("a step ran");
+            let sync_counts = trainer.sync_counts.as_mut().map(std::mem::take);
             logger.iteration(
                 iteration,
                 trainer.max_iter,
@@ -78,6 +84,7 @@ impl Hook for PeriodicWriter {
                 data_time,
                 self.ims_per_batch,
                 max_memory,
+                sync_counts.as_deref(),
             )?;
             self.window_start = Instant::now();
             self.data_seconds = 0.0;
