@@ -19,7 +19,7 @@ use crate::distributed::RankGroup;
 use crate::engine::hooks::{
     BestCheckpointer, EmaUpdater, EvalHook, PeriodicCheckpointer, PeriodicWriter, RankBarrier, SignalStop,
 };
-use crate::engine::{CheckpointInfo, Hook, Logger, TrainOutcome, Trainer};
+use crate::engine::{CheckpointInfo, DeviceFeed, Hook, Logger, TrainOutcome, Trainer};
 use crate::gradients::GradientAveraging;
 use crate::layout::{momentum_to_channels_last, variables_to_channels_last};
 use crate::model::{build_for_dataset, BuiltModel};
@@ -128,7 +128,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         vs,
         solver,
         ema,
-        loader,
+        feed: DeviceFeed::new(loader, options.device)?,
         group: group.clone(),
         device: options.device,
         checkpointer,

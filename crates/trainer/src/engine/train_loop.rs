@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::Context;
-use data::loader::Loader;
 use detector::MaskRcnn;
 use serde_json::json;
 use tch::{nn, Device};
 
+use super::feed::DeviceFeed;
 use super::step::{forward_backward, StepLog, StepLosses};
 use super::Logger;
 use crate::checkpoint::{named_variables, torch_seed, CheckpointContents, Checkpointer};
@@ -85,8 +85,9 @@ pub struct Trainer {
     pub solver: Solver,
     /// The EMA of the weights (`solver.ema`), updated by [`crate::engine::hooks::EmaUpdater`].
     pub ema: Option<ModelEma>,
-    /// The training loader (its sampler state goes into checkpoints).
-    pub loader: Loader,
+    /// The training batches, uploaded one step ahead (the sampler state of the consumed ones goes into
+    /// checkpoints).
+    pub feed: DeviceFeed,
     /// The ranks of the run.
     pub group: RankGroup,
     /// Where the model runs.
@@ -183,7 +184,7 @@ impl Trainer {
         let multiplier = self.solver.loss_multiplier();
         for micro_batch in 0..self.accumulate {
             let fetch = Instant::now();
-            let batch = self.loader.next().context("the training loader stopped")??.images_to_device(self.device);
+            let batch = self.feed.next_batch()?;
             self.data_seconds += fetch.elapsed().as_secs_f64();
             let (mut images, targets) = model_inputs(batch);
             if self.channels_last {
@@ -257,7 +258,7 @@ impl Trainer {
             model: &model_tensors,
             solver: &self.solver.state_dict()?,
             ema: ema.as_ref(),
-            sampler: serde_json::to_value(self.loader.sampler_state())?,
+            sampler: serde_json::to_value(self.feed.sampler_state())?,
             rng: json!({"torch": "manual_seed(torch_seed(seed, iteration)) at every iteration", "seed": self.seed}),
             config_toml: &self.checkpoint_info.config_toml,
             device: format!("{:?}", self.device),

@@ -72,7 +72,7 @@ impl Hook for PeriodicWriter {
                 }
                 _ => None,
             };
-            logger.skipped_images = self.skipped_at_load + trainer.loader.skipped();
+            logger.skipped_images = self.skipped_at_load + trainer.feed.skipped();
             let report = trainer.report.as_ref().expect("a step ran");
             let sync_counts = trainer.sync_counts.as_mut().map(std::mem::take);
             logger.iteration(
