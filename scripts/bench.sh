@@ -51,20 +51,29 @@ fi
 # torchvision's device spelling: cuda:N stays, auto is not accepted there.
 case "$DEVICE" in auto) echo "bench.sh: give --device cpu or cuda[:N]" >&2; exit 2 ;; esac
 
+# pair MODE ARGS...: ours (`trainer bench MODE` with the config, its --set overrides and OURS_EXTRA) and then
+# torchvision's (`bench_torchvision.py MODE` for the same number of classes, with THEIRS_EXTRA), both with ARGS;
+# prints both JSON objects and appends them to `rows`.
+OURS_EXTRA=(); THEIRS_EXTRA=(); rows=()
+pair() {
+  local mode=$1; shift
+  local ours theirs classes
+  ours=$("$TRAINER_BIN" bench "$mode" --config "$CONFIG" "${SETS[@]}" "${OURS_EXTRA[@]}" "$@" --json)
+  classes=$(printf '%s' "$ours" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["num_classes"])')
+  theirs=$("$PYTHON" scripts/bench_torchvision.py "$mode" "$@" --num-classes "$classes" "${THEIRS_EXTRA[@]}" \
+    2> >(grep -v -e 'trainable_backbone_layers' -e 'warnings.warn' -e 'Profiler clears events' -e '_warn_once' -e 'gpuGetDeviceCount' >&2))
+  echo "ours:   $ours"
+  echo "theirs: $theirs"
+  rows+=("$ours" "$theirs")
+}
+
 if [ "$PROXY" = 1 ]; then
-  NARROW=(--set model.rpn.pre_nms_topk_train=200 --set model.rpn.post_nms_topk_train=100
-          --set model.rpn.batch_size_per_image=64 --set model.roi_heads.batch_size_per_image=32)
-  rows=()
+  OURS_EXTRA=(--set model.rpn.pre_nms_topk_train=200 --set model.rpn.post_nms_topk_train=100
+              --set model.rpn.batch_size_per_image=64 --set model.roi_heads.batch_size_per_image=32)
+  THEIRS_EXTRA=(--narrow)
   for size in 64x64 96x96 128x128; do
-    proxy=(--size "$size" --batch "${BATCH:-2}" --iters "$ITERS" --warmup "$WARMUP" --device "$DEVICE"
-           --threads "$THREADS" "${AMP[@]}")
-    ours=$("$TRAINER_BIN" bench train --config "$CONFIG" "${SETS[@]}" "${NARROW[@]}" "${proxy[@]}" --json)
-    classes=$(printf '%s' "$ours" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["num_classes"])')
-    theirs=$("$PYTHON" scripts/bench_torchvision.py train "${proxy[@]}" --num-classes "$classes" --narrow \
-      2> >(grep -v -e 'trainable_backbone_layers' -e 'warnings.warn' -e 'Profiler clears events' -e '_warn_once' -e 'gpuGetDeviceCount' >&2))
-    echo "ours:   $ours"
-    echo "theirs: $theirs"
-    rows+=("$ours" "$theirs")
+    pair train --size "$size" --batch "${BATCH:-2}" --iters "$ITERS" --warmup "$WARMUP" --device "$DEVICE" \
+      --threads "$THREADS" "${AMP[@]}"
   done
   "$PYTHON" - "${rows[@]}" <<'PY'
 import json, sys
@@ -90,23 +99,21 @@ print()
 print("| host intercept ours (s) | theirs (s) | ours/theirs | ns per pixel ours | theirs |")
 print("|---|---|---|---|---|")
 print(f"| {host_o:.4f} | {host_t:.4f} | {host_o / host_t:.2f} | {c_o * 1e9:.1f} | {c_t * 1e9:.1f} |")
+# The summary as one JSON line last (scripts/gpu-check.sh keeps it).
+print(json.dumps({"mode": "proxy", "device": ours[0]["device"], "host_seconds_ours": host_o, "host_seconds_theirs": host_t,
+                  "host_ours_over_theirs": host_o / host_t, "ops_per_iter_ours": ours[0]["ops_per_iter"],
+                  "ops_per_iter_theirs": theirs[0].get("ops_per_iter"),
+                  "host_syncs_per_iter_ours": ours[0]["host_syncs_per_iter"]}))
 PY
   exit 0
 fi
 
 common=(--size "$SIZE" --iters "$ITERS" --warmup "$WARMUP" --device "$DEVICE" --threads "$THREADS" "${AMP[@]}")
-rows=()
 for mode in "${MODES[@]}"; do
   batch=()
   # infer always measures batch 1.
   if [ -n "$BATCH" ] && [ "$mode" = train ]; then batch=(--batch "$BATCH"); fi
-  ours=$("$TRAINER_BIN" bench "$mode" --config "$CONFIG" "${SETS[@]}" "${common[@]}" "${batch[@]}" --json)
-  classes=$(printf '%s' "$ours" | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["num_classes"])')
-  theirs=$("$PYTHON" scripts/bench_torchvision.py "$mode" "${common[@]}" "${batch[@]}" \
-    --num-classes "$classes" 2> >(grep -v -e 'trainable_backbone_layers' -e 'warnings.warn' -e 'Profiler clears events' -e '_warn_once' -e 'gpuGetDeviceCount' >&2))
-  echo "ours:   $ours"
-  echo "theirs: $theirs"
-  rows+=("$ours" "$theirs")
+  pair "$mode" "${common[@]}" "${batch[@]}"
 done
 "$PYTHON" - "${rows[@]}" <<'PY'
 import json, sys

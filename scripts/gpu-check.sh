@@ -7,8 +7,13 @@
 #      batch 2 and 4, next to torchvision's maskrcnn_resnet50_fpn on the same inputs and GPU; both also with
 #      `[model.static_shapes]` (the step without host syncs in the detector); R-50 at batch 2 also with
 #      channels_last and with bf16 autocast,
-#   4. `trainer bench infer` (V-57 GN, R-50-FPN) and torchvision's inference,
-#   5. the backbone efficiency table (V-39/57/99, R-50/101, DenseNet-201 GN at 800x1344).
+#      R-50 and torchvision at batch 2 also in float32 (eager, no autocast),
+#   4. a short training run of the GPU-shaped step with `log.sync_counts` (host syncs and blocking copies of every
+#      step, counted in a real run on the GPU),
+#   5. the host-overhead proxy (`scripts/bench.sh --proxy`: ours and torchvision at 64..128 pixels, the fitted
+#      per-step host time and its ratio),
+#   6. `trainer bench infer` (V-57 GN, R-50-FPN) and torchvision's inference,
+#   7. the backbone efficiency table (V-39/57/99, R-50/101, DenseNet-201 GN at 800x1344).
 #
 # Usage: scripts/gpu-check.sh [--device cuda:N] [--quick]
 #   --quick: a few iterations at 320x320 (a smoke run of the script itself; with --device cpu it runs anywhere,
@@ -86,7 +91,13 @@ for batch in 2 4; do
   step "train_v57_b$batch" "$TRAINER_BIN" bench train "${V57[@]}" --device "$DEVICE" --size "$SIZE" --batch "$batch" \
     "${ITERS[@]}" "${AMP[@]}" --json
 done
-# The GPU-shaped step: fixed shapes, loader-made bitmap masks and fixed RoIAlign sampling (1 host sync per step).
+# Float32 (eager), ours and torchvision's.
+step train_r50_b2_fp32 "$TRAINER_BIN" bench train "${R50[@]}" --device "$DEVICE" --size "$SIZE" --batch 2 \
+  "${ITERS[@]}" --json
+step train_torchvision_b2_fp32 "$PYTHON" scripts/bench_torchvision.py train --device "$DEVICE" --size "$SIZE" \
+  --batch 2 "${ITERS[@]}" --num-classes 90
+# The GPU-shaped step: fixed shapes, loader-made bitmap masks and fixed RoIAlign sampling (no host sync between
+# reads of the training log).
 STATIC=(--set model.static_shapes.enabled=true --set 'input.mask_format="bitmask"'
   --set model.box_head.pooler_sampling_ratio=2 --set model.mask_head.pooler_sampling_ratio=2)
 for batch in 2 4; do
@@ -95,6 +106,18 @@ for batch in 2 4; do
 done
 step train_v57_static_b2 "$TRAINER_BIN" bench train "${V57[@]}" "${STATIC[@]}" --device "$DEVICE" --size "$SIZE" \
   --batch 2 "${ITERS[@]}" "${AMP[@]}" --json
+# The GPU-shaped step in a real training run, with every step's host syncs and copies in metrics.jsonl.
+static_run() {
+  local out; out=$(mktemp -d)
+  "$TRAINER_BIN" train configs/demo_shapes.toml --set "device=\"$DEVICE\"" --quiet --output "$out" "${STATIC[@]}" \
+    --set solver.max_iter=$([ "$QUICK" = 1 ] && echo 6 || echo 40) --set log.period=$([ "$QUICK" = 1 ] && echo 6 || echo 20) \
+    --set log.sync_counts=true --set "solver.amp.enabled=$([ ${#AMP[@]} -gt 0 ] && echo true || echo false)" \
+    --set eval.at_end=false >&2 || return 1
+  tail -n 1 "$out/metrics.jsonl"
+}
+step train_static_sync_counts static_run
+step proxy scripts/bench.sh --proxy --device "$DEVICE" $([ "$QUICK" = 1 ] && echo "--iters 2 --warmup 1" || echo "--iters 20 --warmup 5") \
+  "${AMP[@]}"
 step train_r50_b2_channels_last "$TRAINER_BIN" bench train "${R50[@]}" --set channels_last=true --device "$DEVICE" \
   --size "$SIZE" --batch 2 "${ITERS[@]}" "${AMP[@]}" --json
 [ "$DEVICE" = cpu ] || step train_r50_b2_bf16 "$TRAINER_BIN" bench train "${R50[@]}" --device "$DEVICE" --size "$SIZE" \

@@ -54,10 +54,11 @@ extern "C" {
 // with dampening 0 (d = g + wd*p; buf = m*buf + d; d = d + m*buf (Nesterov) or d = buf; p -= lr*d), applied only
 // where the 0-dim bool tensor `apply` (on the parameters' device) is true, without reading it on the host: a
 // skipped step leaves parameters and buffers bit-for-bit unchanged, an applied one is bit-identical to
-// torch.optim.SGD. The guard: d is zeroed when skipping (it may hold inf/NaN), the momentum factor becomes 1 and
-// the direction is multiplied by 0 (finite buffers, so exactly 0). `buffers[i]` is NULL when parameter i has no
-// momentum buffer yet; a zero buffer is created there (a heap at::Tensor the caller owns): m*0 + d equals
-// torch's first-step buf = d.
+// torch.optim.SGD. The guard: d is zeroed in place when skipping (it may hold inf/NaN), the momentum factor
+// becomes 1 and the direction is multiplied by 0 (finite buffers, so exactly 0). `buffers[i]` is NULL when
+// parameter i has no momentum buffer yet; a zero buffer is created there (a heap at::Tensor the caller owns):
+// m*0 + d equals torch's first-step buf = d. The gradients themselves may be overwritten (they are dropped
+// after the step).
 char* vovdet_sgd_step(at::Tensor** params, at::Tensor** buffers, int64_t count, double lr, double momentum,
                       double weight_decay, int nesterov, at::Tensor* apply) {
   return without_grad([&] {
@@ -69,29 +70,34 @@ char* vovdet_sgd_step(at::Tensor** params, at::Tensor** buffers, int64_t count, 
     if (weight_decay != 0.0) {
       directions = at::_foreach_add(directions, parameters, weight_decay);
     }
+    at::Tensor skip = apply->logical_not();
     for (auto& direction : directions) {
-      direction = at::where(*apply, direction, at::Scalar(0.0));
+      direction.masked_fill_(skip, 0.0);
     }
     at::Tensor applied = apply->to(parameters[0].scalar_type());
-    if (momentum != 0.0) {
-      std::vector<at::Tensor> bufs;
-      for (int64_t i = 0; i < count; ++i) {
-        if (buffers[i] == nullptr) {
-          buffers[i] = new at::Tensor(at::zeros_like(parameters[i]));
-        }
-        bufs.push_back(*buffers[i]);
-      }
-      at::Tensor factor = at::where(*apply, at::scalar_tensor(momentum, applied.options()),
-                                    at::scalar_tensor(1.0, applied.options()));
-      at::_foreach_mul_(bufs, factor);
-      at::_foreach_add_(bufs, directions, 1.0);
-      if (nesterov != 0) {
-        at::_foreach_add_(directions, bufs, momentum);
-      } else {
-        directions = bufs;
-      }
+    if (momentum == 0.0) {
+      at::_foreach_mul_(directions, applied);
+      at::_foreach_add_(parameters, directions, -lr);
+      return;
     }
-    at::_foreach_add_(parameters, at::_foreach_mul(directions, applied), -lr);
+    std::vector<at::Tensor> bufs;
+    for (int64_t i = 0; i < count; ++i) {
+      if (buffers[i] == nullptr) {
+        buffers[i] = new at::Tensor(at::zeros_like(parameters[i]));
+      }
+      bufs.push_back(*buffers[i]);
+    }
+    at::Tensor factor = at::where(*apply, at::scalar_tensor(momentum, applied.options()),
+                                  at::scalar_tensor(1.0, applied.options()));
+    at::_foreach_mul_(bufs, factor);
+    at::_foreach_add_(bufs, directions, 1.0);
+    if (nesterov != 0) {
+      at::_foreach_add_(directions, bufs, momentum);
+      at::_foreach_mul_(directions, applied);
+      at::_foreach_add_(parameters, directions, -lr);
+    } else {
+      at::_foreach_add_(parameters, at::_foreach_mul(bufs, applied), -lr);
+    }
   });
 }
 

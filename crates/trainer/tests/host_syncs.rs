@@ -7,33 +7,18 @@ use std::path::Path;
 
 mod common;
 
-use common::{metrics, repo_root, stderr, temp_dir, trainer};
+use common::{metrics, repo_root, shapes_data, stderr, temp_dir, trainer};
 
 /// A 6-step run of `preset` on 8 synthetic 64-pixel images with the GPU-shaped step and per-step sync counts,
 /// one log line (and one checkpoint) at the end, with fewer proposals and RoIs than COCO's (the same operators on
 /// smaller tensors); `backbone` and `roi_heads` are added to those sections (TOML).
 fn gpu_shaped_config(dir: &Path, preset: &str, backbone: &str, roi_heads: &str) -> String {
-    let shapes = dir.join("shapes");
     let text = format!(
         r#"base = "{base}"
 output_dir = "{out}"
 seed = 3
 device = "cpu"
-[data]
-num_workers = 2
-[data.synth]
-out = "{shapes}"
-train = 8
-val = 4
-size = 64
-seed = 1
-[data.train]
-annotations = "{shapes}/annotations/instances_train.json"
-images = "{shapes}/train"
-[data.val]
-annotations = "{shapes}/annotations/instances_val.json"
-images = "{shapes}/val"
-[input]
+{data}[input]
 min_size_train = [64]
 max_size_train = 128
 min_size_test = 64
@@ -72,7 +57,7 @@ sync_counts = true
 "#,
         base = repo_root().join("configs").join(preset).display(),
         out = dir.join("out").display(),
-        shapes = shapes.display(),
+        data = shapes_data(dir),
     );
     let path = dir.join("gpu_shaped.toml");
     std::fs::write(&path, text).unwrap();

@@ -109,14 +109,12 @@ gn_groups = 8
     )
 }
 
-/// A tiny V-19-slim-dw Mask R-CNN on 8 synthetic 64-pixel images (generated on first use into `dir/shapes`).
-pub fn tiny_config(dir: &Path) -> String {
+/// The `[data]` sections of 8 training and 4 validation synthetic 64-pixel images, generated on first use into
+/// `dir/shapes`.
+pub fn shapes_data(dir: &Path) -> String {
     let shapes = dir.join("shapes");
-    let text = format!(
-        r#"output_dir = "{out}"
-seed = 3
-device = "cpu"
-{model}[data]
+    format!(
+        r#"[data]
 num_workers = 2
 prefetch = 2
 [data.synth]
@@ -131,7 +129,18 @@ images = "{shapes}/train"
 [data.val]
 annotations = "{shapes}/annotations/instances_val.json"
 images = "{shapes}/val"
-[input]
+"#,
+        shapes = shapes.display()
+    )
+}
+
+/// A tiny V-19-slim-dw Mask R-CNN on 8 synthetic 64-pixel images (generated on first use into `dir/shapes`).
+pub fn tiny_config(dir: &Path) -> String {
+    let text = format!(
+        r#"output_dir = "{out}"
+seed = 3
+device = "cpu"
+{model}{data}[input]
 min_size_train = [56, 64, 72]
 max_size_train = 128
 min_size_test = 64
@@ -153,8 +162,8 @@ period = 1
 quiet = true
 "#,
         model = tiny_model(4),
+        data = shapes_data(dir),
         out = dir.join("out").display(),
-        shapes = shapes.display()
     );
     let path = dir.join("tiny.toml");
     std::fs::write(&path, text).unwrap();
