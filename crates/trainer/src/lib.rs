@@ -31,6 +31,7 @@ pub mod predict;
 pub mod report;
 mod shim;
 pub mod solver;
+pub mod synthetic;
 pub mod train;
 pub mod visualize;
 pub mod weights;
