@@ -111,7 +111,7 @@ pub struct SolverConfig {
     pub nesterov: bool,
     /// Weight decay of ordinary parameters.
     pub weight_decay: f64,
-    /// Weight decay of normalization-layer parameters (see [`is_norm_param`]).
+    /// Weight decay of normalization-layer parameters (see [`crate::solver::is_norm_param`]).
     pub weight_decay_norm: f64,
     /// Weight decay of every `*.bias`, overriding the two above; absent means biases follow their layer
     /// (detectron2's `WEIGHT_DECAY_BIAS = None`).
