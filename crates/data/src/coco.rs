@@ -4,7 +4,7 @@
 //! column, and a second validation pass over our records names the file and the annotation id of every semantic
 //! problem (unknown image/category, short or odd polygon, RLE of the wrong size), which `hotcoco`'s loader does
 //! not report. `hotcoco` still does all mask maths (RLE decoding, polygon rasterisation). The serde types and the
-//! checks of single entries live in `coco_json`; [`check`] (in `check.rs`) backs `trainer data check`.
+//! checks of single entries live in `coco_json`; [`mod@crate::check`] (in `check.rs`) backs `trainer data check`.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};

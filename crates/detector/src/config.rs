@@ -327,7 +327,7 @@ impl Default for MaskHeadConfig {
 /// distribution and, for the same sample, the same losses:
 /// - ground truth padded to a multiple of `max_instances` per image;
 /// - proposals: boxes filtered out or suppressed marked invalid, NMS on the device in `nms_sweeps` sweeps
-///   ([`crate::ops::nms_sweeps`]), `rpn.post_nms_topk_train` slots per image;
+///   ([`crate::ops::nms_sweeps()`]), `rpn.post_nms_topk_train` slots per image;
 /// - foreground: the box regression and the mask head run on a fixed `floor(batch_size_per_image *
 ///   positive_fraction)` RoI slots per image, weighted by whether each holds foreground (mask-head work on empty
 ///   slots, and with a batch norm in the mask head, those slots in its statistics).

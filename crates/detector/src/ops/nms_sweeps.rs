@@ -26,7 +26,7 @@ pub struct SweptNms {
 /// NMS of each row of `boxes` `[B, K, 4]` (xyxy) by `scores` `[B, K]`, over the boxes marked in `valid` `[B, K]`
 /// (the others are neither kept nor suppress anything), with `sweeps` sweeps. Equal scores keep their input order
 /// (a stable sort) and a box is suppressed when its IoU with a kept box is strictly greater than `iou_threshold`,
-/// as `torchvision.ops.nms`, so a converged row keeps exactly what [`super::nms`] keeps on the valid boxes.
+/// as `torchvision.ops.nms`, so a converged row keeps exactly what [`super::nms()`] keeps on the valid boxes.
 pub fn nms_sweeps(boxes: &Tensor, scores: &Tensor, valid: &Tensor, iou_threshold: f64, sweeps: i64) -> SweptNms {
     let [batch, count] = scores.size()[..] else { panic!("nms_sweeps expects [B, K] scores, got {:?}", scores.size()) };
     let device = scores.device();

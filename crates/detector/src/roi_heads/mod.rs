@@ -3,7 +3,7 @@
 //! cross-entropy and smooth-L1 losses, the mask head trained on foreground RoIs, and test-time post-processing
 //! (score threshold, per-class NMS, top-k, per-class mask selection).
 //!
-//! Training lives in [`training`]. Host syncs: the foreground counts once per step (none with `static_shapes`);
+//! Training lives in `training.rs`. Host syncs: the foreground counts once per step (none with `static_shapes`);
 //! polygon mask targets read the foreground boxes to the host once per image to rasterise them (bitmap targets stay
 //! on the device); at test time the score filter and NMS read once per image; RoIAlign with adaptive sampling once
 //! per pooler call.
