@@ -202,3 +202,44 @@ fn a_failing_image_errors_or_is_skipped_and_counted() {
     assert_eq!(batch.image_ids.len(), 3);
     assert_eq!(loader.skipped(), 1);
 }
+
+#[test]
+fn training_batches_take_a_pad_bucket_and_evaluation_batches_do_not() {
+    let mut dataset = common::load_mini("train");
+    dataset.filter_for_training();
+    let dataset = Arc::new(dataset);
+    // Shorter side up to 128, longer up to 200 -> 224 after rounding to 32: one bucket each way holds every batch.
+    let input = InputConfig { train_pad_buckets: vec![[128, 224], [224, 128], [224, 224]], ..small_input() };
+    input.validate().unwrap();
+    let batches: Vec<Batch> = train_loader(&dataset, &input, 2, 5).take(6).map(Result::unwrap).collect();
+    for batch in &batches {
+        let size = [batch.images.size()[2], batch.images.size()[3]];
+        assert!([[128, 224], [224, 128]].contains(&size), "a training batch padded to {size:?}");
+    }
+    // Same samples without buckets: the same pixels, less padding.
+    let plain: Vec<Batch> = train_loader(&dataset, &small_input(), 2, 5).take(6).map(Result::unwrap).collect();
+    for (bucketed, plain) in batches.iter().zip(&plain) {
+        let [h, w] = [plain.images.size()[2], plain.images.size()[3]];
+        assert!(bucketed.images.narrow(2, 0, h).narrow(3, 0, w).equal(&plain.images));
+        assert_eq!(
+            bucketed.images.abs().sum(tch::Kind::Double).double_value(&[]),
+            plain.images.abs().sum(tch::Kind::Double).double_value(&[])
+        );
+    }
+    // Evaluation batches keep their own padded size (detectron2's), buckets or not.
+    let own_size = |batch: &Batch| {
+        let round_up = |v: i64| (v + 31) / 32 * 32;
+        let h = batch.image_sizes.iter().map(|s| s.0).max().unwrap();
+        let w = batch.image_sizes.iter().map(|s| s.1).max().unwrap();
+        [round_up(h), round_up(w)]
+    };
+    let evaluation = Loader::inference(dataset.clone(), input.clone(), 2, 0, 1, options(2)).unwrap();
+    let mut count = 0;
+    for batch in evaluation {
+        let batch = batch.unwrap();
+        assert_eq!([batch.images.size()[2], batch.images.size()[3]], own_size(&batch));
+        count += 1;
+    }
+    assert!(count > 0);
+    assert!(plain.iter().all(|b| [b.images.size()[2], b.images.size()[3]] == own_size(b)));
+}
