@@ -1,7 +1,7 @@
 //! Host syncs of training runs, counted on the CPU as a GPU would see them (`log.sync_counts`): with the
-//! GPU-shaped step (`[model.static_shapes]`, loader-made bitmap masks, a fixed RoIAlign sampling ratio), the steps
-//! between reads of both presets (V-57 GN and torchvision's R-50-FPN with trainable BN) make no host sync and no
-//! blocking transfer; the step of a log line makes one read.
+//! GPU-shaped step (`[model.static_shapes]`, loader-made bitmap masks, a fixed RoIAlign sampling ratio, batches
+//! padded to size buckets), the steps between reads of both presets (V-57 GN and torchvision's R-50-FPN with
+//! trainable BN) make no host sync and no blocking transfer; the step of a log line makes one read.
 
 use std::path::Path;
 
@@ -24,6 +24,7 @@ max_size_train = 128
 min_size_test = 64
 max_size_test = 128
 mask_format = "bitmask"
+train_pad_buckets = [[64, 128], [128, 64]]
 [model.static_shapes]
 enabled = true
 [model.backbone]
