@@ -133,6 +133,8 @@ impl FailedStep {
 /// What one read of the [`StepLog`] gives.
 #[derive(Debug)]
 pub struct StepRead {
+    /// The steps this read covers, `(first, last)`, numbered from 1 as the log lines number them.
+    pub steps: (u64, u64),
     /// The last step's loss terms, averaged over its micro-batches.
     pub losses: BTreeMap<String, f64>,
     /// The last step's solver report.
@@ -158,6 +160,8 @@ struct Accumulators {
     tallies: Tensor,
     /// `[1 + L + StepValues::COUNT]`: the completed-steps count and `last` of the first failed step.
     first_failure: Tensor,
+    /// The iteration of the first step recorded since the read ([`DeviceStep::iteration`]).
+    first_iteration: u64,
 }
 
 /// The device record of the steps since the last host read; see the module documentation. Recording a step
@@ -192,6 +196,7 @@ impl StepLog {
                 counters: losses.counters.zeros_like(),
                 tallies: Tensor::zeros([2], (Kind::Double, device)),
                 first_failure: Tensor::zeros([1 + last.size()[0]], (Kind::Double, device)),
+                first_iteration: step.iteration,
             }
         });
         let first = failed.logical_and(&accumulators.tallies.narrow(0, 1, 1).eq(0.0));
@@ -237,6 +242,7 @@ impl StepLog {
             grad_norm: first_failure[1 + losses_count],
         });
         Ok(Some(StepRead {
+            steps: (accumulators.first_iteration + 1, iteration + 1),
             losses: named(&self.loss_names, &last[..losses_count]),
             report,
             counters: named(&self.counter_names, counters),
@@ -294,6 +300,7 @@ mod tests {
         );
         assert_eq!(read.counters["count"], 3.0);
         assert_eq!((read.scaler_skips, read.failures), (1, 2));
+        assert_eq!(read.steps, (4, 7), "steps 3..6 completed before, numbered from 1");
         let failure = read.first_failure.expect("two failures");
         assert_eq!(failure.completed, 4);
         assert!(failure.losses["loss_a"].is_nan() && failure.grad_norm.is_nan());

@@ -224,9 +224,9 @@ impl Trainer {
     /// first one; sets [`Trainer::losses`], [`Trainer::report`] and [`Trainer::last_read`].
     pub fn read_steps(&mut self) -> anyhow::Result<()> {
         let (rank, iteration) = (self.group.rank(), self.iteration);
-        let first_unread = self.last_read.map_or(1, |at| at + 1);
         let Some(read) = self.step_log.read()? else { return Ok(()) };
-        warn_about_counters((first_unread, iteration), &read.counters, &self.model.config().static_shapes);
+        let (first, last) = read.steps;
+        warn_about_counters(read.steps, &read.counters, &self.model.config().static_shapes);
         let mut local: Vec<f64> = read.losses.values().copied().collect();
         local.push(read.failures as f64);
         let (mut means, stop) = self
@@ -239,7 +239,7 @@ impl Trainer {
         }
         anyhow::ensure!(
             !failures_anywhere,
-            "rank {rank}: another rank found a non-finite loss or gradients in iterations {first_unread}-{iteration}; \
+            "rank {rank}: another rank found a non-finite loss or gradients in iterations {first}-{last}; \
              stopping (the last checkpoint is untouched)"
         );
         self.stop_agreed = stop;
