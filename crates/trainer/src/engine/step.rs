@@ -227,14 +227,7 @@ impl StepLog {
         let named = |names: &[String], values: &[f64]| -> BTreeMap<String, f64> {
             names.iter().cloned().zip(values.iter().copied()).collect()
         };
-        let values = StepValues::from_host(&last[losses_count..]);
-        let report = StepReport {
-            iteration,
-            lr,
-            grad_norm: values.grad_norm,
-            skipped: values.found_non_finite,
-            loss_scale: values.loss_scale,
-        };
+        let report = StepValues::from_host(&last[losses_count..]).report(iteration, lr);
         let failures = tallies[1] as u64;
         let first_failure = (failures > 0).then(|| FailedStep {
             completed: first_failure[0] as u64,

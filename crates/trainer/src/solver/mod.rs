@@ -63,7 +63,7 @@ pub struct PreparedStep {
 }
 
 /// An optimizer step queued on the device by [`Solver::update`]: what the host knows of it, and its values on
-/// the device for the next read ([`DeviceStep::report`]).
+/// the device for the next read ([`StepValues::report`]).
 #[derive(Debug)]
 pub struct DeviceStep {
     /// The iteration the step belonged to.
@@ -103,17 +103,15 @@ impl StepValues {
             loss_scale: (!values[3].is_nan()).then_some(values[3]),
         }
     }
-}
 
-impl DeviceStep {
-    /// The report of this step from its values read on the host.
-    pub fn report(&self, values: StepValues) -> StepReport {
+    /// The report of the step of `iteration` at learning rate `lr` ([`DeviceStep`]) with these values.
+    pub fn report(self, iteration: u64, lr: f64) -> StepReport {
         StepReport {
-            iteration: self.iteration,
-            lr: self.lr,
-            grad_norm: values.grad_norm,
-            skipped: values.found_non_finite,
-            loss_scale: values.loss_scale,
+            iteration,
+            lr,
+            grad_norm: self.grad_norm,
+            skipped: self.found_non_finite,
+            loss_scale: self.loss_scale,
         }
     }
 }
@@ -226,7 +224,7 @@ impl Solver {
         if values.failed {
             return Err(SolverError::NonFiniteGradients { iteration: step.iteration + 1, norm: values.grad_norm });
         }
-        Ok(step.report(values))
+        Ok(values.report(step.iteration, step.lr))
     }
 
     /// The first device half of a step: unscales the gradients (fp16, flagging inf/NaN on the device), clips
