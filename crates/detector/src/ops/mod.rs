@@ -8,7 +8,9 @@ pub mod masks;
 pub mod matcher;
 pub mod nms;
 pub mod nms_sweeps;
+mod pool_rows;
 pub mod roi_align;
+pub mod roi_pooler;
 pub mod sampler;
 
 pub use box_coder::BoxCoder;
@@ -20,7 +22,8 @@ pub use masks::{
 pub use matcher::{Matcher, MatcherError};
 pub use nms::{batched_nms, nms};
 pub use nms_sweeps::{nms_sweeps, SweptNms};
-pub use roi_align::{roi_align, LevelMapping, PyramidRows, RoiPooler};
+pub use roi_align::{roi_align, PyramidRows};
+pub use roi_pooler::{LevelMapping, RoiPooler};
 pub use sampler::{max_positives, sample_balanced, BalancedSample};
 
 /// The kind an operator computes in for inputs of `kind`: float32 for half and bfloat16 (what autocast does for

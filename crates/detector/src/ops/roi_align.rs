@@ -1,28 +1,32 @@
-//! RoIAlign (torchvision's `roi_align`, both `aligned` modes, fixed or adaptive sampling) and detectron2's
-//! multi-level `ROIPooler`.
+//! RoIAlign (torchvision's `roi_align`, both `aligned` modes, fixed or adaptive sampling) over one map or a stacked
+//! pyramid ([`PyramidRows`]; detectron2's multi-level pooler is [`super::RoiPooler`]).
 //!
 //! Construction: RoIAlign is linear in the input, so every output value is a weighted sum of input pixels. Every
 //! sample point of every RoI follows torchvision's kernel exactly (same coordinate formula, the same validity test,
 //! clamping and four bilinear taps) and contributes its four taps, with their weights divided by the bin's sample
 //! count, to the bag of its output bin: the taps are built bin-major (RoI, bin, sample), so each bag is contiguous
-//! and no sort is needed. `embedding_bag` (sum mode, tap weights as per-sample weights) then reduces the rows of the
-//! input laid out channels-last as `[N * H * W, C]`; its backward pass gives the input gradient. It is dense,
-//! runs in every floating kind, and needs memory proportional to the number of taps, not taps times channels.
-//! Half and bfloat16 inputs are computed in float32 and the result cast back, like torchvision's autocast rule.
-//! Everything stays on the input's device; with the adaptive sampling ratio (`0`) the three sample counts that
-//! size the tap lists are copied to the host in one transfer (one sync); a fixed ratio needs none.
+//! and no sort is needed. `pool_rows` (src/ops/pool_rows.rs) (an `embedding_bag` in sum mode, tap weights as per-sample
+//! weights) then reduces the rows of the input laid out channels-last as `[N * H * W, C]`, and its backward is
+//! the transposed reduction. It is dense, runs in every floating kind, and its memory, forward and backward, is
+//! the output, the input gradient and lists as long as the taps, never taps times channels. Half and bfloat16
+//! inputs are computed in float32 and the result cast back, like torchvision's autocast rule. Everything stays on
+//! the input's device; with the adaptive sampling ratio (`0`) the three sample counts that size the tap lists are
+//! copied to the host in one transfer (one sync); a fixed ratio needs none.
 //!
-//! Measured (features `[2, 256, 200, 336]`, 1024 RoIs of 16-112 image pixels at scale 1/4, 7x7, aligned,
-//! forward / backward, mean of 3 after a warm-up), in the same runs as the previous sparse COO matrix product
-//! (`_sparse_mm`, which has no fp16 CUDA kernel): 2 CPU threads (shared machine, two runs), ratio 0: 541-769 /
-//! 814-819 ms vs 901-916 / 792-796 ms; ratio 2: 303-711 / 387-798 ms vs 606-832 / 644-706 ms. H200, f32, ratio 0:
-//! 3.9 / 2.0 ms vs 4.8 / 2.7 ms; ratio 2: 2.9 / 1.6 ms vs 3.8 / 2.3 ms (torchvision's kernel: 0.7 / 5.7-6.5 ms and
-//! 0.44 / 1.45 ms); fp16: 3.4-5.0 / 2.0-2.3 ms at ratio 0. `embedding_bag` itself takes about 0.7 / 1.6 ms of
-//! that on the H200; the rest is building the taps. Gathering the taps with `index_select` and summing them with
-//! `index_add` was 1.5-4x slower on both and materialises taps x channels.
-//! (A `grid_sampler_2d` construction was 2-5x slower than torchvision on CPU: every sample touches all planes.)
+//! Measured with `embedding_bag`'s own backward, before `pool_rows` (src/ops/pool_rows.rs) (features `[2, 256, 200, 336]`, 1024
+//! RoIs of 16-112 image pixels at scale 1/4, 7x7, aligned, forward / backward, mean of 3 after a warm-up), in the
+//! same runs as the previous sparse COO matrix product (`_sparse_mm`, which has no fp16 CUDA kernel): 2 CPU
+//! threads (shared machine, two runs), ratio 0: 541-769 / 814-819 ms vs 901-916 / 792-796 ms; ratio 2: 303-711 /
+//! 387-798 ms vs 606-832 / 644-706 ms. H200, f32, ratio 0: 3.9 / 2.0 ms vs 4.8 / 2.7 ms; ratio 2: 2.9 / 1.6 ms vs
+//! 3.8 / 2.3 ms (torchvision's kernel: 0.7 / 5.7-6.5 ms and 0.44 / 1.45 ms); fp16: 3.4-5.0 / 2.0-2.3 ms at ratio
+//! 0. `embedding_bag` itself takes about 0.7 / 1.6 ms of that on the H200; the rest is building the taps.
+//! Gathering the taps with `index_select` and summing them with `index_add` was 1.5-4x slower on both and
+//! materialises taps x channels. (A `grid_sampler_2d` construction was 2-5x slower than torchvision on CPU: every
+//! sample touches all planes.)
 
 use tch::{Kind, Tensor};
+
+use super::pool_rows::pool_rows;
 
 /// Pyramid maps prepared for RoIAlign: every level's pixels as rows of one channels-last matrix (written with one
 /// copy per level), and per level its scale, height, width and first row there (tiny device tensors indexed by
@@ -284,7 +288,7 @@ pub fn roi_align(
 /// [`roi_align`] over the stacked maps of `levels`: RoI `k` is pooled from level `level[k]` at its scale. One tap
 /// construction and one reduction for every level, so a pyramid costs the operators of a single RoIAlign, with no
 /// per-level host sync.
-fn roi_align_levels(
+pub(super) fn roi_align_levels(
     levels: &PyramidRows,
     rois: &Tensor,
     level: &Tensor,
@@ -318,129 +322,8 @@ fn roi_align_levels(
     let Some(taps) = BinTaps::new(&geometry, levels.batch, output_size, (&grid_h, &grid_w), fixed_grid) else {
         return Tensor::zeros([num_rois, channels, oh, ow], (kind, device));
     };
-    let (pooled, _, _, _) = Tensor::embedding_bag(
-        &levels.features,
-        &taps.input_row,
-        &taps.offsets,
-        false,
-        0,
-        false,
-        Some(&taps.weight),
-        true,
-    );
+    let pooled = pool_rows(&levels.features, &taps.input_row, &taps.weight, &taps.offsets);
     pooled.reshape([num_rois, oh, ow, channels]).permute([0, 3, 1, 2]).to_kind(kind).contiguous()
-}
-
-/// How [`RoiPooler`] maps a box to a pyramid level: `floor(canonical_level + log2(sqrt(area) / canonical_size))`,
-/// differing only in where the epsilon that guards exact powers of two goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LevelMapping {
-    /// detectron2 `assign_boxes_to_levels`: `log2(size / canonical + f64::EPSILON)`.
-    Detectron2,
-    /// torchvision `LevelMapper`: `log2(size / canonical) + 1e-6`.
-    Torchvision,
-}
-
-/// detectron2's `ROIPooler` with RoIAlign: pools each box from the pyramid level chosen by its size (a box of
-/// `canonical_box_size` pixels goes to `canonical_level`, levels clamped to the available maps).
-#[derive(Debug, Clone, PartialEq)]
-pub struct RoiPooler {
-    output_size: (i64, i64),
-    scales: Vec<f64>,
-    sampling_ratio: i64,
-    aligned: bool,
-    canonical_box_size: f64,
-    canonical_level: i64,
-    min_level: i64,
-    max_level: i64,
-    level_mapping: LevelMapping,
-}
-
-impl RoiPooler {
-    /// A pooler over feature maps with the given `scales` (1 / stride, finest first, e.g. `[1/4, 1/8, 1/16,
-    /// 1/32]`); the finest and coarsest levels are `round(-log2(scale))`. Uses detectron2's level mapping.
-    pub fn new(
-        output_size: (i64, i64),
-        scales: Vec<f64>,
-        sampling_ratio: i64,
-        aligned: bool,
-        canonical_box_size: f64,
-        canonical_level: i64,
-    ) -> Self {
-        let level_of = |scale: f64| (-scale.log2()).round() as i64;
-        let min_level = scales.first().map_or(0, |&s| level_of(s));
-        let max_level = scales.last().map_or(0, |&s| level_of(s));
-        RoiPooler {
-            output_size,
-            scales,
-            sampling_ratio,
-            aligned,
-            canonical_box_size,
-            canonical_level,
-            min_level,
-            max_level,
-            level_mapping: LevelMapping::Detectron2,
-        }
-    }
-
-    /// The same pooler with another level mapping (torchvision's `MultiScaleRoIAlign` for the parity preset).
-    pub fn with_level_mapping(mut self, level_mapping: LevelMapping) -> Self {
-        self.level_mapping = level_mapping;
-        self
-    }
-
-    /// Output size `(oh, ow)` of every pooled box.
-    pub fn output_size(&self) -> (i64, i64) {
-        self.output_size
-    }
-
-    /// Level index (0 = finest map) of every box `[K, 4]`, as i64 on the boxes' device.
-    pub fn assign_levels(&self, boxes: &Tensor) -> Tensor {
-        let sizes = super::boxes::box_area(boxes).sqrt();
-        let levels = match self.level_mapping {
-            LevelMapping::Detectron2 => {
-                (sizes / self.canonical_box_size + f64::EPSILON).log2() + self.canonical_level as f64
-            }
-            LevelMapping::Torchvision => (sizes / self.canonical_box_size).log2() + self.canonical_level as f64 + 1e-6,
-        };
-        let levels = levels.floor().clamp(self.min_level as f64, self.max_level as f64);
-        levels.to_kind(Kind::Int64) - self.min_level
-    }
-
-    /// Pools `boxes_per_image[i]` (`[K_i, 4]` xyxy image pixels) from image `i` of every map in `features`
-    /// (`[N, C, H_l, W_l]`, one per scale). Returns `[sum K_i, C, oh, ow]` in the order of the concatenated boxes.
-    /// All levels are pooled by one RoIAlign over the stacked maps (no per-level host sync).
-    pub fn forward(&self, features: &[Tensor], boxes_per_image: &[Tensor]) -> Tensor {
-        self.pool(&self.stack(features), boxes_per_image)
-    }
-
-    /// `features` (one map per scale of this pooler) stacked for [`RoiPooler::pool`]; poolers over the same maps
-    /// and scales (the box and mask heads') can share it and pay the copy once.
-    pub fn stack(&self, features: &[Tensor]) -> PyramidRows {
-        let maps: Vec<&Tensor> = features.iter().collect();
-        PyramidRows::new(&maps, &self.scales)
-    }
-
-    /// [`RoiPooler::forward`] from maps stacked beforehand with [`RoiPooler::stack`] (this pooler's scales).
-    pub fn pool(&self, rows: &PyramidRows, boxes_per_image: &[Tensor]) -> Tensor {
-        let device = rows.features.device();
-        let rois: Vec<Tensor> = boxes_per_image
-            .iter()
-            .enumerate()
-            .map(|(image, boxes)| {
-                let boxes = boxes.to_device(device);
-                let index = Tensor::full([boxes.size()[0], 1], image as f64, (boxes.kind(), device));
-                Tensor::cat(&[index, boxes], 1)
-            })
-            .collect();
-        let rois = Tensor::cat(&rois, 0);
-        let level = if self.scales.len() == 1 {
-            Tensor::zeros([rois.size()[0]], (Kind::Int64, device))
-        } else {
-            self.assign_levels(&rois.narrow(1, 1, 4))
-        };
-        roi_align_levels(rows, &rois, &level, self.output_size, self.sampling_ratio, self.aligned)
-    }
 }
 
 #[cfg(test)]
