@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check of vovdet in one run (well inside 10 minutes on one H100/H200), ending with ONE JSON summary:
-#   1. CUDA-vs-CPU parity of the detection ops (ops-check),
+#   1. CUDA-vs-CPU parity of the detection ops (ops-check), and the peak memory of RoIAlign's backward, old and
+#      new construction (scripts/bench_pool_rows.py),
 #   2. a 1-GPU NCCL world: `trainer train --num-gpus 1` with AMP on the synthetic shapes (images/s, max memory),
-#      with the gradient all-reduce overlapped with backward (the default) and after backward,
+#      with the gradient all-reduce overlapped with backward (the default) and after backward, then 2 processes
+#      sharing that GPU over Gloo (`--num-gpus 2 --set ddp.backend="gloo"`),
 #   3. `trainer bench train` for V-57 GN and R-50-FPN (BN, torchvision's random-init model) with AMP at 800x1333,
 #      batch 2 and 4, next to torchvision's maskrcnn_resnet50_fpn on the same inputs and GPU; both also with
 #      `[model.static_shapes]` (the step without host syncs in the detector); R-50 at batch 2 also with
@@ -68,6 +70,8 @@ step() {
 
 # ops-check compares the device with the CPU, so it has nothing to do in a CPU smoke run.
 [ "$DEVICE" = cpu ] || step ops_parity "$OPS_CHECK_BIN" --device "$DEVICE"
+# Peak memory of RoIAlign's reduction backward: embedding_bag's own against the transposed one vovdet runs.
+step pool_rows_memory "$PYTHON" scripts/bench_pool_rows.py --device "$DEVICE" --repeats $([ "$QUICK" = 1 ] && echo 1 || echo 5)
 
 # The 1-GPU NCCL world (Gloo on CPU): a short AMP training run through the launcher; the last log line carries
 # images/s and the CUDA allocator's peak.
@@ -82,6 +86,10 @@ nccl_world() {
 }
 step nccl_world nccl_world
 step nccl_world_reduce_after_backward nccl_world --set ddp.overlap_grad_reduce=false
+# Two processes sharing the one GPU over Gloo (the multi-process CUDA path without NCCL; two CPU workers on CPU).
+[ "$DEVICE" = cpu ] || LAUNCH=(--num-gpus 2)
+step gloo_two_workers_one_gpu nccl_world --set 'ddp.backend="gloo"'
+[ "$DEVICE" = cpu ] || LAUNCH=(--num-gpus 1)
 
 for batch in 2 4; do
   step "train_r50_b$batch" "$TRAINER_BIN" bench train "${R50[@]}" --device "$DEVICE" --size "$SIZE" --batch "$batch" \

@@ -16,8 +16,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Args;
-use dist::{broadcast_parameters, Backend, InitOptions, LaunchEnv, ProcessGroup, ReduceOp};
+use dist::{broadcast_parameters, InitOptions, LaunchEnv, ProcessGroup, ReduceOp};
 use tch::{Device, Tensor};
+
+use crate::placement::DdpBackend;
 
 /// Set by the launcher in its workers, so that a worker does not launch again (its command line still holds the
 /// launch flags).
@@ -28,7 +30,8 @@ const WORKER_DEVICE: &str = "VOVDET_WORKER_DEVICE";
 /// Launch flags shared by `trainer train` and `trainer eval`.
 #[derive(Args, Debug, Clone)]
 pub struct LaunchArgs {
-    /// Start N worker processes on this machine, one per GPU (cuda:0..N-1, NCCL).
+    /// Start N worker processes on this machine, one per GPU (cuda:0..N-1, NCCL); with ddp.backend = "gloo" they
+    /// may share GPUs (N above the GPU count).
     #[arg(long, value_name = "N", conflicts_with = "num_procs")]
     pub num_gpus: Option<usize>,
     /// Start N worker processes on this machine on the CPU (Gloo); libtorch threads are split between them.
@@ -73,7 +76,7 @@ pub struct LaunchPlan {
     pub master_addr: String,
     /// Rendezvous port.
     pub master_port: u16,
-    /// True for `--num-gpus` (workers on CUDA with NCCL), false for `--num-procs` (CPU with Gloo).
+    /// True for `--num-gpus` (CUDA workers), false for `--num-procs` (CPU workers, Gloo).
     pub gpus: bool,
     /// Collective timeout, for the launcher's own grace period after a worker fails.
     pub timeout: Duration,
@@ -92,8 +95,9 @@ pub struct WorkerPlan {
     pub local_world_size: usize,
 }
 
-/// Decides this process's role from the launch flags and the environment.
-pub fn role(args: &LaunchArgs) -> anyhow::Result<Role> {
+/// Decides this process's role from the launch flags, the environment and `ddp.backend` (which decides how many
+/// CUDA workers a machine's GPUs take).
+pub fn role(args: &LaunchArgs, backend: DdpBackend) -> anyhow::Result<Role> {
     let timeout = Duration::from_secs(args.dist_timeout.max(1));
     let spawned = std::env::var_os(WORKER_MARKER).is_some();
     let env = LaunchEnv::from_env().context("reading the launcher environment")?;
@@ -129,11 +133,11 @@ pub fn role(args: &LaunchArgs) -> anyhow::Result<Role> {
     );
     let gpus = args.num_gpus.is_some();
     if gpus {
-        let available = tch::Cuda::device_count() as usize;
-        anyhow::ensure!(
-            available >= local,
-            "--num-gpus {local}: this machine has {available} CUDA device(s); use --num-procs for CPU workers"
-        );
+        backend
+            .check_gpu_count(local, tch::Cuda::device_count() as usize)
+            .with_context(|| format!("--num-gpus {local}"))?;
+    } else {
+        backend.resolve(Device::Cpu).with_context(|| format!("--num-procs {local}"))?;
     }
     let (master_addr, master_port) = match &args.dist_url {
         Some(url) => parse_dist_url(url)?,
@@ -274,32 +278,28 @@ fn kill_all(workers: &mut Vec<(usize, Child)>) {
     workers.clear();
 }
 
-/// The device a worker trains on: `cuda:LOCAL_RANK` when its launcher chose GPUs or, under an external launcher,
-/// when `requested` is a CUDA device; the CPU otherwise.
-pub fn worker_device(plan: &WorkerPlan, requested: Device) -> anyhow::Result<Device> {
+/// The device a worker trains on: a CUDA device when its launcher chose GPUs or, under an external launcher, when
+/// `requested` is one (`cuda:LOCAL_RANK`, or shared round-robin with `ddp.backend = "gloo"`); the CPU otherwise.
+pub fn worker_device(plan: &WorkerPlan, requested: Device, backend: DdpBackend) -> anyhow::Result<Device> {
     let cuda = plan.gpus.unwrap_or(requested.is_cuda());
     if !cuda {
         return Ok(Device::Cpu);
     }
-    let available = tch::Cuda::device_count() as usize;
-    anyhow::ensure!(
-        plan.env.local_rank < available,
-        "rank {}: LOCAL_RANK {} but this machine has {available} CUDA device(s)",
-        plan.env.rank,
-        plan.env.local_rank
-    );
-    Ok(Device::Cuda(plan.env.local_rank))
+    let gpu = backend
+        .gpu_of(plan.env.local_rank, tch::Cuda::device_count() as usize)
+        .with_context(|| format!("rank {} (LOCAL_RANK {})", plan.env.rank, plan.env.local_rank))?;
+    Ok(Device::Cuda(gpu))
 }
 
-/// Joins the process group of `plan` on `device` (NCCL for CUDA, Gloo for the CPU). CPU workers split the
+/// Joins the process group of `plan` on `device` with the backend `ddp.backend` gives it. CPU workers split the
 /// machine's cores between them unless `OMP_NUM_THREADS` is set (oversubscribed threads slow the all-reduce
 /// down more than tenfold).
-pub fn join(plan: &WorkerPlan, device: Device) -> anyhow::Result<RankGroup> {
+pub fn join(plan: &WorkerPlan, device: Device, backend: DdpBackend) -> anyhow::Result<RankGroup> {
     if device == Device::Cpu && std::env::var_os("OMP_NUM_THREADS").is_none() {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         tch::set_num_threads((cores / plan.local_world_size).max(1) as i32);
     }
-    let backend = if device.is_cuda() { Backend::Nccl } else { Backend::Gloo };
+    let backend = backend.resolve(device).with_context(|| format!("rank {}", plan.env.rank))?;
     let options = InitOptions::from_launch_env(&plan.env, backend, plan.timeout);
     let group = ProcessGroup::init(options).with_context(|| {
         format!(

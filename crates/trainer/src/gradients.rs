@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::distributed::RankGroup;
+use crate::placement::DdpBackend;
 
 /// The `[ddp]` section: gradient averaging in multi-process training (ignored in one process).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -26,11 +27,14 @@ pub struct DdpConfig {
     /// Send gradients as float16, each rank's share divided by the world size before the sum (PyTorch's
     /// `fp16_compress_hook`, detectron2's `ddp.fp16_compression`); needs `overlap_grad_reduce`.
     pub fp16_compression: bool,
+    /// The c10d backend: `auto` (NCCL for CUDA workers, Gloo for CPU ones), `nccl`, or `gloo` (which also lets
+    /// CUDA workers share GPUs); see [`crate::placement`].
+    pub backend: DdpBackend,
 }
 
 impl Default for DdpConfig {
     fn default() -> Self {
-        DdpConfig { overlap_grad_reduce: true, bucket_cap_mb: 25.0, fp16_compression: false }
+        DdpConfig { overlap_grad_reduce: true, bucket_cap_mb: 25.0, fp16_compression: false, backend: DdpBackend::Auto }
     }
 }
 

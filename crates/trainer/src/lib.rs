@@ -27,6 +27,7 @@ pub mod model;
 pub mod notices;
 pub mod op_count;
 pub mod panics;
+pub mod placement;
 pub mod predict;
 pub mod report;
 mod shim;

@@ -17,6 +17,7 @@ use trainer::distributed::{join, launch, role, worker_device, LaunchArgs, RankGr
 use trainer::evaluate::evaluate_weights;
 use trainer::info::{model_info, parse_size, render};
 use trainer::model::load_model;
+use trainer::placement::DdpBackend;
 use trainer::predict::{predict, LabelNames, PredictOptions};
 use trainer::solver::AmpDtype;
 use trainer::train::{train, Resume, TrainOptions};
@@ -309,7 +310,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 args.common.overrides.push("log.quiet=true".into());
             }
             let (config, device) = args.common.load()?;
-            let Some((device, group)) = distributed_role(&args.launch, device)? else {
+            let Some((device, group)) = distributed_role(&args.launch, device, config.ddp.backend)? else {
                 println!("all workers finished");
                 return Ok(());
             };
@@ -332,7 +333,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Eval(args) => {
             let (config, device) = args.common.load()?;
-            let Some((device, group)) = distributed_role(&args.launch, device)? else {
+            let Some((device, group)) = distributed_role(&args.launch, device, config.ddp.backend)? else {
                 return Ok(());
             };
             let outcome =
@@ -455,13 +456,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// Resolves the launch flags and environment: `None` after launching (and waiting for) worker processes,
 /// otherwise the device and rank group this process runs with.
-fn distributed_role(args: &LaunchArgs, device: tch::Device) -> anyhow::Result<Option<(tch::Device, RankGroup)>> {
-    match role(args)? {
+fn distributed_role(
+    args: &LaunchArgs,
+    device: tch::Device,
+    backend: DdpBackend,
+) -> anyhow::Result<Option<(tch::Device, RankGroup)>> {
+    match role(args, backend)? {
         Role::Single => Ok(Some((device, RankGroup::single()))),
         Role::Launcher(plan) => launch(&plan).map(|()| None),
         Role::Worker(plan) => {
-            let device = worker_device(&plan, device)?;
-            Ok(Some((device, join(&plan, device)?)))
+            let device = worker_device(&plan, device, backend)?;
+            Ok(Some((device, join(&plan, device, backend)?)))
         }
     }
 }

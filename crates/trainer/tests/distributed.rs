@@ -109,7 +109,7 @@ fn batch_split_over_processes_and_micro_batches_matches_one_batch() {
         &[],
         &["--num-procs", "2"],
         &["--set", "solver.accumulate=2"],
-        &["--num-procs", "2", "--set", "ddp.overlap_grad_reduce=false"],
+        &["--num-procs", "2", "--set", "ddp.overlap_grad_reduce=false", "--set", "ddp.backend=\"gloo\""],
         &["--num-procs", "2", "--set", "ddp.fp16_compression=true"],
     ];
     for (out, extra) in outputs.iter().zip(variants) {
@@ -298,6 +298,30 @@ fn environment_launch_works_and_a_killed_peer_stops_the_other() {
     assert!(!message.contains("panicked"), "{message}");
     let last = std::fs::read_to_string(out.join("last_checkpoint")).unwrap();
     assert!(out.join(last.trim()).join("model.safetensors").exists(), "last_checkpoint names {last}");
+}
+
+/// A `ddp.backend` the workers cannot use is refused before any worker starts, naming the key; an unknown one is a
+/// config error naming it.
+#[test]
+fn backends_the_workers_cannot_use_are_refused_up_front() {
+    let dir = temp_dir("dist-backend");
+    let config = config(&dir);
+    let out = dir.join("out");
+    let out = out.to_str().unwrap();
+    let cases: [(&[&str], &str); 3] = [
+        (&["--num-procs", "2", "--set", "ddp.backend=\"nccl\""], "ddp.backend = \"nccl\" needs CUDA workers"),
+        (&["--num-gpus", "1", "--set", "ddp.backend=\"gloo\""], "no CUDA device"),
+        (&["--num-procs", "2", "--set", "ddp.backend=\"ucc\""], "ddp.backend"),
+    ];
+    for (extra, expected) in cases {
+        let mut args = vec!["train", &config, "--output", out];
+        args.extend(extra);
+        let output = run(&args);
+        let text = stderr(&output);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        assert!(text.contains(expected), "{args:?}: {text}");
+        assert!(!text.contains("launcher: started") && !text.contains("panicked"), "{args:?}: {text}");
+    }
 }
 
 /// The launcher reports a dead worker by rank and exits non-zero; Ctrl-C on the launcher makes the workers agree
