@@ -5,15 +5,15 @@
 //! sample point of every RoI follows torchvision's kernel exactly (same coordinate formula, the same validity test,
 //! clamping and four bilinear taps) and contributes its four taps, with their weights divided by the bin's sample
 //! count, to the bag of its output bin: the taps are built bin-major (RoI, bin, sample), so each bag is contiguous
-//! and no sort is needed. `pool_rows` (src/ops/pool_rows.rs) (an `embedding_bag` in sum mode, tap weights as per-sample
-//! weights) then reduces the rows of the input laid out channels-last as `[N * H * W, C]`, and its backward is
-//! the transposed reduction. It is dense, runs in every floating kind, and its memory, forward and backward, is
-//! the output, the input gradient and lists as long as the taps, never taps times channels. Half and bfloat16
-//! inputs are computed in float32 and the result cast back, like torchvision's autocast rule. Everything stays on
-//! the input's device; with the adaptive sampling ratio (`0`) the three sample counts that size the tap lists are
-//! copied to the host in one transfer (one sync); a fixed ratio needs none.
+//! and no sort is needed. `pool_rows` (src/ops/pool_rows.rs: an `embedding_bag` in sum mode, tap weights as
+//! per-sample weights) then reduces the rows of the input laid out channels-last as `[N * H * W, C]`; on CUDA its
+//! backward is the transposed reduction. It is dense, runs in every floating kind, and its memory, forward and
+//! backward, is the output, the input gradient and lists as long as the taps, never taps times channels. Half and
+//! bfloat16 inputs are computed in float32 and the result cast back, like torchvision's autocast rule. Everything
+//! stays on the input's device; with the adaptive sampling ratio (`0`) the three sample counts that size the tap
+//! lists are copied to the host in one transfer (one sync); a fixed ratio needs none.
 //!
-//! Measured with `embedding_bag`'s own backward, before `pool_rows` (src/ops/pool_rows.rs) (features `[2, 256, 200, 336]`, 1024
+//! Measured with `embedding_bag`'s own backward, before the transposed one on CUDA (features `[2, 256, 200, 336]`, 1024
 //! RoIs of 16-112 image pixels at scale 1/4, 7x7, aligned, forward / backward, mean of 3 after a warm-up), in the
 //! same runs as the previous sparse COO matrix product (`_sparse_mm`, which has no fp16 CUDA kernel): 2 CPU
 //! threads (shared machine, two runs), ratio 0: 541-769 / 814-819 ms vs 901-916 / 792-796 ms; ratio 2: 303-711 /
