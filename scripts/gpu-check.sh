@@ -11,7 +11,7 @@
 #      channels_last and with bf16 autocast,
 #      R-50 and torchvision at batch 2 also in float32 (eager, no autocast),
 #   4. a short training run of the GPU-shaped step with `log.sync_counts` (host syncs and blocking copies of every
-#      step, counted in a real run on the GPU),
+#      step, counted in a real run on the GPU), and one under CUDA's sync debug mode (`log.cuda_sync_debug`),
 #   5. the host-overhead proxy (`scripts/bench.sh --proxy`: ours and torchvision at 64..128 pixels, the fitted
 #      per-step host time and its ratio),
 #   6. `trainer bench infer` (V-57 GN, R-50-FPN) and torchvision's inference,
@@ -124,6 +124,17 @@ static_run() {
   tail -n 1 "$out/metrics.jsonl"
 }
 step train_static_sync_counts static_run
+# The same run under CUDA's own sync debug mode (log.cuda_sync_debug = "warn", on in the steps that read nothing
+# after the first two): libtorch prints one warning per sync; the count should be 0.
+cuda_sync_debug_run() {
+  local out; out=$(mktemp -d)
+  "$TRAINER_BIN" train configs/demo_shapes.toml --set "device=\"$DEVICE\"" --quiet --output "$out" "${STATIC[@]}" \
+    --set solver.max_iter=40 --set log.period=20 --set 'log.cuda_sync_debug="warn"' \
+    --set "solver.amp.enabled=$([ ${#AMP[@]} -gt 0 ] && echo true || echo false)" --set eval.at_end=false \
+    > "$out/train.log" 2>&1 || { tail -n 3 "$out/train.log" >&2; return 1; }
+  echo "{\"cuda_sync_warnings\": $(grep -c 'synchronizing CUDA operation' "$out/train.log")}"
+}
+[ "$DEVICE" = cpu ] || step train_static_cuda_sync_debug cuda_sync_debug_run
 step proxy scripts/bench.sh --proxy --device "$DEVICE" $([ "$QUICK" = 1 ] && echo "--iters 2 --warmup 1" || echo "--iters 20 --warmup 5") \
   "${AMP[@]}"
 step train_r50_b2_channels_last "$TRAINER_BIN" bench train "${R50[@]}" --set channels_last=true --device "$DEVICE" \

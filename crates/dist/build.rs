@@ -49,20 +49,16 @@ fn main() {
 
 /// CUDA and NCCL header folders of the torch wheel's nvidia packages, next to `torch/` in site-packages.
 fn nccl_includes(libtorch: &Path) -> Vec<PathBuf> {
+    let hint = "install the CUDA header wheels into .venv: .venv/bin/pip install --no-deps \
+                nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85";
+    let mut includes = torch_link::cuda_includes(libtorch)
+        .unwrap_or_else(|| panic!("feature `nccl` needs a CUDA libtorch and the CUDA headers; {hint}"));
     let torch =
         libtorch.canonicalize().unwrap_or_else(|e| panic!("cannot resolve LIBTORCH {}: {e}", libtorch.display()));
-    let nvidia = torch.parent().map(|site| site.join("nvidia")).unwrap_or_default();
-    let cuda = nvidia.join("cu13/include");
-    let includes = vec![cuda.clone(), cuda.join("cccl"), nvidia.join("nccl/include")];
-    let required = [cuda.join("crt/host_defines.h"), cuda.join("cccl/cuda/std/cstdint"), includes[2].join("nccl.h")];
-    for header in &required {
-        if !header.exists() {
-            panic!(
-                "feature `nccl` needs {}; install the CUDA header wheels into .venv: \
-                 .venv/bin/pip install --no-deps nvidia-cuda-crt==13.0.88 nvidia-cuda-cccl==13.0.85",
-                header.display()
-            );
-        }
+    let nccl = torch.parent().map(|site| site.join("nvidia/nccl/include")).unwrap_or_default();
+    if !nccl.join("nccl.h").exists() {
+        panic!("feature `nccl` needs {}; {hint}", nccl.join("nccl.h").display());
     }
+    includes.push(nccl);
     includes
 }

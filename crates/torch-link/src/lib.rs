@@ -21,3 +21,18 @@ pub fn emit() {
         println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,-lc10_cuda,--as-needed");
     }
 }
+
+/// The CUDA header folders (`nvidia/cu13/include` and its `cccl`) of the torch wheel's nvidia packages, next to
+/// `torch/` in site-packages, when `libtorch` (`$LIBTORCH`) is a CUDA build and scripts/setup installed those
+/// headers (nvidia-cuda-crt, nvidia-cuda-cccl); `None` otherwise. C++ shims that include libtorch's CUDA headers
+/// (`c10/cuda/...`) compile against them.
+pub fn cuda_includes(libtorch: &std::path::Path) -> Option<Vec<PathBuf>> {
+    if !libtorch.join("lib/libc10_cuda.so").exists() {
+        return None;
+    }
+    let torch = libtorch.canonicalize().ok()?;
+    let cuda = torch.parent()?.join("nvidia/cu13/include");
+    let required =
+        [cuda.join("crt/host_defines.h"), cuda.join("cuda_runtime_api.h"), cuda.join("cccl/cuda/std/cstdint")];
+    required.iter().all(|header| header.exists()).then(|| vec![cuda.clone(), cuda.join("cccl")])
+}

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sync_debug::CudaSyncDebug;
+
 /// Errors in writing logs; each names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum EventsError {
@@ -43,11 +45,20 @@ pub struct LogConfig {
     /// crate; on the CPU as they would happen on a GPU) and write them to `metrics.jsonl` per step at each log
     /// line. A diagnostic: the counter slows the steps.
     pub sync_counts: bool,
+    /// CUDA's sync debug mode (`warn` or `error`) in the steps that read nothing on the host, after the first two
+    /// of a run ([`crate::sync_debug`]); CUDA only.
+    pub cuda_sync_debug: CudaSyncDebug,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { period: 20, tensorboard: true, quiet: false, sync_counts: false }
+        LogConfig {
+            period: 20,
+            tensorboard: true,
+            quiet: false,
+            sync_counts: false,
+            cuda_sync_debug: CudaSyncDebug::Off,
+        }
     }
 }
 

@@ -32,6 +32,7 @@ pub mod predict;
 pub mod report;
 mod shim;
 pub mod solver;
+pub mod sync_debug;
 pub mod synthetic;
 pub mod train;
 pub mod visualize;

@@ -58,6 +58,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         !config.eval.use_ema || config.solver.ema.enabled,
         "eval.use_ema = true needs solver.ema.enabled = true (there is no EMA to evaluate)"
     );
+    config.log.cuda_sync_debug.check(options.device)?;
     let (signal_stop, stop_signal) = SignalStop::install();
     let group = &options.group;
     let (world_size, main) = (group.world_size(), group.is_main());
@@ -147,6 +148,7 @@ pub fn train(config: &Config, options: &TrainOptions) -> anyhow::Result<TrainOut
         last_read: None,
         step_log: Default::default(),
         sync_counts: config.log.sync_counts.then(Vec::new),
+        cuda_sync_debug: config.log.cuda_sync_debug,
         data_seconds: 0.0,
         stop_agreed: false,
         interrupted: false,

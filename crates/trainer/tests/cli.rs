@@ -53,6 +53,17 @@ fn config_errors_are_one_line_and_name_the_key() {
 
     let output = trainer(&["info", "--config", "configs/no_such.toml"]);
     assert!(stderr(&output).contains("cannot read config configs/no_such.toml"), "{}", stderr(&output));
+
+    // CUDA's sync debug mode on the CPU is refused before anything is written.
+    let out = dir.join("sync-debug");
+    let args = ["train", "configs/demo_shapes.toml", "--output", out.to_str().unwrap(), "--device", "cpu"];
+    let output = trainer(&[&args[..], &["--set", "log.cuda_sync_debug=\"warn\""]].concat());
+    let message = stderr(&output);
+    assert!(
+        !output.status.success() && message.contains("log.cuda_sync_debug = \"warn\" needs a CUDA device"),
+        "{message}"
+    );
+    assert!(!out.exists(), "the refused run created {}", out.display());
 }
 
 #[test]

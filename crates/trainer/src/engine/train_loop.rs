@@ -26,6 +26,7 @@ use crate::gradients::GradientAveraging;
 use crate::layout::images_to_channels_last;
 use crate::op_count::{count_syncs, SyncCounts};
 use crate::solver::{AmpDtype, ModelEma, Solver, StepReport};
+use crate::sync_debug::{CudaSyncDebug, SyncDebugScope};
 
 /// What a training run does around its steps, after detectron2's `HookBase`. Each method gets the trainer
 /// (its model, solver, loader, the last read's results) and may fail the run; hooks run in the order given to
@@ -125,6 +126,8 @@ pub struct Trainer {
     pub step_log: StepLog,
     /// With `log.sync_counts`, the [`SyncCounts`] of each step since the last log line (taken by the writer).
     pub sync_counts: Option<Vec<SyncCounts>>,
+    /// `log.cuda_sync_debug`: CUDA's sync debug mode during the steps that read nothing, after the first two.
+    pub cuda_sync_debug: CudaSyncDebug,
     /// Seconds the last step waited for the loader.
     pub data_seconds: f64,
     /// Whether the ranks agreed in the last step to stop.
@@ -144,12 +147,16 @@ impl Trainer {
         for hook in hooks.iter_mut() {
             hook.before_train(&mut self)?;
         }
+        let start = self.iteration;
         while self.iteration < self.max_iter && !self.interrupted {
             let next = self.iteration + 1;
             // A single process reads when its stop flag is set (the stop saves a checkpoint); ranks agree on
             // stopping at reads, which must happen at the same iterations on all of them.
             let read = hooks.iter().any(|hook| hook.needs_read(&self, next))
                 || (self.group.world_size() == 1 && self.stop_signal.load(Ordering::SeqCst));
+            let warmed_up = self.iteration >= start + 2;
+            let sync_debug =
+                SyncDebugScope::enter(if read || !warmed_up { CudaSyncDebug::Off } else { self.cuda_sync_debug })?;
             match &self.sync_counts {
                 None => self.run_step(read)?,
                 Some(_) => {
@@ -158,6 +165,7 @@ impl Trainer {
                     self.sync_counts.get_or_insert_with(Vec::new).push(counts);
                 }
             }
+            drop(sync_debug);
             for hook in hooks.iter_mut() {
                 hook.after_step(&mut self)?;
             }
