@@ -31,7 +31,7 @@ use super::pool_rows::pool_rows;
 /// Pyramid maps prepared for RoIAlign: every level's pixels as rows of one channels-last matrix (written with one
 /// copy per level), and per level its scale, height, width and first row there (tiny device tensors indexed by
 /// each RoI's level). Build it once per forward pass and pool the box and mask RoIs from it
-/// ([`RoiPooler::pool`]): the copy is then paid once, not once per head.
+/// ([`super::RoiPooler::pool`]): the copy is then paid once, not once per head.
 pub struct PyramidRows {
     /// `[sum_l N * H_l * W_l, C]` in the computing precision.
     features: Tensor,

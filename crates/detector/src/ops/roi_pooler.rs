@@ -1,4 +1,4 @@
-//! detectron2's multi-level `ROIPooler` over [`super::roi_align`]: each box is pooled from the pyramid level its
+//! detectron2's multi-level `ROIPooler` over [`super::roi_align()`]: each box is pooled from the pyramid level its
 //! size maps to, all levels in one RoIAlign over the stacked maps.
 
 use tch::{Kind, Tensor};
