@@ -8,28 +8,12 @@ const GLOO_INCLUDE: &str = "/usr/include";
 
 fn main() {
     torch_link::emit();
-    for source in ["src/shim.h", "src/shim.cpp", "src/reducer.cpp"] {
-        println!("cargo:rerun-if-changed={source}");
-    }
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let libtorch = PathBuf::from(std::env::var_os("LIBTORCH").expect("LIBTORCH is not set; run scripts/setup"));
+    let libtorch = torch_link::libtorch();
     if !Path::new(GLOO_INCLUDE).join("gloo/config.h").exists() {
         panic!("gloo headers not found under {GLOO_INCLUDE}/gloo; run scripts/setup (it installs libgloo-dev)");
     }
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .file("src/shim.cpp")
-        .file("src/reducer.cpp")
-        .std("c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .define("USE_C10D_GLOO", None)
-        .include(libtorch.join("include"))
-        .include(libtorch.join("include/torch/csrc/api/include"))
-        .include(GLOO_INCLUDE)
-        .flag_if_supported("-Wno-unused-parameter")
-        .flag_if_supported("-Wno-deprecated-declarations")
-        .warnings(false);
+    let mut build = torch_link::shim_build(&libtorch, &["src/shim.h", "src/shim.cpp", "src/reducer.cpp"]);
+    build.define("USE_C10D_GLOO", None).include(GLOO_INCLUDE).flag_if_supported("-Wno-deprecated-declarations");
     if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
         for include in nccl_includes(&libtorch) {
             build.include(include);
@@ -37,10 +21,7 @@ fn main() {
         build.define("VOVDET_NCCL", None).define("USE_C10D_NCCL", None).define("USE_CUDA", None);
     }
     build.compile("vovdet_dist_shim");
-    let lib = libtorch.join("lib");
-    println!("cargo:rustc-link-search=native={}", lib.display());
-    println!("cargo:rustc-link-lib=dylib=torch_cpu");
-    println!("cargo:rustc-link-lib=dylib=c10");
+    torch_link::link_libtorch_cpu(&libtorch);
     if std::env::var_os("CARGO_FEATURE_NCCL").is_some() {
         println!("cargo:rustc-link-lib=dylib=torch_cuda");
         println!("cargo:rustc-link-lib=dylib=c10_cuda");

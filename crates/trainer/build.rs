@@ -6,7 +6,7 @@
 //! build and the CUDA headers are installed. It also records the commit the trainer is
 //! built from (`VOVDET_GIT_COMMIT`, for checkpoint manifests) when the crate lies in a git checkout.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 /// `git` with `args` in this crate's folder: its trimmed standard output, or `None` when git is missing, the
@@ -42,39 +42,26 @@ fn record_git_commit() {
 fn main() {
     torch_link::emit();
     record_git_commit();
-    println!("cargo:rerun-if-changed=src/memory_shim.cpp");
-    println!("cargo:rerun-if-changed=src/op_count_shim.cpp");
-    println!("cargo:rerun-if-changed=src/optim_shim.cpp");
-    println!("cargo:rerun-if-changed=src/autocast_shim.cpp");
-    println!("cargo:rerun-if-changed=src/sync_debug_shim.cpp");
-    println!("cargo:rerun-if-changed=src/shim_common.h");
-    println!("cargo:rerun-if-changed=src/shim_common.cpp");
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    let libtorch = PathBuf::from(std::env::var_os("LIBTORCH").expect("LIBTORCH is not set; run scripts/setup"));
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .file("src/memory_shim.cpp")
-        .file("src/op_count_shim.cpp")
-        .file("src/optim_shim.cpp")
-        .file("src/autocast_shim.cpp")
-        .file("src/sync_debug_shim.cpp")
-        .file("src/shim_common.cpp")
-        .std("c++17")
-        .define("_GLIBCXX_USE_CXX11_ABI", "1")
-        .include(libtorch.join("include"))
-        .include(libtorch.join("include/torch/csrc/api/include"))
-        .flag_if_supported("-Wno-unused-parameter")
-        .warnings(false);
+    let libtorch = torch_link::libtorch();
+    let mut build = torch_link::shim_build(
+        &libtorch,
+        &[
+            "src/memory_shim.cpp",
+            "src/op_count_shim.cpp",
+            "src/optim_shim.cpp",
+            "src/autocast_shim.cpp",
+            "src/sync_debug_shim.cpp",
+            "src/shim_common.cpp",
+            "src/shim_common.h",
+        ],
+    );
     // CUDA's sync debug mode lives in libc10_cuda and its header needs the CUDA runtime headers.
     let cuda = torch_link::cuda_includes(&libtorch);
     if let Some(includes) = &cuda {
         build.includes(includes).define("VOVDET_CUDA", None);
     }
     build.compile("vovdet_memory_shim");
-    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
-    println!("cargo:rustc-link-lib=dylib=c10");
-    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+    torch_link::link_libtorch_cpu(&libtorch);
     if cuda.is_some() {
         println!("cargo:rustc-link-lib=dylib=c10_cuda");
     }

@@ -36,3 +36,38 @@ pub fn cuda_includes(libtorch: &std::path::Path) -> Option<Vec<PathBuf>> {
         [cuda.join("crt/host_defines.h"), cuda.join("cuda_runtime_api.h"), cuda.join("cccl/cuda/std/cstdint")];
     required.iter().all(|header| header.exists()).then(|| vec![cuda.clone(), cuda.join("cccl")])
 }
+
+/// `$LIBTORCH`, for build scripts that compile against it; panics with the fix when it is not set.
+pub fn libtorch() -> PathBuf {
+    PathBuf::from(std::env::var_os("LIBTORCH").expect("LIBTORCH is not set; run scripts/setup"))
+}
+
+/// A C++17 build of `sources` against libtorch's headers with its ABI, which every shim needs, and a rerun of the
+/// build script when one of them changes. The caller adds what is particular to it and compiles; link the result
+/// with [`link_libtorch_cpu`].
+pub fn shim_build(libtorch: &std::path::Path, sources: &[&str]) -> cc::Build {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let mut build = cc::Build::new();
+    build
+        .cpp(true)
+        .std("c++17")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .include(libtorch.join("include"))
+        .include(libtorch.join("include/torch/csrc/api/include"))
+        .flag_if_supported("-Wno-unused-parameter")
+        .warnings(false);
+    for source in sources {
+        println!("cargo:rerun-if-changed={source}");
+        if source.ends_with(".cpp") {
+            build.file(source);
+        }
+    }
+    build
+}
+
+/// Links the calling package to libtorch's CPU libraries (`c10`, `torch_cpu`), which every shim uses.
+pub fn link_libtorch_cpu(libtorch: &std::path::Path) {
+    println!("cargo:rustc-link-search=native={}", libtorch.join("lib").display());
+    println!("cargo:rustc-link-lib=dylib=c10");
+    println!("cargo:rustc-link-lib=dylib=torch_cpu");
+}
