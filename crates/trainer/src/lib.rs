@@ -5,6 +5,7 @@ pub mod autocast;
 pub mod bench;
 pub mod checkpoint;
 mod checkpoint_error;
+mod checkpointer;
 mod coco_error;
 pub mod coco_eval;
 mod coco_gt;
