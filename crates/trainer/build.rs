@@ -52,7 +52,6 @@ fn main() {
             "src/autocast_shim.cpp",
             "src/sync_debug_shim.cpp",
             "src/shim_common.cpp",
-            "src/shim_common.h",
         ],
     );
     // CUDA's sync debug mode lives in libc10_cuda and its header needs the CUDA runtime headers.

@@ -42,11 +42,14 @@ pub fn libtorch() -> PathBuf {
     PathBuf::from(std::env::var_os("LIBTORCH").expect("LIBTORCH is not set; run scripts/setup"))
 }
 
-/// A C++17 build of `sources` against libtorch's headers with its ABI, which every shim needs, and a rerun of the
-/// build script when one of them changes. The caller adds what is particular to it and compiles; link the result
+/// A C++17 build of `sources` against libtorch's headers with its ABI, which every shim needs, with
+/// `vovdet_shim.h` (this crate's `include/`: exceptions turned into messages) on the include path, and a rerun of
+/// the build script when one of them changes. The caller adds what is particular to it and compiles; link the result
 /// with [`link_libtorch_cpu`].
 pub fn shim_build(libtorch: &std::path::Path, sources: &[&str]) -> cc::Build {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
+    let shared = concat!(env!("CARGO_MANIFEST_DIR"), "/include");
+    println!("cargo:rerun-if-changed={shared}/vovdet_shim.h");
     let mut build = cc::Build::new();
     build
         .cpp(true)
@@ -54,6 +57,7 @@ pub fn shim_build(libtorch: &std::path::Path, sources: &[&str]) -> cc::Build {
         .define("_GLIBCXX_USE_CXX11_ABI", "1")
         .include(libtorch.join("include"))
         .include(libtorch.join("include/torch/csrc/api/include"))
+        .include(shared)
         .flag_if_supported("-Wno-unused-parameter")
         .warnings(false);
     for source in sources {

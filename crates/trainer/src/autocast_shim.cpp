@@ -3,7 +3,7 @@
 // restores the previous state on exit, clearing the cast cache when the outermost region ends.
 #include <ATen/autocast_mode.h>
 
-#include "shim_common.h"
+#include "vovdet_shim.h"
 
 namespace {
 

@@ -2,7 +2,7 @@
 // allocator API of torch 2.11 (c10::DeviceAllocator: getDeviceStats / resetPeakStats), so that no CUDA header is
 // needed to compile it. Every C++ exception is caught here and returned as a message (NULL means success).
 
-#include "shim_common.h"
+#include "vovdet_shim.h"
 
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/core/DeviceType.h>

@@ -5,7 +5,7 @@
 // host-device synchronisations, so the counts of one training step show where launch and sync overhead comes from
 // without a GPU. Every C++ exception is caught here and returned as a message.
 
-#include "shim_common.h"
+#include "vovdet_shim.h"
 
 #include <ATen/record_function.h>
 

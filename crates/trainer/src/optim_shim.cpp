@@ -5,7 +5,7 @@
 // torch's single-tensor paths, so results are bit-identical to torch.optim.SGD there.
 // Every C++ exception is caught here and returned as a malloc'ed message (NULL means success).
 
-#include "shim_common.h"
+#include "vovdet_shim.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>

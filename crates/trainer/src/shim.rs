@@ -1,5 +1,6 @@
 //! What the trainer's C++ shims share on the Rust side: every shim function reports failure as a malloc'ed
-//! message (NULL means success; see src/shim_common.h), freed through one function of the shims' library.
+//! message (NULL means success; see torch-link's include/vovdet_shim.h), freed through one function of the
+//! shims' library.
 
 use std::ffi::{c_char, CStr};
 

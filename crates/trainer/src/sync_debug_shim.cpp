@@ -5,7 +5,7 @@
 // VOVDET_CUDA when libtorch is a CUDA build and the CUDA headers are installed (build.rs); otherwise setting a
 // mode other than 0 fails.
 
-#include "shim_common.h"
+#include "vovdet_shim.h"
 
 #ifdef VOVDET_CUDA
 #include <c10/cuda/CUDAFunctions.h>

@@ -8,19 +8,10 @@
 #include <ATen/ATen.h>
 
 #include <cstdlib>
-#include <cstring>
-#include <exception>
-#include <string>
+
+#include "vovdet_shim.h"
 
 namespace {
-
-char* copy_message(const std::string& text) {
-  char* message = static_cast<char*>(std::malloc(text.size() + 1));
-  if (message != nullptr) {
-    std::memcpy(message, text.c_str(), text.size() + 1);
-  }
-  return message;
-}
 
 // Weighted bags of rows, forward and backward as embedding_bag (sum mode, per-sample weights, offsets with the
 // total count appended): output row b = sum of weight[e] * features[input_row[e]] over the entries e of bag b.
@@ -70,14 +61,7 @@ void vovdet_detector_free_message(char* message) { std::free(message); }
 // stores the new [B, C] tensor in *out.
 char* vovdet_pool_rows(const at::Tensor* features, const at::Tensor* input_row, const at::Tensor* weight,
                        const at::Tensor* offsets, at::Tensor** out) {
-  try {
-    *out = new at::Tensor(PoolRows::apply(*features, *input_row, *weight, *offsets));
-    return nullptr;
-  } catch (const std::exception& e) {
-    return copy_message(e.what());
-  } catch (...) {
-    return copy_message("unknown C++ exception");
-  }
+  return vovdet::guarded([&] { *out = new at::Tensor(PoolRows::apply(*features, *input_row, *weight, *offsets)); });
 }
 
 }  // extern "C"
